@@ -1,0 +1,38 @@
+"""nemoconv: convert, quantize and verify NVIDIA Nemotron-H hybrid checkpoints.
+
+Python API (mirrors the CLI, DESIGN.md §4):
+    ck = nemoconv.open_checkpoint(path_or_repo_id)
+    nemoconv.convert(src, out, to="nemo")
+    model = nemoconv.load_model(path, device="cpu", dtype=torch.float32)
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint, open_checkpoint  # noqa: E402
+from .convert import convert  # noqa: E402
+from .errors import NemoconvError, VerificationFailed  # noqa: E402
+
+
+def load_model(path, device="cpu", dtype=None, **kwargs):
+    """The built-in hybrid model for a checkpoint of any scheme (see nemoconv.model)."""
+    from .model import load_model as _load_model
+
+    return _load_model(path, device=device, dtype=dtype, **kwargs)
+
+
+def verify(reference, candidate, **kwargs):
+    """Parity gate: returns a report with `.passed` and `.to_dict()` (see nemoconv.verify)."""
+    from .verify import verify as _verify
+
+    return _verify(reference, candidate, **kwargs)
+
+
+def quantize(src, out, **kwargs):
+    """Per-tensor static FP8 in ModelOpt's format (see nemoconv.quantize)."""
+    from .quantize import quantize as _quantize
+
+    return _quantize(src, out, **kwargs)
+
+
+__all__ = ["Checkpoint", "NemoconvError", "VerificationFailed", "convert", "load_model", "open_checkpoint",
+           "quantize", "verify", "__version__"]

@@ -1,0 +1,189 @@
+"""A checkpoint on disk: config, shard headers cross-checked against the index, scheme detection.
+
+Opening is lazy and cheap: only `config.json`, the index and the safetensors headers are read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ModelSpec, load_config
+from .errors import NemoconvError
+from .mapping import Scheme, get_scheme, load_schemes
+from .safetensors_io import TensorEntry, TensorReader, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "nemoconv-manifest.json"
+
+
+_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)\.(.*)$")
+
+
+def natural_key(name: str):
+    """Sort `layers.10` after `layers.9`, and a layer's experts by projection first (all up_proj, then all
+    down_proj), so a merge buffers one projection's experts at a time."""
+    m = _EXPERT.match(name)
+    if m:
+        name = f"{m.group(1)}{m.group(3)}.{m.group(2)}"
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    spec: ModelSpec
+    entries: dict[str, TensorEntry]  # by source name, as stored
+    shard_files: list[Path]
+    scheme: str
+    manifest: dict | None = None
+    shard_metadata: dict[str, dict] = field(default_factory=dict)
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self.entries, key=natural_key)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    @property
+    def scheme_rules(self) -> Scheme:
+        return get_scheme(self.scheme)
+
+    def dtype_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.entries.values():
+            key = str(e.dtype).removeprefix("torch.")
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def quantization(self) -> dict | None:
+        """How the checkpoint is quantized: from config/hf_quant_config and the tensors themselves."""
+        fp8 = [n for n, e in self.entries.items() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+        qcfg = self.config.get("quantization_config")
+        side = self.path / "hf_quant_config.json"
+        hf_quant = None
+        if side.is_file():
+            try:
+                hf_quant = json.loads(side.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise NemoconvError(f"{side}: not valid JSON") from None
+        if not fp8 and not qcfg and not hf_quant:
+            return None
+        algo = (qcfg or {}).get("quant_algo") or ((hf_quant or {}).get("quantization") or {}).get("quant_algo")
+        excluded = ((hf_quant or {}).get("quantization") or {}).get("exclude_modules") or (qcfg or {}).get("ignore")
+        return {
+            "method": (qcfg or {}).get("quant_method", "modelopt" if hf_quant else None),
+            "algo": algo,
+            "fp8_weights": len(fp8),
+            "scales": sum(1 for n in self.entries if n.endswith(("_scale", "_scale_inv"))),
+            "excluded_modules": len(excluded or []),
+        }
+
+    def iter_tensors(self, to: str = "hf", meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream `(name, tensor)` in scheme `to`, converting on the fly (one tensor or group at a time)."""
+        from .pipeline import stream_converted
+
+        for item in stream_converted(self, to=to, meta=meta):
+            yield item.name, item.tensor
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", text))
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local directory always wins; otherwise a Hub repo id is fetched (huggingface_hub)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NemoconvError(f"{source}: is a file; a checkpoint is a directory with config.json and *.safetensors")
+        return path
+    if isinstance(source, str) and _looks_like_repo_id(source) and not source.startswith((".", "/")):
+        from .hub import download_checkpoint
+
+        return download_checkpoint(source)
+    raise NemoconvError(f"{source}: no such checkpoint directory")
+
+
+def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    index_path = path / INDEX_NAME
+    on_disk = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not index_path.is_file():
+        if not on_disk:
+            raise NemoconvError(f"{path}: no *.safetensors files (only safetensors checkpoints are read, never pickles)")
+        return on_disk, None
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, json.JSONDecodeError, KeyError, AssertionError):
+        raise NemoconvError(f"{index_path}: not a valid safetensors index (needs a weight_map object)") from None
+    listed = sorted(set(weight_map.values()))
+    for shard in listed:
+        if not (path / shard).is_file():
+            raise NemoconvError(f"{path}: shard {shard} is listed in {INDEX_NAME} but missing on disk")
+    stray = [p.name for p in on_disk if p.name not in listed]
+    if stray:
+        raise NemoconvError(f"{path}: shard {stray[0]} is on disk but missing from {INDEX_NAME}")
+    return [path / s for s in listed], weight_map
+
+
+def open_checkpoint(source: str | Path, scheme: str = "auto") -> Checkpoint:
+    """Open a checkpoint directory (or Hub repo id) lazily: config, headers, index, scheme."""
+    path = resolve_source(source)
+    config, spec = load_config(path)
+    files, weight_map = _shard_files(path)
+    entries: dict[str, TensorEntry] = {}
+    shard_meta: dict[str, dict] = {}
+    for f in files:
+        header, meta = read_header(f)
+        shard_meta[f.name] = meta
+        for name, entry in header.items():
+            if name in entries:
+                raise NemoconvError(f"{path}: tensor {name!r} is stored twice ({entries[name].file.name}, {f.name})")
+            entries[name] = entry
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            entry = entries.get(name)
+            if entry is None or entry.file.name != shard:
+                raise NemoconvError(f"{path}: {INDEX_NAME} maps {name!r} to {shard}, which does not hold it")
+        unlisted = [n for n in entries if n not in weight_map]
+        if unlisted:
+            raise NemoconvError(f"{path}: tensor {unlisted[0]!r} in {entries[unlisted[0]].file.name} is not in {INDEX_NAME}")
+    if not entries:
+        raise NemoconvError(f"{path}: the checkpoint holds no tensors")
+    manifest = None
+    manifest_path = path / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = None  # informational only; a broken manifest never blocks reading tensors
+    detected = scheme if scheme != "auto" else detect_scheme(path, entries, shard_meta)
+    get_scheme(detected)
+    return Checkpoint(path, config, spec, entries, files, detected, manifest, shard_meta)
+
+
+def detect_scheme(path: Path, entries: dict, shard_meta: dict[str, dict]) -> str:
+    stamped = {m.get("nemoconv_scheme") for m in shard_meta.values()} - {None}
+    if len(stamped) == 1:
+        return stamped.pop()
+    matches = []
+    for name, scheme in load_schemes().items():
+        if any(rx.search(t) for rx in scheme.detect for t in entries):
+            matches.append(name)
+    if len(matches) != 1:
+        what = "no known naming scheme" if not matches else f"several schemes ({', '.join(matches)})"
+        raise NemoconvError(f"{path}: tensor names match {what}; pass --from hf|nemo|max")
+    return matches[0]
+
+
+def read_tensor(reader: TensorReader, entry: TensorEntry, meta: bool) -> torch.Tensor:
+    return entry.meta() if meta else reader.read(entry)

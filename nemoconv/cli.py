@@ -1,0 +1,352 @@
+"""The `nemoconv` command line (DESIGN.md §3). Exit codes: 0 ok, 1 verification failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import NemoconvError, VerificationFailed
+
+app = typer.Typer(
+    name="nemoconv",
+    help="Convert, quantize, verify and publish NVIDIA Nemotron-H hybrid checkpoints "
+    "(Hugging Face, NeMo AutoModel and MAX naming schemes).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"quiet": False, "debug": False}
+
+
+class Scheme(str, Enum):
+    hf = "hf"
+    nemo = "nemo"
+    max = "max"
+
+
+class FromScheme(str, Enum):
+    auto = "auto"
+    hf = "hf"
+    nemo = "nemo"
+    max = "max"
+
+
+class DType(str, Enum):
+    keep = "keep"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+@app.callback()
+def _main(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries (errors still print)."),
+    debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+):
+    if version:
+        out.print(f"nemoconv {__version__}")
+        raise typer.Exit(0)
+    _state["quiet"] = quiet
+    _state["debug"] = debug
+
+
+def progress_bar(description: str):
+    """A rich byte-progress bar as a callback `(done, total)`, or a no-op when quiet."""
+    if _state["quiet"]:
+        return _NullProgress()
+    return _ByteProgress(description)
+
+
+class _NullProgress:
+    def __enter__(self):
+        return lambda done, total: None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _ByteProgress:
+    def __init__(self, description: str):
+        self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+        self.description = description
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.description, total=None)
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+# ---- inspect -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    src: str = typer.Argument(..., help="Checkpoint directory or Hub repo id (org/name[@revision])."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Naming scheme of SRC (auto-detected)."),
+):
+    """Show a checkpoint's scheme, layer layout, dimensions, parameters, dtypes, quantization and shards."""
+    from .inspect import human_bytes, human_count, inspect_checkpoint
+
+    info = inspect_checkpoint(src, scheme=from_.value)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    m = info["model"]
+    out.print(f"[bold]{info['path']}[/bold]  scheme [cyan]{info['scheme']}[/cyan]")
+    layers = Table(title="Layers", show_edge=False)
+    for col in ("total", "mamba", "attention", "mlp", "moe", "mtp depth"):
+        layers.add_column(col, justify="right")
+    c = m["counts"]
+    layers.add_row(str(m["layers"]), str(c["mamba"]), str(c["attention"]), str(c["mlp"]), str(c["moe"]),
+                   str(m["mtp_depth"]))
+    out.print(layers)
+    out.print(f"pattern  {m['pattern']}" + (f"   mtp pattern {m['mtp_pattern']}" if m["mtp_depth"] else ""))
+    dims = Table(title="Dimensions", show_header=False, show_edge=False)
+    dims.add_row("hidden / vocab", f"{m['hidden_size']} / {m['vocab_size']}")
+    a = m["attention"]
+    dims.add_row("attention", f"{a['heads']} heads, {a['kv_heads']} kv heads of {a['head_dim']}")
+    mb = m["mamba"]
+    dims.add_row("mamba", f"{mb['heads']} heads of {mb['head_dim']}, {mb['groups']} groups, state {mb['state']}")
+    dims.add_row("mlp", str(m["mlp_intermediate_size"]))
+    if m["moe"]:
+        e = m["moe"]
+        latent = f", latent {e['latent_size']}" if e["latent_size"] else ""
+        dims.add_row("moe", f"{e['experts']} experts, top-{e['top_k']}, inter {e['intermediate_size']}, "
+                            f"shared {e['shared_intermediate_size']}{latent}")
+    out.print(dims)
+    out.print(f"parameters {human_count(info['parameters'])} ({info['parameters']:,})"
+              + (f", MTP {human_count(info['mtp_parameters'])}" if info["mtp_parameters"] else ""))
+    out.print("dtypes     " + ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items()))
+    q = info["quantization"]
+    out.print("quantized  " + ("no" if not q else
+                               f"{q['algo'] or 'FP8'} ({q['method'] or 'unknown format'}): {q['fp8_weights']} FP8 "
+                               f"weights, {q['scales']} scales, {q['excluded_modules']} excluded modules"))
+    s = info["shards"]
+    out.print(f"shards     {s['count']} file(s), {human_bytes(s['bytes'])} of tensors")
+
+
+# ---- convert -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Source checkpoint directory or Hub repo id."),
+    dst: Path = typer.Argument(..., metavar="OUT", help="Output directory (written atomically)."),
+    to: Scheme = typer.Option(..., "--to", help="Target naming scheme."),
+    from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Source scheme (auto-detected)."),
+    dtype: DType = typer.Option(DType.keep, "--dtype", help="Cast floating-point weights (FP8 and scales kept)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (only once complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing."),
+):
+    """Convert a checkpoint between the hf, nemo and max naming schemes, bit-exactly where lossless.
+
+    Every tensor is checked against config.json before anything is written; every source tensor is
+    written or reported as dropped; lossy steps are listed in the summary and nemoconv-manifest.json.
+    """
+    from .convert import convert as do_convert
+    from .inspect import human_bytes
+
+    with progress_bar(f"convert → {to.value}") as progress:
+        manifest = do_convert(src, dst, to=to.value, from_=from_.value, dtype=dtype.value,
+                              max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
+                              progress=progress)
+    if _state["quiet"] and not dry_run:
+        return
+    verb = "plan" if dry_run else "wrote"
+    out.print(f"{verb}: {manifest['scheme_from']} → {manifest['scheme_to']}: {manifest['tensors_in']} tensors "
+              f"({human_bytes(manifest['bytes_in'])}) → {manifest['tensors_out']} tensors "
+              f"({human_bytes(manifest['bytes_out'])})" + ("" if dry_run else f" in {dst}"))
+    if manifest["lossless"]:
+        out.print("[green]lossless[/green]: round trips are bit-exact")
+    else:
+        out.print(f"[yellow]{len(manifest['lossy_steps'])} lossy step(s)[/yellow]:")
+        for step in manifest["lossy_steps"]:
+            out.print(f"  {step['step']:<5} {step['tensor']}: {step['detail']}", markup=False, highlight=False,
+                      soft_wrap=True)
+    if manifest["files_not_carried"]:
+        out.print(f"[yellow]not carried[/yellow]: {', '.join(manifest['files_not_carried'])} "
+                  "(pickles and directories are never copied)")
+    if dry_run:
+        out.print("dry run: nothing written")
+
+
+# ---- quantize ----------------------------------------------------------------------------------------
+
+
+class Preset(str, Enum):
+    default = "default"
+    conservative = "conservative"
+    aggressive = "aggressive"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class QuantScheme(str, Enum):
+    hf = "hf"
+    max = "max"
+
+
+@app.command()
+def quantize(
+    src: str = typer.Argument(..., help="bf16/fp32 source checkpoint (any scheme) or Hub repo id."),
+    dst: Path = typer.Argument(..., metavar="OUT", help="Output directory for the FP8 checkpoint."),
+    preset: Preset = typer.Option(Preset.default, "--preset",
+                                  help="default: Mamba in/out + MLP up/down; conservative: MLP only; "
+                                       "aggressive: default + MoE routed and shared experts."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Glob of module names to keep unquantized (repeatable)."),
+    calib_file: Optional[Path] = typer.Option(None, "--calib-file", help="Text lines, or JSONL with text/input_ids."),
+    calib_samples: int = typer.Option(128, "--calib-samples", min=1, help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, help="Tokens per calibration sequence."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
+    to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+):
+    """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model."""
+    from .quantize import quantize as do_quantize, render_summary
+
+    result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
+                         calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
+                         to=to.value, overwrite=overwrite, quiet=_state["quiet"])
+    if not _state["quiet"]:
+        render_summary(result, out)
+
+
+# ---- verify ------------------------------------------------------------------------------------------
+
+
+class Profile(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    bf16 = "bf16"
+    fp8 = "fp8"
+
+
+class VDType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@app.command()
+def verify(
+    reference: str = typer.Argument(..., help="Reference checkpoint (the source of a conversion)."),
+    candidate: str = typer.Argument(..., help="Candidate checkpoint (converted or quantized)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line, or JSONL with text/input_ids."),
+    num_prompts: int = typer.Option(4, "--num-prompts", min=1, help="Built-in prompts to use without --prompts."),
+    seq_len: int = typer.Option(64, "--seq-len", min=2, help="Tokens per prompt (truncated or generated to this)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, help="Greedy continuation length."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else CPU."),
+    dtype: VDType = typer.Option(VDType.auto, "--dtype", help="auto: float32 on CPU, bfloat16 on CUDA."),
+    profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto reads the manifests."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the full result as JSON here."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override the profile's cosine threshold."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override the top-1 agreement threshold."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Override the KL(ref‖cand) threshold."),
+    max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Override the max abs logit diff threshold."),
+):
+    """Parity gate: run both checkpoints with the built-in model and compare logits and generations.
+
+    Exit 0 on pass, 1 on fail, 2 on bad input.
+    """
+    from .verify import render_report, verify as do_verify
+
+    result = do_verify(reference, candidate, prompts=prompts, num_prompts=num_prompts, seq_len=seq_len,
+                       max_new_tokens=max_new_tokens, device=device.value, dtype=dtype.value,
+                       profile=profile.value, report_path=report,
+                       overrides={"min_cosine": min_cosine, "min_top1": min_top1, "max_kl": max_kl,
+                                  "max_abs": max_abs},
+                       quiet=_state["quiet"])
+    render_report(result, out if not _state["quiet"] else None)
+    if not result.passed:
+        raise VerificationFailed(result.failure_line())
+
+
+# ---- demo --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    directory: Optional[Path] = typer.Argument(None, metavar="[DIR]", help="Work directory (default: a temp dir)."),
+    kind: str = typer.Option("moe", "--kind", help="Tiny model kind: dense, moe or latent."),
+):
+    """Build a tiny Nemotron-H checkpoint (no download) and run the whole workflow on it."""
+    from .demo import run_demo
+
+    run_demo(directory, kind=kind, console=None if _state["quiet"] else out)
+
+
+# ---- entry point -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="nemoconv", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _one_line("aborted")
+        return 2
+    except click.ClickException as exc:  # usage errors: one line
+        _one_line(f"error: {exc.format_message()}")
+        return 2
+    except VerificationFailed as exc:
+        if debug:
+            raise
+        _one_line(f"FAIL: {exc}")
+        return 1
+    except NemoconvError as exc:
+        if debug:
+            raise
+        _one_line(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _one_line("interrupted: no output was written")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback unless --debug
+        if debug:
+            raise
+        _one_line(f"error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        return 2
+
+
+def _one_line(message: str) -> None:
+    sys.stderr.write(" ".join(message.split()) + "\n")
+    sys.stderr.flush()
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

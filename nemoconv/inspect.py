@@ -1,0 +1,43 @@
+"""`nemoconv inspect`: what a checkpoint is, from its config and headers alone (no tensor data read)."""
+
+from __future__ import annotations
+
+import math
+
+from .checkpoint import open_checkpoint
+from .pipeline import SCALE_SUFFIXES
+
+
+def inspect_checkpoint(source, scheme: str = "auto") -> dict:
+    ck = open_checkpoint(source, scheme=scheme)
+    spec = ck.spec
+    params = sum(math.prod(e.shape) for n, e in ck.entries.items() if n.rpartition(".")[2] not in SCALE_SUFFIXES)
+    mtp_params = sum(math.prod(e.shape) for n, e in ck.entries.items() if n.startswith("mtp."))
+    return {
+        "path": str(ck.path),
+        "scheme": ck.scheme,
+        "model": spec.to_dict(),
+        "parameters": params,
+        "mtp_parameters": mtp_params,
+        "tensors": len(ck.entries),
+        "dtypes": ck.dtype_counts(),
+        "quantization": ck.quantization(),
+        "shards": {"count": len(ck.shard_files), "bytes": ck.total_bytes,
+                   "files": [f.name for f in ck.shard_files]},
+        "converted_by_nemoconv": bool(ck.manifest),
+    }
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)

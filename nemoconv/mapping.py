@@ -1,0 +1,219 @@
+"""Naming schemes as data: `mappings/<scheme>.toml` parsed into rules that the pipeline interprets.
+
+A scheme is defined against the canonical `hf` names. Its file holds:
+- `detect`: regexes of tensor names only this scheme has (scheme auto-detection);
+- `aliases`: spellings other tools write, normalized on read (hf only: `model.` prefix, `embedding`);
+- `rename`: ordered name templates `hf` ↔ `to`, first match wins in both directions;
+- `merge_experts`: per-expert HF tensors stacked into one tensor (optionally transposed);
+- `fuse`: several HF tensors concatenated along an axis (split back by sizes computed from the config);
+- `cast`: dtype a tensor takes in this scheme;
+- `drop`: HF tensors this scheme cannot hold (always recorded as a lossy step).
+
+Templates use `{name}` placeholders: `{i}`, `{j}`, `{k}` match digits, `{rest}` anything, `{x:a|b}` one of
+the alternatives, any other `{name}` one dotted component. The same templates rename `exclude_modules`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import NemoconvError
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
+_DEFAULT_PATTERNS = {"i": r"\d+", "j": r"\d+", "k": r"\d+", "rest": r".+", "prefix": r".+", "layer": r".+"}
+
+
+class Template:
+    """A name template that matches names and formats new ones from the captured fields."""
+
+    def __init__(self, text: str):
+        self.text = text
+        parts, last, self.fields = [], 0, []
+        for m in _PLACEHOLDER.finditer(text):
+            parts.append(re.escape(text[last:m.start()]))
+            name, alt = m.group(1), m.group(2)
+            pattern = alt if alt is not None else _DEFAULT_PATTERNS.get(name, r"[^.]+")
+            parts.append(f"(?P<{name}>{pattern})")
+            self.fields.append(name)
+            last = m.end()
+        parts.append(re.escape(text[last:]))
+        self.regex = re.compile("^" + "".join(parts) + "$")
+
+    def match(self, name: str) -> dict[str, str] | None:
+        m = self.regex.match(name)
+        return m.groupdict() if m else None
+
+    def format(self, fields: dict[str, str]) -> str:
+        return _PLACEHOLDER.sub(lambda m: fields[m.group(1)], self.text)
+
+    def __repr__(self):
+        return f"Template({self.text!r})"
+
+
+@dataclass(frozen=True)
+class Rename:
+    hf: Template
+    to: Template
+
+
+@dataclass(frozen=True)
+class MergeExperts:
+    hf: Template  # must contain {j}, the expert index
+    to: Template  # merged name, in HF space (renamed afterwards like any other tensor)
+    transpose: bool
+    count: str  # config field holding the number of experts
+
+
+@dataclass(frozen=True)
+class Fuse:
+    hf: tuple[Template, ...]
+    to: Template
+    axis: int
+    sizes: tuple[str, ...]  # products of config fields, e.g. "num_attention_heads*head_dim"
+    unless_quantized: bool  # FP8 members (with a weight_scale) stay unfused
+
+
+@dataclass(frozen=True)
+class Cast:
+    hf: Template
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Drop:
+    hf: Template
+    reason: str
+
+
+@dataclass
+class Scheme:
+    name: str
+    description: str
+    detect: list[re.Pattern]
+    aliases: list[Rename] = field(default_factory=list)
+    renames: list[Rename] = field(default_factory=list)
+    merges: list[MergeExperts] = field(default_factory=list)
+    fuses: list[Fuse] = field(default_factory=list)
+    casts: list[Cast] = field(default_factory=list)
+    drops: list[Drop] = field(default_factory=list)
+    fp8_experts: bool = True  # whether merged/routed FP8 experts can be represented
+
+    # ---- names --------------------------------------------------------------------------
+    def normalize(self, name: str) -> str:
+        """Apply read aliases (e.g. `model.` → `backbone.`) to a name in this scheme."""
+        for alias in self.aliases:  # applied in order, each at most once
+            fields = alias.hf.match(name)
+            if fields is not None:
+                name = alias.to.format(fields)
+        return name
+
+    def to_scheme(self, hf_name: str) -> str | None:
+        for rule in self.renames:
+            fields = rule.hf.match(hf_name)
+            if fields is not None:
+                return rule.to.format(fields)
+        return None
+
+    def to_hf(self, name: str) -> str | None:
+        for rule in self.renames:
+            fields = rule.to.match(name)
+            if fields is not None:
+                return rule.hf.format(fields)
+        return None
+
+    def cast_for(self, hf_name: str) -> torch.dtype | None:
+        for rule in self.casts:
+            if rule.hf.match(hf_name) is not None:
+                return rule.dtype
+        return None
+
+    def drop_for(self, hf_name: str) -> Drop | None:
+        for rule in self.drops:
+            if rule.hf.match(hf_name) is not None:
+                return rule
+        return None
+
+    def rename_module(self, hf_module: str) -> str:
+        """Rename a module path (e.g. an `exclude_modules` entry) by renaming `<module>.weight`."""
+        renamed = self.to_scheme(hf_module + ".weight")
+        if renamed is None or not renamed.endswith(".weight"):
+            raise NemoconvError(f"scheme {self.name}: no rule renames module {hf_module!r}")
+        return renamed[: -len(".weight")]
+
+
+_DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _template(text, where: str) -> Template:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: expected a name template string")
+    return Template(text)
+
+
+def _parse_scheme(path: Path) -> Scheme:
+    data = tomllib.loads(path.read_text())
+    name = data["scheme"]
+    where = path.name
+    scheme = Scheme(
+        name=name,
+        description=data.get("description", ""),
+        detect=[re.compile(p) for p in data.get("detect", [])],
+        fp8_experts=bool(data.get("fp8_experts", True)),
+    )
+    for r in data.get("aliases", []):
+        scheme.aliases.append(Rename(_template(r["from"], where), _template(r["to"], where)))
+    for r in data.get("rename", []):
+        scheme.renames.append(Rename(_template(r["hf"], where), _template(r["to"], where)))
+    for r in data.get("merge_experts", []):
+        scheme.merges.append(MergeExperts(_template(r["hf"], where), _template(r["to"], where),
+                                          bool(r.get("transpose", False)), r.get("count", "n_routed_experts")))
+    for r in data.get("fuse", []):
+        scheme.fuses.append(Fuse(tuple(_template(t, where) for t in r["hf"]), _template(r["to"], where),
+                                 int(r.get("axis", 0)), tuple(r["sizes"]), bool(r.get("unless_quantized", False))))
+    for r in data.get("cast", []):
+        scheme.casts.append(Cast(_template(r["hf"], where), _DTYPE_BY_NAME[r["dtype"]]))
+    for r in data.get("drop", []):
+        scheme.drops.append(Drop(_template(r["hf"], where), r["reason"]))
+    return scheme
+
+
+def mappings_dir() -> Path:
+    """`mappings/` beside the package in a checkout; the copy installed as `nemoconv/mappings` otherwise."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "mappings", here / "mappings"):
+        if (candidate / "hf.toml").is_file():
+            return candidate
+    raise NemoconvError("cannot find the mappings/ directory (broken installation)")
+
+
+@lru_cache(maxsize=None)
+def load_schemes() -> dict[str, Scheme]:
+    schemes = {}
+    for path in sorted(mappings_dir().glob("*.toml")):
+        scheme = _parse_scheme(path)
+        schemes[scheme.name] = scheme
+    if "hf" not in schemes:
+        raise NemoconvError("mappings/hf.toml is missing")
+    return schemes
+
+
+def get_scheme(name: str) -> Scheme:
+    schemes = load_schemes()
+    if name not in schemes:
+        raise NemoconvError(f"unknown scheme {name!r} (known: {', '.join(sorted(schemes))})")
+    return schemes[name]
+
+
+def config_product(expr: str, spec) -> int:
+    """Evaluate `a*b*…` over ModelSpec attributes or integer literals (split sizes of fused tensors)."""
+    value = 1
+    for term in expr.split("*"):
+        term = term.strip()
+        value *= int(term) if term.isdigit() else int(getattr(spec, term))
+    return value

@@ -1,0 +1,180 @@
+"""Atomic output directories and sharded safetensors writing (DESIGN.md §2).
+
+Everything is written into a hidden temporary sibling of OUT and renamed into place only when complete:
+a failure (or a kill) leaves no output and leaves an existing output untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import NemoconvError
+from .safetensors_io import PlannedTensor, ShardFileWriter
+
+_TMP_TAG = ".nemoconv-tmp-"
+
+
+def parse_size(text: str | int) -> int:
+    """`5GB`, `500MB`, `1.5GiB`, `1000000` → bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                value = float(s[: -len(unit)])
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * mult)
+    else:
+        if s.isdigit() and int(s) > 0:
+            return int(s)
+    raise NemoconvError(f"invalid size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+
+
+def _io_error(exc: OSError, what: str) -> NemoconvError:
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return NemoconvError(f"{what}: {reason}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temporary directories left by killed runs (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise NemoconvError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise NemoconvError(f"{out}: output directory exists and is not empty (use --overwrite)")
+
+
+@contextmanager
+def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces OUT, on any failure it vanishes."""
+    out = Path(out).expanduser().absolute()
+    check_output_free(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out)
+        tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _io_error(exc, f"cannot create output next to {out}") from None
+    try:
+        yield tmp
+        _replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _io_error(exc, f"writing {out}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.nemoconv-old-{os.getpid()}"
+        os.rename(out, trash)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(trash, out)  # put the old output back
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def plan_shards(planned: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Greedy in stream order: a shard closes when the next tensor would push it past the limit."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for p in planned:
+        if shards[-1] and size + p.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+class ShardedWriter:
+    """Writes a planned, ordered stream of tensors into shards, then the index."""
+
+    def __init__(self, directory: Path, planned: list[PlannedTensor], max_shard_size: int, metadata: dict[str, str]):
+        self.directory = directory
+        self.shards = plan_shards(planned, max_shard_size)
+        self.names = shard_names(len(self.shards))
+        self.metadata = metadata
+        self._shard = -1
+        self._writer: ShardFileWriter | None = None
+        self._left = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(p.nbytes for p in planned)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        while self._left == 0:
+            self._open_next()
+        self._writer.write(name, tensor)
+        self.weight_map[name] = self.names[self._shard]
+        self._left -= 1
+
+    def _open_next(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._shard += 1
+        if self._shard >= len(self.shards):
+            raise RuntimeError("internal error: more tensors than planned")
+        planned = self.shards[self._shard]
+        self._writer = ShardFileWriter(self.directory / self.names[self._shard], planned, self.metadata)
+        self._left = len(planned)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if len(self.weight_map) != sum(len(s) for s in self.shards):
+            raise RuntimeError("internal error: fewer tensors written than planned")
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            write_json(self.directory / "model.safetensors.index.json", index)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

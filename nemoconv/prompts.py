@@ -1,0 +1,192 @@
+"""Prompts for `verify` (and calibration): a user's file, or a deterministic built-in set.
+
+A prompts file holds one text per line, or JSONL objects with `text` or `input_ids`. Text goes
+through the checkpoint's `tokenizer.json` (the `tokenizers` library); without one only token ids
+work. Without a file the built-in set is text when a tokenizer exists, seeded token ids otherwise.
+Every problem with a file is one `NemoconvError` line naming the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import NemoconvError
+
+# Varied on purpose (prose, code, numbers, dialogue, other languages): a layout bug that only shows on
+# some token statistics still gets exercised. Each is long enough for --seq-len 64 with a real tokenizer.
+BUILTIN_TEXTS = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden screw press into a system that could produce books far "
+    "faster than scribes. Within fifty years presses were running in more than two hundred European cities, "
+    "and the price of a book fell so far that ordinary merchants could afford small libraries of their own.",
+    "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    \"\"\"Merge two sorted lists in linear "
+    "time.\"\"\"\n    out, i, j = [], 0, 0\n    while i < len(a) and j < len(b):\n        if a[i] <= b[j]:\n"
+    "            out.append(a[i]); i += 1\n        else:\n            out.append(b[j]); j += 1\n"
+    "    out.extend(a[i:]); out.extend(b[j:])\n    return out\n\nprint(merge_sorted([1, 4, 9], [2, 3, 10, 11]))\n",
+    "Question: A train leaves the station at 9:40 and travels 315 kilometres at an average speed of 84 km/h. "
+    "At what time does it arrive? Answer: 315 / 84 = 3.75 hours, which is 3 hours and 45 minutes, so the train "
+    "arrives at 13:25. Check: 84 * 3.75 = 315. The same method works for any distance d and speed v: t = d / v.",
+    "User: Can you explain why the sky looks blue during the day but red at sunset?\nAssistant: Sunlight is "
+    "scattered by the molecules in the air, and shorter wavelengths scatter much more strongly than longer ones. "
+    "At noon the light reaching you has been scattered across the whole sky, so blue dominates; at sunset it "
+    "crosses far more atmosphere, the blue is scattered away, and the remaining light is red and orange.",
+    "La fotosíntesis es el proceso mediante el cual las plantas, las algas y algunas bacterias convierten la "
+    "energía de la luz en energía química. En los cloroplastos, el agua se divide y se libera oxígeno, mientras "
+    "que el dióxido de carbono se fija en azúcares que la planta utiliza para crecer y almacenar energía.",
+    "{\"id\": 4182, \"name\": \"sensor-7\", \"readings\": [21.4, 21.9, 22.3, 22.1, 21.7], \"unit\": \"celsius\", "
+    "\"status\": \"ok\", \"location\": {\"building\": \"B\", \"floor\": 3, \"room\": \"3.14\"}, \"tags\": "
+    "[\"hvac\", \"north-wing\", \"calibrated-2024-03\"], \"last_seen\": \"2024-05-02T17:45:09Z\"}",
+    "Mamba layers replace attention with a selective state space model: each token updates a fixed-size "
+    "recurrent state through input-dependent decay and gating, so inference needs constant memory per layer "
+    "instead of a key-value cache that grows with the sequence. Hybrid models keep a few attention layers for "
+    "precise recall and use Mamba layers everywhere else.",
+    "量子计算利用量子比特的叠加和纠缠来处理信息。与只能表示零或一的经典比特不同，量子比特可以同时处于多种状态的"
+    "叠加之中。研究人员希望在化学模拟、优化问题和密码学等领域，量子计算机能够解决经典计算机难以处理的问题。",
+)
+SEED = 20240521  # built-in token-id prompts: fixed, so every run and every machine feeds the same ids
+
+
+@dataclass
+class Prompt:
+    source: str           # where it came from, for the report ("prompts.txt:3", "built-in text 2", ...)
+    ids: list[int]
+    text: str | None = None
+    extended_from: int | None = None  # original length when verify extended it to --seq-len
+
+    def to_dict(self) -> dict:
+        out = {"source": self.source, "tokens": len(self.ids)}
+        if self.text is not None:
+            out["text"] = self.text if len(self.text) <= 200 else self.text[:200] + "…"
+        if self.extended_from is not None:
+            out["extended_from"] = self.extended_from
+        return out
+
+
+@dataclass
+class TokenizerInfo:
+    tokenizer: object | None  # tokenizers.Tokenizer
+    path: Path | None
+    note: str | None = None
+
+
+def find_tokenizer(*directories: Path) -> TokenizerInfo:
+    """The first `tokenizer.json` among the directories (reference first); a note if two differ."""
+    found = [Path(d) / "tokenizer.json" for d in directories if (Path(d) / "tokenizer.json").is_file()]
+    if not found:
+        return TokenizerInfo(None, None)
+    path = found[0]
+    try:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise NemoconvError(f"{path}: cannot load tokenizer ({' '.join(str(exc).split())[:200]})") from None
+    note = None
+    if len(found) > 1 and _file_sha(found[0]) != _file_sha(found[1]):
+        note = f"the two checkpoints' tokenizer.json differ; prompts were tokenized with {path}"
+    return TokenizerInfo(tokenizer, path, note)
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=True).ids)
+
+
+def _check_ids(ids: list[int], vocab_size: int, where: str) -> None:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise NemoconvError(f"{where}: token id {t} is outside the model's vocabulary (0..{vocab_size - 1})")
+
+
+def read_prompt_file(path: str | Path, tokenizer, vocab_size: int) -> list[Prompt]:
+    """Parse a prompts file: text lines, or JSONL with `text` or `input_ids` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NemoconvError(f"{path}: prompts file not found")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NemoconvError(f"{path}: prompts file is not UTF-8 text") from None
+    except OSError as exc:
+        raise NemoconvError(f"{path}: cannot read prompts file ({exc.strerror or exc})") from None
+    lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise NemoconvError(f"{path}: prompts file is empty")
+    jsonl = path.suffix.lower() in (".jsonl", ".json") or lines[0][1].lstrip().startswith("{")
+    prompts = []
+    for n, line in lines:
+        where = f"{path}:{n}"
+        if jsonl:
+            prompts.append(_jsonl_prompt(line, where, tokenizer, vocab_size))
+        else:
+            prompts.append(_text_prompt(line, where, tokenizer, vocab_size, path))
+    return prompts
+
+
+def _text_prompt(text: str, where: str, tokenizer, vocab_size: int, path: Path | None = None) -> Prompt:
+    if tokenizer is None:
+        hint = f" (write {path} as JSONL with input_ids)" if path is not None else " (give input_ids)"
+        raise NemoconvError(f"{where}: text prompt, but neither checkpoint has a tokenizer.json{hint}")
+    ids = encode(tokenizer, text)
+    if not ids:
+        raise NemoconvError(f"{where}: the prompt tokenizes to no tokens")
+    _check_ids(ids, vocab_size, where)
+    return Prompt(where, ids, text)
+
+
+def _jsonl_prompt(line: str, where: str, tokenizer, vocab_size: int) -> Prompt:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise NemoconvError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict) or ("text" not in obj and "input_ids" not in obj):
+        raise NemoconvError(f"{where}: each JSONL line must be an object with \"text\" or \"input_ids\"")
+    if "input_ids" in obj:
+        ids = obj["input_ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise NemoconvError(f"{where}: input_ids must be a non-empty list of integers")
+        _check_ids(ids, vocab_size, where)
+        return Prompt(where, list(ids), obj.get("text") if isinstance(obj.get("text"), str) else None)
+    text = obj["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise NemoconvError(f"{where}: \"text\" must be a non-empty string")
+    return _text_prompt(text, where, tokenizer, vocab_size)
+
+
+def builtin_prompts(num_prompts: int, seq_len: int, tokenizer, vocab_size: int) -> list[Prompt]:
+    """The built-in set: texts through the tokenizer when there is one, then seeded token ids."""
+    prompts: list[Prompt] = []
+    if tokenizer is not None:
+        for k, text in enumerate(BUILTIN_TEXTS[:num_prompts]):
+            ids = [t for t in encode(tokenizer, text)]
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise NemoconvError(
+                    f"tokenizer.json produces token ids beyond the model's vocabulary ({vocab_size}); "
+                    f"it does not belong to this checkpoint"
+                )
+            if ids:
+                prompts.append(Prompt(f"built-in text {k}", ids, text))
+    for k in range(len(prompts), num_prompts):
+        g = torch.Generator().manual_seed(SEED + k)
+        ids = torch.randint(0, vocab_size, (seq_len,), generator=g).tolist()
+        prompts.append(Prompt(f"built-in ids (seed {SEED + k})", ids))
+    return prompts
+
+
+def fit_prompts(prompts: list[Prompt], seq_len: int) -> tuple[list[Prompt], list[Prompt]]:
+    """Truncate long prompts to seq_len; return (all, the ones still short: verify extends those)."""
+    short = []
+    for p in prompts:
+        if len(p.ids) > seq_len:
+            p.ids = p.ids[:seq_len]
+        elif len(p.ids) < seq_len:
+            short.append(p)
+    return prompts, short
