@@ -49,14 +49,18 @@ class DType(str, Enum):
     float32 = "float32"
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    ctx: typer.Context,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries (errors still print)."),
     debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ):
     if version:
         out.print(f"nemoconv {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
         raise typer.Exit(0)
     _state["quiet"] = quiet
     _state["debug"] = debug

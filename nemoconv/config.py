@@ -199,6 +199,24 @@ class ModelSpec:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
         return shapes
 
+    def mtp_shapes(self) -> dict[str, tuple[int, ...]]:
+        """MTP heads in HF names: `mtp.layers.{depth * len(pattern) + k}`, each a norm and a mixer; each depth's
+        first layer also fuses the token embedding with the hidden state, its last has the final norm."""
+        h = self.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {}
+        per_depth = len(self.mtp_codes)
+        for k in range(self.num_mtp_layers * per_depth):
+            shapes[f"mtp.layers.{k}.norm.weight"] = (h,)
+            for name, shape in self.mixer_shapes(self.mtp_layer_code(k)).items():
+                shapes[f"mtp.layers.{k}.mixer.{name}"] = shape
+            if k % per_depth == 0:
+                shapes[f"mtp.layers.{k}.enorm.weight"] = (h,)
+                shapes[f"mtp.layers.{k}.hnorm.weight"] = (h,)
+                shapes[f"mtp.layers.{k}.eh_proj.weight"] = (h, 2 * h)
+            if k % per_depth == per_depth - 1:
+                shapes[f"mtp.layers.{k}.final_layernorm.weight"] = (h,)
+        return shapes
+
     def mtp_layer_code(self, index: int) -> str | None:
         """Layer code of MTP layer `index` (layers repeat the MTP pattern once per predicted token)."""
         if not self.mtp_codes:

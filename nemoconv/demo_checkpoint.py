@@ -67,7 +67,7 @@ def random_tensors(spec, seed: int = 0, dtype: torch.dtype = torch.float32) -> d
     """Weights with realistic magnitudes, so logits and routing are non-degenerate."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in spec.hf_shapes().items():
+    for name, shape in {**spec.hf_shapes(), **spec.mtp_shapes()}.items():
         leaf = name.rsplit(".", 1)[-1] if not name.endswith(".weight") else name.rsplit(".", 2)[-2] + ".weight"
         if name.endswith("A_log"):
             t = torch.log(torch.empty(shape).uniform_(1.0, 16.0, generator=g))

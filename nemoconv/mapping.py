@@ -76,13 +76,15 @@ class Fuse:
     to: Template
     axis: int
     sizes: tuple[str, ...]  # products of config fields, e.g. "num_attention_heads*head_dim"
-    unless_quantized: bool  # FP8 members (with a weight_scale) stay unfused
+    unless_quantized: bool  # if any member or companion is FP8, nothing is fused
+    companions: tuple[Template, ...] = ()  # join the group to decide, always emitted unchanged
 
 
 @dataclass(frozen=True)
 class Cast:
     hf: Template
     dtype: torch.dtype
+    only_from: torch.dtype | None = None  # cast only tensors stored in this dtype
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,11 @@ class Scheme:
                 return rule.hf.format(fields)
         return None
 
-    def cast_for(self, hf_name: str) -> torch.dtype | None:
+    def cast_for(self, hf_name: str, stored: torch.dtype | None = None) -> torch.dtype | None:
         for rule in self.casts:
             if rule.hf.match(hf_name) is not None:
+                if rule.only_from is not None and stored is not None and stored != rule.only_from:
+                    return None
                 return rule.dtype
         return None
 
@@ -175,9 +179,12 @@ def _parse_scheme(path: Path) -> Scheme:
                                           bool(r.get("transpose", False)), r.get("count", "n_routed_experts")))
     for r in data.get("fuse", []):
         scheme.fuses.append(Fuse(tuple(_template(t, where) for t in r["hf"]), _template(r["to"], where),
-                                 int(r.get("axis", 0)), tuple(r["sizes"]), bool(r.get("unless_quantized", False))))
+                                 int(r.get("axis", 0)), tuple(r["sizes"]), bool(r.get("unless_quantized", False)),
+                                 tuple(_template(t, where) for t in r.get("companions", []))))
     for r in data.get("cast", []):
-        scheme.casts.append(Cast(_template(r["hf"], where), _DTYPE_BY_NAME[r["dtype"]]))
+        only = r.get("only_from")
+        scheme.casts.append(Cast(_template(r["hf"], where), _DTYPE_BY_NAME[r["dtype"]],
+                                 _DTYPE_BY_NAME[only] if only else None))
     for r in data.get("drop", []):
         scheme.drops.append(Drop(_template(r["hf"], where), r["reason"]))
     return scheme

@@ -57,7 +57,7 @@ class LogitStats:
         dot = (r * c).sum(-1)
         norms = r.norm(dim=-1) * c.norm(dim=-1)
         both_zero = (r.abs().amax(-1) == 0) & (c.abs().amax(-1) == 0)
-        cos = torch.where(norms > 0, dot / norms.clamp_min(1e-300), both_zero.double())
+        cos = torch.where(norms > 0, dot / norms.clamp_min(1e-300), both_zero.double()).clamp(-1.0, 1.0)
         self.cos_sum += float(cos.sum())
         self.cos_min = _nanmin(self.cos_min, float(cos.min()))
         # KL(ref ‖ cand) per position, from the softmax of each

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, natural_key
@@ -52,6 +53,46 @@ def is_lossless_cast(src: torch.dtype, dst: torch.dtype) -> bool:
         torch.float8_e5m2: {torch.float16, torch.bfloat16, torch.float32, torch.float64},
     }
     return dst in widening.get(src, set())
+
+
+def _cat(parts: list[torch.Tensor], axis: int) -> torch.Tensor:
+    if parts[0].is_meta:  # planning: shapes only (torch.cat on meta pulls in the slow prims machinery)
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=axis)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor):
+    """A numpy view of the tensor's raw bits: numpy's blocked transpose copies are several times faster than
+    torch's for bf16/fp8 on CPU, and copying bits is exact for every dtype."""
+    return t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
+
+
+def _from_bits(array, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(array).view(dtype)
+
+
+def _stack(parts: list[torch.Tensor], transpose: bool) -> torch.Tensor:
+    """[E] tensors of [a, b] → [E, b, a] when transposing (expert merge), else [E, a, b]."""
+    first = parts[0]
+    shape = (len(parts), *(first.shape[::-1] if transpose else first.shape))
+    if first.is_meta:
+        return torch.empty(shape, dtype=first.dtype, device="meta")
+    out = np.empty(shape, dtype=_bits(first).dtype)
+    for j, p in enumerate(parts):
+        out[j] = _bits(p).T if transpose else _bits(p)
+    return _from_bits(out, first.dtype)
+
+
+def _unstack(t: torch.Tensor, j: int, transpose: bool) -> torch.Tensor:
+    if t.is_meta:
+        return torch.empty(t.shape[1:][::-1] if transpose else t.shape[1:], dtype=t.dtype, device="meta")
+    piece = _bits(t)[j]
+    return _from_bits(np.ascontiguousarray(piece.T if transpose else piece), t.dtype)
 
 
 def _cast(item: Item, dtype: torch.dtype, by: str, journal: Journal, why: str) -> Item:
@@ -123,8 +164,7 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             )
         out = []
         for j in range(count):
-            piece = t[j].transpose(0, 1) if merge.transpose else t[j]
-            out.append(Item(merge.hf.format({**fields, "j": str(j)}), piece.contiguous(), item.sources))
+            out.append(Item(merge.hf.format({**fields, "j": str(j)}), _unstack(t, j, merge.transpose), item.sources))
         return out
     for fuse in scheme.fuses:
         fields = fuse.to.match(hf_name)
@@ -143,29 +183,14 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
 # ---- stage 3: the canonical network, checked against config.json ------------------------------------
 
 
-def _expected_mtp_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    h = spec.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    for k in range(spec.num_mtp_layers * len(spec.mtp_codes) if spec.num_mtp_layers else 0):
-        code = spec.mtp_layer_code(k)
-        shapes[f"mtp.layers.{k}.norm.weight"] = (h,)
-        for name, shape in spec.mixer_shapes(code).items():
-            shapes[f"mtp.layers.{k}.mixer.{name}"] = shape
-        # the fusion block of each depth's first layer and the final norm of its last
-        shapes[f"mtp.layers.{k}.enorm.weight"] = (h,)
-        shapes[f"mtp.layers.{k}.hnorm.weight"] = (h,)
-        shapes[f"mtp.layers.{k}.eh_proj.weight"] = (h, 2 * h)
-        shapes[f"mtp.layers.{k}.final_layernorm.weight"] = (h,)
-    return shapes
-
-
 class NetworkCheck:
     """Checks each canonical tensor against the config and, at the end, that none is missing."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.expected = spec.hf_shapes()
-        self.optional = _expected_mtp_shapes(spec)
+        self.mtp = spec.mtp_shapes()  # all or nothing: trainers and transformers often drop MTP heads
+        self.optional = dict(self.mtp)
         if spec.tie_word_embeddings:
             self.optional["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
         self.seen: dict[str, tuple[int, ...]] = {}
@@ -211,7 +236,8 @@ class NetworkCheck:
         raise NemoconvError(f"unknown tensor {item.sources[0]!r}: not part of a Nemotron-H network with this config")
 
     def finish(self) -> None:
-        missing = [n for n in self.expected if n not in self.seen]
+        has_mtp = any(n in self.seen for n in self.mtp)
+        missing = [n for n in (*self.expected, *(self.mtp if has_mtp else ())) if n not in self.seen]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise NemoconvError(f"missing tensor {missing[0]!r}{more}: the checkpoint does not match config.json")
@@ -262,41 +288,45 @@ class FromHF:
             count = config_product(merge.count, self.spec)
             if len(buf) == count:
                 del self.merge_buffers[key]
-                parts = [buf[x].tensor.transpose(0, 1) if merge.transpose else buf[x].tensor for x in range(count)]
-                merged = Item(merge.to.format(fields), torch.stack(parts),
+                parts = [buf[x].tensor for x in range(count)]
+                merged = Item(merge.to.format(fields), _stack(parts, merge.transpose),
                               tuple(s for x in range(count) for s in buf[x].sources))
                 yield self._finish(merged)
             return
         for f_idx, fuse in enumerate(self.scheme.fuses):
-            for member, tpl in enumerate(fuse.hf):
+            members = (*fuse.hf, *fuse.companions)
+            for slot, tpl in enumerate(members):
                 fields = tpl.match(item.name)
                 if fields is None:
                     continue
                 key = (f_idx, tuple(sorted(fields.items())))
                 buf = self.fuse_buffers.setdefault(key, {})
-                buf[member] = item
-                if len(buf) == len(fuse.hf):
+                buf[slot] = item
+                if len(buf) == len(members):
                     del self.fuse_buffers[key]
-                    parts = [buf[x] for x in range(len(fuse.hf))]
-                    quantized = [p.tensor.dtype in FP8_DTYPES for p in parts]
-                    if fuse.unless_quantized and any(quantized):
-                        for p in parts:  # FP8 projections stay separate, with their scales
-                            yield self._finish(p)
-                    else:
-                        if len({p.tensor.dtype for p in parts}) != 1:
-                            raise NemoconvError(f"cannot fuse {[p.name for p in parts]}: their dtypes differ")
-                        fused = Item(fuse.to.format(fields), torch.cat([p.tensor for p in parts], dim=fuse.axis),
-                                     tuple(s for p in parts for s in p.sources))
-                        yield self._finish(fused)
+                    yield from self._fuse(fuse, fields, [buf[x] for x in range(len(members))])
                 return
         yield self._finish(item)
+
+    def _fuse(self, fuse, fields: dict, group: list[Item]) -> Iterator[Item]:
+        parts, companions = group[: len(fuse.hf)], group[len(fuse.hf):]
+        if fuse.unless_quantized and any(p.tensor.dtype in FP8_DTYPES for p in group):
+            for p in group:  # FP8 projections stay separate, with their scales
+                yield self._finish(p)
+            return
+        if len({p.tensor.dtype for p in parts}) != 1:
+            raise NemoconvError(f"cannot fuse {[p.name for p in parts]}: their dtypes differ")
+        yield self._finish(Item(fuse.to.format(fields), _cat([p.tensor for p in parts], fuse.axis),
+                                tuple(s for p in parts for s in p.sources)))
+        for p in companions:
+            yield self._finish(p)
 
     def _finish(self, item: Item) -> Item:
         is_scale = item.name.rpartition(".")[2] in SCALE_SUFFIXES
         if self.dtype is not None and item.tensor.is_floating_point() and not is_scale \
                 and item.tensor.dtype not in FP8_DTYPES:
             item = _cast(item, self.dtype, "dtype", self.journal, "--dtype")
-        forced = self.scheme.cast_for(item.name)
+        forced = self.scheme.cast_for(item.name, item.tensor.dtype)
         if forced is not None and item.tensor.dtype not in FP8_DTYPES:
             item = _cast(item, forced, "scheme", self.journal, f"the {self.scheme.name} scheme stores it so")
         new_name = self.scheme.to_scheme(item.name)

@@ -185,15 +185,18 @@ class ShardFileWriter:
         return self._next == len(self._planned)
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        # No fsync: like cp, we leave durability to the page cache; atomicity (no partial output after a
+        # failure or a kill) comes from writing into a temporary directory that is renamed when complete.
         self._file.close()
 
 
 def write_single_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Small helper for tests and the demo: write a whole dict as one file, deterministically ordered."""
+    path = Path(path)
     planned = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    writer = ShardFileWriter(Path(path), planned, metadata or {"format": "pt"})
+    tmp = path.with_name(path.name + ".partial")
+    writer = ShardFileWriter(tmp, planned, metadata or {"format": "pt"})
     for n, t in tensors.items():
         writer.write(n, t)
     writer.close()
+    os.replace(tmp, path)  # a new inode: tensors still memory-mapped from the old file stay valid

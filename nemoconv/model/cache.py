@@ -60,6 +60,7 @@ class HybridCache:
                                spec.ssm_state_size, dtype=self.ssm_dtype, **kw)
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, **kw)
         self.seq_len = 0
+        self.has_padding = False  # any False in `valid` so far (tracked on the host: no device sync)
 
     # ---- positions -------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -73,6 +74,7 @@ class HybridCache:
             raise NemoconvError(f"cache holds at most {self.max_length} positions; "
                                 f"{start} used, {new_tokens} more requested")
         self.valid[:, start:start + new_tokens] = True if valid is None else valid
+        self.has_padding = self.has_padding or valid is not None
         return start
 
     def advance(self, new_tokens: int) -> None:
@@ -82,6 +84,7 @@ class HybridCache:
         for t in (self.kv, self.conv, self.ssm, self.valid):
             t.zero_()
         self.seq_len = 0
+        self.has_padding = False
 
     # ---- per-layer views -------------------------------------------------------------------
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,20 @@
+"""The built-in Nemotron-H hybrid model (DESIGN.md §5).
+
+    model = load_model(path, device="cpu", dtype=torch.float32)    # any scheme, FP8 too
+    logits = model(input_ids, attention_mask=None)                  # [b, s, vocab] float32, no cache
+    cache = model.new_cache(batch_size, max_length)                 # HybridCache, preallocated
+    logits = model.prefill(input_ids, cache, attention_mask=None)   # [b, s, vocab]
+    logits = model.decode_step(tokens, cache)                       # [b, vocab]
+    tokens = model.generate(input_ids, max_new_tokens=16)           # [b, s + 16], greedy by default
+
+Modules: `modeling` (layers and the LM), `cache` (HybridCache), `kernels` (Triton / reference
+dispatch), `reference` (torch definitions of the sequence ops), `fp8` (FP8 linears), `loading`.
+"""
+
+from .cache import HybridCache
+from .fp8 import Linear, fp8_linear, fp8_linear_emulated, quantize_fp8
+from .loading import build_model, canonical_name, load_model
+from .modeling import NemotronHLM
+
+__all__ = ["HybridCache", "Linear", "NemotronHLM", "build_model", "canonical_name", "fp8_linear",
+           "fp8_linear_emulated", "load_model", "quantize_fp8"]

@@ -1,0 +1,473 @@
+"""The built-in Nemotron-H hybrid model (DESIGN.md §5): Mamba-2, NoPE GQA attention, relu² MLP and MoE layers.
+
+Module names mirror the canonical HF tensor names (`backbone.layers.{i}.mixer.in_proj.weight`, …), so
+loading is a lookup. Each layer reads top to bottom: projections, mixing, output. Sequence operations
+go through `kernels` (Triton on CUDA, torch reference elsewhere); the model never branches on device.
+
+Three ways to run it:
+  model(input_ids, attention_mask)            whole sequence, no cache → logits [b, s, vocab] (float32)
+  model.prefill(input_ids, cache, mask)       consumes tokens into a HybridCache → logits
+  model.decode_step(tokens, cache)            one token per row from the cache → logits [b, vocab]
+`generate` drives the last two. Padding is on the left: padded positions feed zeros into the Mamba
+conv and scan (so they leave the recurrent state untouched) and are never attended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ATTENTION, MAMBA, MOE, ModelSpec
+from ..config import MLP as MLP_CODE
+from ..errors import NemoconvError
+from . import kernels
+from .cache import HybridCache
+from .fp8 import Linear
+
+
+@dataclass
+class _Pass:
+    """What one forward pass over s new tokens needs to know (built once, read by every layer)."""
+
+    cache: HybridCache | None
+    start: int                        # position of the first new token (0 without a cache)
+    pad_mask: torch.Tensor | None     # [b, s] bool, False at left padding; None when there is none
+    attn_mask: torch.Tensor | None    # [b, 1, s, t] bool, True = may attend; None → see `causal`
+    causal: bool                      # plain causal attention over s == t positions (no mask needed)
+    decode: bool                      # a single-token step from the cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Small modules
+# ---------------------------------------------------------------------------------------------
+def _param(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = _param(size)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)   # weight applied in fp32, as the reference does
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, size: int):
+        super().__init__()
+        self.weight = _param(vocab, size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Conv1d(nn.Module):
+    """Holds the depthwise conv parameters in HF's layout: weight [c, 1, k], bias [c]."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool):
+        super().__init__()
+        self.weight = _param(channels, 1, kernel)
+        self.bias = _param(channels) if bias else None
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y·silu(z) computed separately over n_groups channel groups (Mamba-2's output norm)."""
+
+    def __init__(self, size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = _param(size)
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return kernels.gated_rmsnorm(y, z, self.weight, self.eps, self.group_size)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-2 mixer
+# ---------------------------------------------------------------------------------------------
+class MambaMixer(nn.Module):
+    fp32_params = ("A_log", "D", "dt_bias")  # tiny, and precision-critical: always kept in float32
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.head_dim = spec.mamba_num_heads, spec.mamba_head_dim
+        self.groups, self.state_size = spec.n_groups, spec.ssm_state_size
+        self.inner = spec.mamba_intermediate                     # h·p
+        self.conv_dim = spec.conv_dim                            # h·p + 2·g·n  (x, B, C)
+        self.chunk_size = spec.chunk_size
+        # Step-size clamp. transformers 5.23's NemotronHMamba2Mixer sets time_step_limit to
+        # (config.time_step_min, inf) and ignores config.time_step_limit (NVIDIA's original code and
+        # mamba-ssm use (0, inf), i.e. no clamp). We match transformers for parity, and apply the same
+        # clamp in all three paths: transformers clamps only its chunked path and not its single-token
+        # decode, so without this our cached decode would drift from our own full forward whenever
+        # softplus(dt) < time_step_min.
+        self.dt_limit = (spec.time_step_min, float("inf"))
+        self.in_proj = Linear(spec.hidden_size, self.inner + self.conv_dim + self.heads, bias=spec.mamba_proj_bias)
+        self.conv1d = Conv1d(self.conv_dim, spec.conv_kernel, bias=spec.use_conv_bias)
+        self.A_log = _param(self.heads)
+        self.D = _param(self.heads)
+        self.dt_bias = _param(self.heads)
+        self.norm = GatedRMSNorm(self.inner, self.inner // self.groups, spec.layer_norm_epsilon)
+        self.out_proj = Linear(self.inner, spec.hidden_size, bias=spec.mamba_proj_bias)
+
+    def _step_size(self, dt: torch.Tensor) -> torch.Tensor:
+        """Raw dt [..., h] → softplus(dt + dt_bias), clamped, in float32."""
+        return F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+
+    def forward(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        return self._step(hidden, ctx.cache) if ctx.decode else self._sequence(hidden, ctx)
+
+    def _sequence(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        """Whole sequence (no cache) or prefill (state read from and written back to the cache)."""
+        b, s, _ = hidden.shape
+        h, p, g, n = self.heads, self.head_dim, self.groups, self.state_size
+        pad = ctx.pad_mask[..., None] if ctx.pad_mask is not None else None    # [b, s, 1]
+        if pad is not None:
+            hidden = hidden.masked_fill(~pad, 0.0)
+        zxbcdt = self.in_proj(hidden)                                          # [b, s, h·p + conv_dim + h]
+        z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
+        if pad is not None:
+            # Padding must enter the conv as zeros (the zero left context of an unpadded row), even with
+            # a biased in_proj; after the conv it must give x = B = 0 so the scan state stays untouched.
+            xbc = xbc.masked_fill(~pad, 0.0)
+        conv_state, ssm_state = ctx.cache.layer_mamba(self.layer_idx) if ctx.cache is not None else (None, None)
+        xbc = kernels.causal_conv1d_silu(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        if pad is not None:
+            xbc = xbc.masked_fill(~pad, 0.0)
+        x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())                                     # [h], negative
+        result = kernels.ssd_chunk_scan(
+            x.reshape(b, s, h, p), self._step_size(dt), A, B.reshape(b, s, g, n), C.reshape(b, s, g, n), self.D,
+            self.chunk_size, initial_state=ssm_state, return_final_state=ssm_state is not None)
+        if ssm_state is not None:
+            y, final_state = result
+            ssm_state.copy_(final_state)
+        else:
+            y = result                                                         # [b, s, h, p]
+        y = self.norm(y.reshape(b, s, self.inner), z)                          # gate, then grouped RMSNorm
+        return self.out_proj(y)                                                # [b, s, hidden]
+
+    def _step(self, hidden: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """Single-token decode from the cache: hidden [b, 1, hidden]."""
+        b = hidden.shape[0]
+        h, p, g, n = self.heads, self.head_dim, self.groups, self.state_size
+        conv_state, ssm_state = cache.layer_mamba(self.layer_idx)
+        zxbcdt = self.in_proj(hidden[:, 0])                                    # [b, h·p + conv_dim + h]
+        z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
+        xbc = kernels.causal_conv1d_silu_step(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = kernels.ssm_step(ssm_state, x.reshape(b, h, p), self._step_size(dt), A,
+                             B.reshape(b, g, n), C.reshape(b, g, n), self.D)   # [b, h, p]
+        y = self.norm(y.reshape(b, self.inner), z)
+        return self.out_proj(y)[:, None]                                       # [b, 1, hidden]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (no positional encoding: Nemotron-H's attention is NoPE), grouped KV heads
+# ---------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        bias = spec.attention_bias
+        self.q_proj = Linear(spec.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(spec.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(spec.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, spec.hidden_size, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        b, s, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, s, self.heads, self.head_dim).transpose(1, 2)     # [b, hq, s, d]
+        k = self.k_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, hk, s, d]
+        v = self.v_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.cache is not None:
+            keys, values = ctx.cache.layer_kv(self.layer_idx)                  # [b, hk, max_len, d]
+            end = ctx.start + s
+            keys[:, :, ctx.start:end] = k
+            values[:, :, ctx.start:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]                        # [b, hk, t, d]
+        out = kernels.attention(q, k, v, ctx.attn_mask, ctx.causal)           # [b, hq, s, d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP and MoE
+# ---------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """down(relu(up(x))²): Nemotron-H's MLPs (and experts) have no gate projection."""
+
+    def __init__(self, in_size: int, inner: int, bias: bool = False):
+        super().__init__()
+        self.up_proj = Linear(in_size, inner, bias=bias)
+        self.down_proj = Linear(inner, in_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: _Pass | None = None) -> torch.Tensor:
+        return self.down_proj(relu2(self.up_proj(x)))
+
+
+class Router(nn.Module):
+    """Nemotron-3 routing: sigmoid scores; experts are *selected* on score + e_score_correction_bias,
+    within the best `topk_group` of `n_group` groups (a group ranks by the sum of its two best
+    biased scores), but *weighted* by the unbiased scores, optionally renormalised, then scaled."""
+
+    fp32_params = ("e_score_correction_bias",)
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.experts, self.top_k = spec.n_routed_experts, spec.num_experts_per_tok
+        self.n_group, self.topk_group = spec.n_group, spec.topk_group
+        self.norm_topk_prob, self.scale = spec.norm_topk_prob, spec.routed_scaling_factor
+        self.weight = _param(self.experts, spec.hidden_size)
+        self.e_score_correction_bias = _param(self.experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] → (weights [T, k] float32, expert ids [T, k])."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))      # [T, E]
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            per_group = choice.view(-1, self.n_group, self.experts // self.n_group)          # [T, G, E/G]
+            group_score = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)  # [T, G]
+            best = group_score.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(self.experts // self.n_group, dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1).indices                          # [T, k]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scale, ids
+
+
+class MoE(nn.Module):
+    """Routed relu² experts (optionally in a smaller latent space) plus an always-on shared expert."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.latent = spec.moe_latent_size
+        expert_size = spec.expert_input_size
+        self.gate = Router(spec)
+        self.experts = nn.ModuleList(MLP(expert_size, spec.moe_intermediate_size)
+                                     for _ in range(spec.n_routed_experts))
+        self.shared_experts = MLP(spec.hidden_size, spec.moe_shared_expert_intermediate_size, bias=spec.mlp_bias)
+        if self.latent:
+            self.fc1_latent_proj = Linear(spec.hidden_size, self.latent, bias=spec.mlp_bias)
+            self.fc2_latent_proj = Linear(self.latent, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, hidden: torch.Tensor, ctx: _Pass | None = None) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])                                      # [T, hidden]
+        weights, ids = self.gate(x)                                            # [T, k]
+        expert_in = self.fc1_latent_proj(x) if self.latent else x              # [T, X]
+
+        # Visit experts in order, each with the tokens that chose it; sum weighted outputs in fp32.
+        k = ids.shape[1]
+        flat = ids.reshape(-1)                                                 # [T·k]
+        order = torch.argsort(flat, stable=True)
+        token_of = order // k
+        weight_of = weights.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        routed = torch.zeros(x.shape[0], expert_in.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = token_of[start:start + count]
+                out = self.experts[e](expert_in[rows]) * weight_of[start:start + count, None]
+                routed.index_add_(0, rows, out.float())
+                start += count
+        routed = routed.to(hidden.dtype)
+        if self.latent:
+            routed = self.fc2_latent_proj(routed)                              # [T, hidden]
+        return (routed + self.shared_experts(x)).reshape(shape)
+
+
+_MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, MOE: MoE}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one mixer."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.code = spec.layer_codes[layer_idx]
+        self.norm = RMSNorm(spec.hidden_size, spec.layer_norm_epsilon)
+        if self.code == MLP_CODE:
+            self.mixer = MLP(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        else:
+            self.mixer = _MIXERS[self.code](spec, layer_idx)
+        self.residual_in_fp32 = spec.residual_in_fp32
+
+    def forward(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), ctx)
+        return residual + out
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embeddings = Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
+        self.norm_f = RMSNorm(spec.hidden_size, spec.layer_norm_epsilon)
+
+
+# ---------------------------------------------------------------------------------------------
+# The language model
+# ---------------------------------------------------------------------------------------------
+class NemotronHLM(nn.Module):
+    """Nemotron-H causal LM. Build it with `build_model` / `load_model` (nemoconv.model)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.mlp_hidden_act != "relu2" or spec.mamba_hidden_act != "silu":
+            raise NemoconvError(f"unsupported activations: mlp_hidden_act={spec.mlp_hidden_act!r}, "
+                                f"mamba_hidden_act={spec.mamba_hidden_act!r} (expected relu2 and silu)")
+        self.spec = spec
+        self.backbone = Backbone(spec)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        # Multi-token-prediction heads (`mtp.*`) exist only to draft tokens for speculative decoding;
+        # they never change the main model's logits, so they are not built (the loader skips them).
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    def new_cache(self, batch_size: int, max_length: int, ssm_dtype=None) -> HybridCache:
+        """A preallocated cache for this model (SSM state dtype from the config, float32 by default)."""
+        return HybridCache(self.spec, batch_size, max_length, self.device, self.dtype, ssm_dtype)
+
+    # ---- shared pieces ---------------------------------------------------------------------
+    def _run(self, input_ids: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        hidden = self.backbone.embeddings(input_ids)                           # [b, s, hidden]
+        for layer in self.backbone.layers:
+            hidden = layer(hidden, ctx)
+        return self.backbone.norm_f(hidden.to(self.dtype))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @staticmethod
+    def _pad_mask(attention_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != shape:
+            raise NemoconvError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(shape)}")
+        mask = attention_mask.bool()
+        return None if bool(mask.all()) else mask
+
+    @staticmethod
+    def _attention_mask(valid: torch.Tensor, start: int, s: int) -> torch.Tensor:
+        """valid [b, t] (t = start + s) → [b, 1, s, t]: causal, and only real keys. A padded query also
+        sees itself, so its (ignored) row never softmaxes over nothing and stays finite."""
+        t = valid.shape[1]
+        query_pos = torch.arange(start, start + s, device=valid.device)[:, None]   # [s, 1]
+        key_pos = torch.arange(t, device=valid.device)[None, :]                    # [1, t]
+        causal = key_pos <= query_pos                                              # [s, t]
+        return (causal & (valid[:, None, :] | (key_pos == query_pos)))[:, None]     # [b, 1, s, t]
+
+    # ---- public API ------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole sequences, no cache: input_ids [b, s] (left-padded, with attention_mask) → logits [b, s, vocab] fp32."""
+        b, s = input_ids.shape
+        pad = self._pad_mask(attention_mask, input_ids.shape)
+        attn = self._attention_mask(pad, 0, s) if pad is not None else None
+        ctx = _Pass(cache=None, start=0, pad_mask=pad, attn_mask=attn, causal=pad is None, decode=False)
+        return self._logits(self._run(input_ids, ctx))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache: HybridCache, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Consume input_ids [b, s] into `cache` (may be called repeatedly: chunked prefill).
+
+        attention_mask [b, s] covers these s tokens only (0 = left padding). Returns logits
+        [b, s, vocab], or [b, vocab] for the last position with last_only.
+        """
+        b, s = input_ids.shape
+        if b != cache.batch_size:
+            raise NemoconvError(f"batch of {b} rows but the cache was made for {cache.batch_size}")
+        pad = self._pad_mask(attention_mask, input_ids.shape)
+        start = cache.reserve(s, pad)
+        if start == 0 and not cache.has_padding:
+            attn, causal = None, True
+        else:
+            attn, causal = self._attention_mask(cache.valid[:, :start + s], start, s), False
+        ctx = _Pass(cache=cache, start=start, pad_mask=pad, attn_mask=attn, causal=causal, decode=False)
+        hidden = self._run(input_ids, ctx)
+        cache.advance(s)
+        return self._logits(hidden[:, -1] if last_only else hidden)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """One new token per row (tokens [b] or [b, 1]) from the cache → logits [b, vocab] fp32."""
+        tokens = tokens.reshape(-1, 1)
+        start = cache.reserve(1)
+        # A single query sees every earlier key: a mask is needed only to hide left padding.
+        attn = cache.valid[:, None, None, :start + 1] if cache.has_padding else None
+        ctx = _Pass(cache=cache, start=start, pad_mask=None, attn_mask=attn, causal=False, decode=True)
+        hidden = self._run(tokens, ctx)
+        cache.advance(1)
+        return self._logits(hidden[:, 0])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | list[int] | None = None,
+                 generator: torch.Generator | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Cache-driven generation → [b, s + max_new_tokens].
+
+        Greedy when temperature == 0, else sampling from softmax(logits / temperature), restricted to
+        the top_k tokens if given. Rows that produced an EOS token continue with pad_token_id
+        (default: the first EOS id).
+        """
+        input_ids = input_ids.to(self.device)
+        b, s = input_ids.shape
+        if max_new_tokens <= 0:
+            return input_ids
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        eos_t = torch.tensor(eos, device=self.device, dtype=input_ids.dtype)
+        out = torch.full((b, s + max_new_tokens), pad_id, dtype=input_ids.dtype, device=self.device)
+        out[:, :s] = input_ids
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+
+        cache = self.new_cache(b, s + max_new_tokens)
+        logits = self.prefill(input_ids, cache, attention_mask, last_only=True)        # [b, vocab]
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for i in range(max_new_tokens):
+            token = self._pick(logits, temperature, top_k, generator)                   # [b]
+            if eos:
+                token = torch.where(finished, torch.full_like(token, pad_id), token)
+                finished |= torch.isin(token, eos_t)
+            out[:, s + i] = token
+            if i + 1 == max_new_tokens or (eos and bool(finished.all())):
+                break
+            logits = self.decode_step(token, cache)
+        return out
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+        if not temperature or temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,757 @@
+"""`nemoconv verify`: the parity gate between a reference checkpoint and a converted or quantized candidate.
+
+Both checkpoints run in the built-in model on one device and dtype, one after the other (so only one
+model is in memory at a time), over the same prompts of exactly `seq_len` tokens. For every model:
+
+  cached run   prefill(prompt[:S-k]) → k teacher-forced decode steps over prompt[S-k:] → greedy
+               decode of `max_new_tokens` tokens; the logits of every cached step are kept;
+  full forward over prompt + generated tokens (no cache), one call.
+
+The full forward's prompt positions give the reference/candidate comparison (max/mean |Δ|, cosine,
+KL(ref‖cand), top-1); the greedy tokens give the continuation match; the cached logits against the
+full forward at the same positions give cache consistency. Thresholds come from a profile
+(DESIGN.md §6), chosen from the manifests unless given.
+
+What "exact" means (the profile for lossless conversions): a lossless conversion yields bit-identical
+weights, so the model computes bit-identical logits when the kernels are deterministic.
+  * CPU (any dtype): max |Δ| must be 0, greedy tokens identical.
+  * CUDA: identical weights in one process normally give identical logits too, but cuBLAS may choose
+    another GEMM algorithm (split-K, reduction order) for a differently laid out or aligned weight, e.g.
+    fused qkv in one scheme and separate q/k/v in the other. So on CUDA, exact allows max |Δ| of two
+    ulps of the compute dtype at the largest |reference logit| (bf16: 2·2^(e-7) for 2^e ≤ max|logit|),
+    and still demands top-1 agreement 1.0 and identical greedy tokens. Any real fault we plant (a norm
+    scaled by 1.02, a swapped layer, a scaled expert, a zeroed bias) moves logits far more than that.
+
+Cache consistency (every profile): max |cached − full| / max |full| over the compared positions must
+stay within CACHE_TOLERANCE for the compute dtype: 1e-3 in float32 (the chunked scan and the recurrent
+step sum in different orders; we measure ~1e-6 on CPU), 5e-2 in bfloat16 (both paths round activations
+to bf16 at every layer, in different places).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import ModelSpec
+from .errors import NemoconvError
+from .metrics import LogitStats, cache_consistency, first_divergence
+from .prompts import Prompt, builtin_prompts, find_tokenizer, fit_prompts, read_prompt_file
+
+# ---- profiles ------------------------------------------------------------------------------------
+
+PROFILE_NAMES = ("exact", "bf16", "fp8")
+THRESHOLD_KEYS = ("min_cosine", "min_top1", "max_kl", "max_abs")
+# None: not gated by this profile (still reported)
+PROFILES: dict[str, dict] = {
+    "exact": {"min_cosine": None, "min_top1": 1.0, "max_kl": None, "max_abs": 0.0, "same_greedy": True},
+    "bf16": {"min_cosine": 0.999, "min_top1": 0.99, "max_kl": None, "max_abs": None, "same_greedy": False},
+    "fp8": {"min_cosine": 0.99, "min_top1": 0.90, "max_kl": 0.05, "max_abs": None, "same_greedy": False},
+}
+CACHE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+EXACT_CUDA_ULPS = 2
+TEACHER_FORCED_STEPS = 4       # prompt tokens fed one at a time after the prefill (cache hand-off check)
+LOGITS_BATCH_BYTES = 1 << 30   # prompts per batch: keep one batch's logits under ~1 GiB
+FULL_HASH_LIMIT = 2 << 30      # checkpoints up to 2 GiB are hashed whole, larger ones sampled
+SAMPLE_STRIDE, SAMPLE_BLOCK = 64 << 20, 1 << 20
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    """Everything `verify` measured and decided; `to_dict()` is what `--report` writes."""
+
+    passed: bool
+    profile: str
+    profile_reason: str
+    thresholds: dict
+    checks: list[dict]
+    overall: dict
+    prompts: list[dict]
+    cache: dict
+    reference: dict
+    candidate: dict
+    device: str
+    dtype: str
+    settings: dict
+    timings: dict
+    notes: list[str] = field(default_factory=list)
+
+    def failed_checks(self) -> list[dict]:
+        return [c for c in self.checks if not c["passed"]]
+
+    def failure_line(self) -> str:
+        """One line: the first failing metric with its value and threshold (and how many more failed)."""
+        failed = self.failed_checks()
+        if not failed:
+            return f"all checks passed (profile {self.profile})"
+        line = _describe_check(failed[0]) + f" (profile {self.profile})"
+        if len(failed) > 1:
+            line += f"; also failed: {', '.join(c['metric'] for c in failed[1:])}"
+        return line
+
+    def to_dict(self) -> dict:
+        return _json_safe({
+            "tool": "nemoconv", "version": __version__, "passed": self.passed,
+            "profile": self.profile, "profile_reason": self.profile_reason, "thresholds": self.thresholds,
+            "checks": self.checks, "failure": None if self.passed else self.failure_line(),
+            "overall": self.overall, "prompts": self.prompts, "cache_consistency": self.cache,
+            "reference": self.reference, "candidate": self.candidate, "device": self.device, "dtype": self.dtype,
+            "settings": self.settings, "timings_s": self.timings, "notes": self.notes,
+        })
+
+
+def _describe_check(c: dict) -> str:
+    if c["metric"] == "greedy_divergent_prompts":
+        return (f"greedy continuation diverged in {c['value']} prompt(s) ({c.get('detail', '')}); "
+                f"identical tokens required")
+    if c["metric"] == "nonfinite_candidate_logits":
+        return f"candidate produced {c['value']} non-finite logits"
+    op = "<" if c["op"] == ">=" else ">"
+    return f"{c['metric']} {_fmt(c['value'])} {op} {c['threshold_name']} {_fmt(c['threshold'])}"
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        if math.isnan(x) or math.isinf(x):
+            return str(x)
+        if x == 0:
+            return "0"
+        return f"{x:.6g}" if 1e-4 <= abs(x) < 1e6 else f"{x:.3e}"
+    return str(x)
+
+
+def _json_safe(obj):
+    """Nested data → JSON-valid data: non-finite floats become strings ("nan", "inf")."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---- configuration checks ------------------------------------------------------------------------
+
+# ModelSpec fields that do not change what the network computes
+_SPEC_IGNORED = {"raw", "pattern_field", "time_step_min"}
+# raw config keys outside ModelSpec that change the computation
+_RAW_COMPARED = ("mlp_hidden_act", "mamba_hidden_act", "hidden_act")
+
+
+def network_differences(ref: ModelSpec, cand: ModelSpec) -> list[str]:
+    """Human-readable differences between two configs that change the network (quantization excluded)."""
+    diffs = []
+    if ref.layer_codes != cand.layer_codes:
+        diffs.append(f"different layer pattern: {ref.layer_codes} vs {cand.layer_codes}")
+    if ref.mtp_codes != cand.mtp_codes:
+        diffs.append(f"different MTP layer pattern: {ref.mtp_codes or '-'} vs {cand.mtp_codes or '-'}")
+    for name in ModelSpec.__dataclass_fields__:
+        if name in _SPEC_IGNORED or name in ("layer_codes", "mtp_codes"):
+            continue
+        a, b = getattr(ref, name), getattr(cand, name)
+        if a != b:
+            diffs.append(f"different {name}: {a} vs {b}")
+    for key in _RAW_COMPARED:
+        a, b = ref.raw.get(key), cand.raw.get(key)
+        if a != b and a is not None and b is not None:
+            diffs.append(f"different {key}: {a} vs {b}")
+    return diffs
+
+
+def check_same_network(ref: Checkpoint, cand: Checkpoint) -> None:
+    diffs = network_differences(ref.spec, cand.spec)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more: {'; '.join(diffs[1:4])})" if len(diffs) > 1 else ""
+        raise NemoconvError(f"reference and candidate are different networks: {diffs[0]}{more}")
+
+
+# ---- profile selection ---------------------------------------------------------------------------
+
+
+def _fp8_count(ck: Checkpoint) -> int:
+    return sum(1 for e in ck.entries.values() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+
+
+def _is_quantized(ck: Checkpoint) -> bool:
+    return _fp8_count(ck) > 0 or ck.quantization() is not None
+
+
+def _resolve_local(source, relative_to: Path) -> Path | None:
+    """A manifest's `source` as a local directory, if it still exists (as given, or next to the checkpoint)."""
+    if not isinstance(source, str) or not source:
+        return None
+    for base in (Path.cwd(), relative_to.parent):
+        p = Path(source).expanduser()
+        p = p if p.is_absolute() else base / p
+        if (p / "config.json").is_file():
+            return p.resolve()
+    return None
+
+
+def _lineage(path: Path, manifest: dict | None) -> list[tuple[Path, dict | None]]:
+    """[(dir, its manifest)] from a checkpoint back through the sources its nemoconv manifests name."""
+    chain = [(path.resolve(), manifest)]
+    seen = {chain[0][0]}
+    while chain[-1][1] is not None and len(chain) < 32:
+        src = _resolve_local(chain[-1][1].get("source"), chain[-1][0])
+        if src is None or src in seen:
+            break
+        seen.add(src)
+        m = None
+        mp = src / "nemoconv-manifest.json"
+        if mp.is_file():
+            try:
+                m = json.loads(mp.read_text())
+            except (OSError, json.JSONDecodeError):
+                m = None
+        chain.append((src, m))
+    return chain
+
+
+def _structural_match(manifest: dict, ref: Checkpoint) -> bool:
+    """The manifest describes a conversion of a checkpoint with exactly the reference's tensors and bytes."""
+    sources = {s for t in manifest.get("tensors", []) for s in t.get("sources", [])}
+    ref_names = set(ref.entries)
+    return (bool(sources) and manifest.get("tensors_in") == len(ref_names)
+            and manifest.get("bytes_in") == ref.total_bytes and sources <= ref_names)
+
+
+def choose_profile(ref: Checkpoint, cand: Checkpoint) -> tuple[str, str]:
+    """`auto`: pick the profile from what the manifests and quantization metadata say changed."""
+    ref_fp8, cand_fp8 = _is_quantized(ref), _is_quantized(cand)
+    if cand_fp8 != ref_fp8:
+        side, ck = ("candidate", cand) if cand_fp8 else ("reference", ref)
+        q = ck.quantization() or {}
+        return "fp8", (f"the {side} is quantized ({q.get('algo') or 'FP8'}, {_fp8_count(ck)} FP8 weights) "
+                       f"and the other is not")
+    ref_chain = _lineage(ref.path, ref.manifest)
+    cand_chain = _lineage(cand.path, cand.manifest)
+    ref_index = {p: i for i, (p, _) in enumerate(ref_chain)}
+    steps: list[dict] | None = None
+    link = ""
+    for ci, (p, _) in enumerate(cand_chain):
+        if p in ref_index:
+            ri = ref_index[p]
+            steps = [m for _, m in cand_chain[:ci]] + [m for _, m in ref_chain[:ri]]
+            hops = ci + ri
+            link = ("candidate and reference are the same checkpoint" if hops == 0 else
+                    f"{hops} nemoconv conversion(s) link candidate and reference")
+            break
+    if steps is None and cand.manifest is not None and _structural_match(cand.manifest, ref):
+        steps = [cand.manifest]
+        link = ("the candidate's manifest describes a conversion of a checkpoint with exactly the reference's "
+                "tensors (matched by names and sizes; its recorded source path differs)")
+    if steps is None:
+        why = ("candidate has no nemoconv-manifest.json" if cand.manifest is None else
+               f"candidate's manifest names source {cand.manifest.get('source')!r}, which is not the reference")
+        return "bf16", f"{why}; bf16 thresholds (pass --profile exact for a lossless conversion)"
+    lossy = [s for m in steps for s in (m.get("lossy_steps") or [])]
+    if any(m.get("lossless") is False for m in steps) and not lossy:
+        return "bf16", f"{link}, and a manifest says it is not lossless"
+    if not lossy:
+        return "exact", f"lossless: {link}, every one lossless"
+    text = " ".join(f"{s.get('step', '')} {s.get('detail', '')}".lower() for s in lossy)
+    if "fp8" in text or "float8" in text or "quantiz" in text:
+        return "fp8", f"{link}; {len(lossy)} lossy step(s) include FP8 quantization"
+    first = lossy[0]
+    return "bf16", (f"{link}; {len(lossy)} lossy step(s), e.g. {first.get('tensor')}: {first.get('step')} "
+                    f"{first.get('detail')}")
+
+
+def resolve_thresholds(profile: str, overrides: dict | None) -> dict:
+    if profile not in PROFILES:
+        raise NemoconvError(f"unknown profile {profile!r} (use auto, {', '.join(PROFILE_NAMES)})")
+    thresholds = dict(PROFILES[profile])
+    overridden = []
+    for key, value in (overrides or {}).items():
+        if key not in THRESHOLD_KEYS and key != "max_cache_relative":
+            raise NemoconvError(f"unknown threshold {key!r} (use {', '.join(THRESHOLD_KEYS)}, max_cache_relative)")
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise NemoconvError(f"threshold {key} must be a number, got {value!r}") from None
+        if not math.isfinite(value) or value < 0 or (key in ("min_cosine", "min_top1") and value > 1):
+            raise NemoconvError(f"threshold {key} = {value} is out of range")
+        thresholds[key] = value
+        overridden.append(key)
+    thresholds["overridden"] = overridden
+    return thresholds
+
+
+# ---- fingerprints --------------------------------------------------------------------------------
+
+
+def fingerprint(ck: Checkpoint, full_limit: int = FULL_HASH_LIMIT) -> dict:
+    """sha256 over sorted (name, dtype, shape) and the safetensors files' bytes, streamed.
+
+    Checkpoints above `full_limit` bytes hash each file's header plus 1 MiB every 64 MiB (and the file
+    size): the field is then `sha256_sampled`, so nobody mistakes it for a whole-file hash.
+    """
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    for name in sorted(ck.entries):
+        e = ck.entries[name]
+        h.update(f"{name}\t{str(e.dtype).removeprefix('torch.')}\t{list(e.shape)}\n".encode())
+    files = sorted(ck.shard_files, key=lambda p: p.name)
+    total = sum(f.stat().st_size for f in files)
+    sampled = total > full_limit
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    for f in files:
+        h.update(f"{f.name}\t{f.stat().st_size}\n".encode())
+        with open(f, "rb", buffering=0) as fh:
+            if not sampled:
+                while n := fh.readinto(view):
+                    h.update(view[:n])
+                continue
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(header_len))
+            size = f.stat().st_size
+            for offset in range(8 + header_len, size, SAMPLE_STRIDE):
+                fh.seek(offset)
+                h.update(fh.read(SAMPLE_BLOCK))
+    key = "sha256_sampled" if sampled else "sha256_full"
+    out = {key: h.hexdigest(), "bytes": total, "files": [f.name for f in files],
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if sampled:
+        out["sample"] = (f"tensor names/dtypes/shapes, each file's size and header, and {SAMPLE_BLOCK >> 20} MiB "
+                         f"every {SAMPLE_STRIDE >> 20} MiB of data (checkpoint above {full_limit >> 30} GiB)")
+    return out
+
+
+# ---- running one model ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRun:
+    """What one model produced over the prompt batch."""
+
+    prompt_logits: list[torch.Tensor]       # per prompt [S, V], on CPU, model output dtype
+    generated: list[list[int]]              # per prompt, the greedy continuation
+    cache: list[dict]                       # per prompt, cache consistency vs its full forward
+    nonfinite: int = 0
+    timings: dict = field(default_factory=dict)
+    vocab: int | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    from . import load_model
+
+    return load_model(path, device=device, dtype=dtype)
+
+
+def cached_greedy(model, ids: torch.Tensor, k: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ids[:, :S-k], teacher-force ids[:, S-k:] one token at a time, then greedy-decode.
+
+    Returns (generated [B, new_tokens], cached logits [B, k + max(new_tokens, 1), V]) where the cached
+    logits are those of positions S-k-1 … S-1+max(new_tokens-1, 0), in order.
+    """
+    b, s = ids.shape
+    cache = model.new_cache(b, s + max(new_tokens, 1))
+    steps = [model.prefill(ids[:, : s - k], cache, last_only=True)]  # [B, V] at position S-k-1
+    for j in range(s - k, s):
+        steps.append(model.decode_step(ids[:, j], cache))           # [B, V] at position j
+    generated = []
+    for i in range(new_tokens):
+        nxt = steps[-1].argmax(-1)                                  # greedy, first index on ties
+        generated.append(nxt)
+        if i < new_tokens - 1:
+            steps.append(model.decode_step(nxt, cache))
+    gen = torch.stack(generated, 1) if generated else ids.new_zeros(b, 0)
+    return gen, torch.stack(steps, 1)
+
+
+def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: list[Prompt], seq_len: int,
+              new_tokens: int, extend_short: bool, progress=None) -> ModelRun:
+    """Load one checkpoint and run every prompt through the cached path and the full forward."""
+    t0 = time.perf_counter()
+    model = _load_model(path, device, dtype)
+    _sync(device)
+    timings = {"load": time.perf_counter() - t0}
+    with torch.inference_mode():
+        if extend_short:  # the reference writes the missing tokens of short prompts (deterministic greedy)
+            t0 = time.perf_counter()
+            for p in prompts:
+                if len(p.ids) < seq_len:
+                    ids = torch.tensor([p.ids], device=device)
+                    out = model.generate(ids, max_new_tokens=seq_len - len(p.ids))
+                    p.extended_from = len(p.ids)
+                    p.ids = out[0].tolist()[:seq_len]
+            _sync(device)
+            timings["extend"] = time.perf_counter() - t0
+        k = min(TEACHER_FORCED_STEPS, seq_len - 1)
+        vocab = None
+        run = ModelRun([], [], [])
+        timings["generate"] = timings["forward"] = 0.0
+        per_batch = max(1, LOGITS_BATCH_BYTES // ((seq_len + new_tokens) * 4 * max(1, _vocab_of(model))))
+        for start in range(0, len(prompts), per_batch):
+            batch = prompts[start:start + per_batch]
+            ids = torch.tensor([p.ids for p in batch], device=device)
+            t0 = time.perf_counter()
+            gen, cached = cached_greedy(model, ids, k, new_tokens)
+            _sync(device)
+            timings["generate"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            full_ids = torch.cat([ids, gen[:, : max(new_tokens - 1, 0)]], 1)
+            full = model(full_ids)                                   # [B, S + N - 1, V]
+            _sync(device)
+            timings["forward"] += time.perf_counter() - t0
+            vocab = full.shape[-1]
+            for r in range(len(batch)):
+                run.cache.append(cache_consistency(cached[r], full[r, seq_len - k - 1:]))
+                run.prompt_logits.append(full[r, :seq_len].to("cpu", copy=True))
+                run.generated.append(gen[r].tolist())
+                run.nonfinite += int((~torch.isfinite(full[r, :seq_len])).sum())
+            if progress:
+                progress(len(batch))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    run.timings = timings
+    run.vocab = vocab
+    return run
+
+
+def _vocab_of(model) -> int:
+    spec = getattr(model, "spec", None)
+    return getattr(spec, "vocab_size", 0) or 0
+
+
+# ---- the gate ------------------------------------------------------------------------------------
+
+
+def _resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" or str(device).startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise NemoconvError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise NemoconvError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise NemoconvError(f"unsupported compute dtype {dtype}")
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise NemoconvError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+
+
+def _api_prompts(items, tokenizer, vocab_size: int) -> list[Prompt]:
+    """Prompts given in Python: texts or lists of token ids."""
+    from .prompts import _check_ids, _text_prompt
+
+    out = []
+    for k, item in enumerate(items):
+        where = f"prompts[{k}]"
+        if isinstance(item, str):
+            out.append(_text_prompt(item, where, tokenizer, vocab_size))
+        elif isinstance(item, (list, tuple)) and item and all(isinstance(t, int) for t in item):
+            _check_ids(list(item), vocab_size, where)
+            out.append(Prompt(where, list(item)))
+        else:
+            raise NemoconvError(f"{where}: a prompt must be a string or a non-empty list of token ids")
+    if not out:
+        raise NemoconvError("prompts: the list is empty")
+    return out
+
+
+def _exact_cuda_tolerance(max_ref: float, dtype: torch.dtype) -> float:
+    if max_ref <= 0 or not math.isfinite(max_ref):
+        return 0.0
+    mantissa = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    return EXACT_CUDA_ULPS * 2.0 ** (math.floor(math.log2(max_ref)) - mantissa)
+
+
+def _evaluate(thresholds: dict, overall: dict, greedy: list[int | None], cache_rel: float, cache_tol: float,
+              nonfinite: int) -> list[dict]:
+    checks = [{"metric": "nonfinite_candidate_logits", "value": nonfinite, "op": "<=", "threshold": 0,
+               "threshold_name": "max", "passed": nonfinite == 0}]
+
+    def gate(metric: str, key: str, op: str):
+        limit = thresholds.get(key)
+        if limit is None:
+            return
+        value = overall[metric]
+        ok = value >= limit if op == ">=" else value <= limit  # NaN compares False: a NaN fails
+        checks.append({"metric": metric, "value": value, "op": op, "threshold": limit, "threshold_name": key,
+                       "passed": bool(ok)})
+
+    gate("max_abs_diff", "max_abs", "<=")
+    gate("cosine_mean", "min_cosine", ">=")
+    gate("top1_agreement", "min_top1", ">=")
+    gate("kl_mean", "max_kl", "<=")
+    if thresholds.get("same_greedy"):
+        diverged = [(i, d) for i, d in enumerate(greedy) if d is not None]
+        detail = f"first: prompt {diverged[0][0]} at new token {diverged[0][1]}" if diverged else ""
+        checks.append({"metric": "greedy_divergent_prompts", "value": len(diverged), "op": "<=", "threshold": 0,
+                       "threshold_name": "max", "passed": not diverged, "detail": detail})
+    checks.append({"metric": "cache_relative_diff", "value": cache_rel, "op": "<=", "threshold": cache_tol,
+                   "threshold_name": "max_cache_relative", "passed": bool(cache_rel <= cache_tol)})
+    return checks
+
+
+def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len: int = 64,
+           max_new_tokens: int = 16, device="auto", dtype="auto", profile: str = "auto", report_path=None,
+           overrides: dict | None = None, quiet: bool = True) -> VerifyReport:
+    """Run both checkpoints on the same prompts and decide whether the candidate is faithful.
+
+    Bad input (unreadable checkpoints, different networks, bad prompts) raises NemoconvError; a
+    candidate that misses a threshold returns a report with `passed=False`.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(num_prompts, int) or num_prompts < 1:
+        raise NemoconvError(f"--num-prompts must be at least 1, got {num_prompts!r}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise NemoconvError(f"--seq-len must be at least 2, got {seq_len!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise NemoconvError(f"--max-new-tokens must be 0 or more, got {max_new_tokens!r}")
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    ref_ck, cand_ck = open_checkpoint(reference), open_checkpoint(candidate)
+    check_same_network(ref_ck, cand_ck)
+    notes: list[str] = []
+    if profile == "auto":
+        chosen, reason = choose_profile(ref_ck, cand_ck)
+    elif profile in PROFILES:
+        chosen, reason = profile, "given with --profile"
+    else:
+        raise NemoconvError(f"unknown profile {profile!r} (use auto, {', '.join(PROFILE_NAMES)})")
+    thresholds = resolve_thresholds(chosen, overrides)
+    cache_tol = thresholds.pop("max_cache_relative", None) or CACHE_TOLERANCE[dt]
+    if report_path is not None:
+        _check_report_path(Path(report_path))
+
+    vocab = ref_ck.spec.vocab_size
+    tok = find_tokenizer(ref_ck.path, cand_ck.path)
+    if tok.note:
+        notes.append(tok.note)
+    if prompts is None:
+        prompt_list = builtin_prompts(num_prompts, seq_len, tok.tokenizer, vocab)
+        prompt_origin = "built-in " + ("texts" if tok.tokenizer is not None else "seeded token ids")
+    elif isinstance(prompts, (list, tuple)):
+        prompt_list, prompt_origin = _api_prompts(prompts, tok.tokenizer, vocab), "given as a list"
+    else:
+        prompt_list, prompt_origin = read_prompt_file(prompts, tok.tokenizer, vocab), str(prompts)
+    prompt_list, short = fit_prompts(prompt_list, seq_len)
+
+    with ThreadPoolExecutor(max_workers=2) as pool, _Progress(quiet, len(prompt_list)) as progress:
+        # fingerprints hash files in the background while the models load and run
+        fp_ref, fp_cand = pool.submit(fingerprint, ref_ck), pool.submit(fingerprint, cand_ck)
+        progress.phase("reference")
+        ref_run = run_model(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short), progress.step)
+        if ref_run.nonfinite:
+            raise NemoconvError(f"{ref_ck.path}: the reference produces {ref_run.nonfinite} non-finite logits "
+                                f"in {dt}; it cannot serve as a reference")
+        progress.phase("candidate")
+        cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.step)
+        progress.phase("compare")
+        t0 = time.perf_counter()
+        overall_stats = LogitStats()
+        per_prompt = []
+        greedy = []
+        for i, p in enumerate(prompt_list):
+            stats = LogitStats().add(ref_run.prompt_logits[i].to(dev), cand_run.prompt_logits[i].to(dev))
+            overall_stats.merge(stats)
+            div = first_divergence(ref_run.generated[i], cand_run.generated[i])
+            greedy.append(div)
+            per_prompt.append({**p.to_dict(), **stats.summary(), "greedy_first_divergence": div,
+                               "reference_tokens": ref_run.generated[i], "candidate_tokens": cand_run.generated[i],
+                               "cache_candidate": cand_run.cache[i], "cache_reference": ref_run.cache[i]})
+        t_metrics = time.perf_counter() - t0
+        fingerprints = fp_ref.result(), fp_cand.result()
+
+    overall = overall_stats.summary()
+    overall["greedy_identical_prompts"] = sum(d is None for d in greedy)
+    overall["prompts"] = len(prompt_list)
+    cache = {"tolerance_relative": cache_tol,
+             "candidate": _cache_summary(cand_run.cache), "reference": _cache_summary(ref_run.cache)}
+    if chosen == "exact" and dev.type == "cuda" and "max_abs" not in thresholds["overridden"]:
+        thresholds["max_abs"] = _exact_cuda_tolerance(overall["max_abs_reference_logit"], dt)
+        thresholds["max_abs_rule"] = (f"{EXACT_CUDA_ULPS} ulps of {str(dt).removeprefix('torch.')} at the largest "
+                                      f"|reference logit| (CUDA GEMMs may sum in another order)")
+    checks = _evaluate(thresholds, overall, greedy, cache["candidate"]["relative_max"], cache_tol,
+                       cand_run.nonfinite)
+    if short:
+        notes.append(f"{len(short)} prompt(s) shorter than --seq-len {seq_len} were extended with the "
+                     f"reference's greedy continuation")
+    passed = all(c["passed"] for c in checks)
+    settings = {"seq_len": seq_len, "max_new_tokens": max_new_tokens, "num_prompts": len(prompt_list),
+                "prompts": prompt_origin, "teacher_forced_steps": min(TEACHER_FORCED_STEPS, seq_len - 1),
+                "tokenizer": str(tok.path) if tok.path else None}
+    timings = {
+        "load_reference": ref_run.timings["load"], "load_candidate": cand_run.timings["load"],
+        "load": ref_run.timings["load"] + cand_run.timings["load"],
+        "forward": ref_run.timings["forward"] + cand_run.timings["forward"],
+        "generate": ref_run.timings["generate"] + cand_run.timings["generate"],
+        "extend_prompts": ref_run.timings.get("extend", 0.0),
+        "metrics": t_metrics,
+        "fingerprint": fingerprints[0]["seconds"] + fingerprints[1]["seconds"],
+    }
+    timings["total"] = time.perf_counter() - t_start
+    timings = {k: round(v, 4) for k, v in timings.items()}
+    report = VerifyReport(
+        passed=passed, profile=chosen, profile_reason=reason, thresholds=thresholds, checks=checks,
+        overall=overall, prompts=per_prompt, cache=cache,
+        reference=_describe_ck(ref_ck, fingerprints[0]), candidate=_describe_ck(cand_ck, fingerprints[1]),
+        device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        dtype=str(dt).removeprefix("torch."), settings=settings, timings=timings, notes=notes,
+    )
+    if report_path is not None:
+        write_report(report, Path(report_path))
+    return report
+
+
+def _cache_summary(items: list[dict]) -> dict:
+    return {"relative_max": max((c["relative"] for c in items), default=0.0),
+            "max_abs_diff": max((c["max_abs_diff"] for c in items), default=0.0),
+            "top1_agreement_min": min((c["top1_agreement"] for c in items), default=1.0),
+            "positions": sum(c["positions"] for c in items)}
+
+
+def _describe_ck(ck: Checkpoint, fp: dict) -> dict:
+    q = ck.quantization()
+    return {"path": str(ck.path), "scheme": ck.scheme, "fingerprint": fp, "dtypes": ck.dtype_counts(),
+            "quantization": q, "manifest": None if ck.manifest is None else {
+                k: ck.manifest.get(k) for k in ("source", "scheme_from", "scheme_to", "lossless", "dtype")}}
+
+
+def _check_report_path(path: Path) -> None:
+    """Fail before the (long) run when the report cannot be written there."""
+    if path.is_dir():
+        raise NemoconvError(f"--report {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise NemoconvError(f"--report {path}: directory {parent} is not writable")
+
+
+def write_report(report: VerifyReport, path: Path) -> None:
+    """Write the JSON report atomically: a temporary sibling, fsync, then rename over the target."""
+    data = json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise NemoconvError(f"--report {path}: cannot write ({exc.strerror or exc})") from None
+
+
+# ---- progress and rendering ----------------------------------------------------------------------
+
+
+class _Progress:
+    """A transient rich progress bar on stderr (prompts done per model), or nothing when quiet."""
+
+    def __init__(self, quiet: bool, prompts: int):
+        self.quiet, self.prompts = quiet, prompts
+        self.bar = self.task = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.bar.__enter__()
+        return self
+
+    def phase(self, name: str) -> None:
+        if self.bar is not None:
+            total = self.prompts if name != "compare" else None
+            self.task = self.bar.add_task(f"verify: {name}", total=total)
+
+    def step(self, n: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def render_report(report: VerifyReport, console) -> None:
+    """Per-prompt table and a PASS/FAIL summary line on a rich console (None: print nothing)."""
+    if console is None:
+        return
+    from rich.table import Table
+
+    console.print(f"[bold]verify[/bold] {report.reference['path']} → {report.candidate['path']}  "
+                  f"({report.device}, {report.dtype})")
+    console.print(f"profile [cyan]{report.profile}[/cyan]: {report.profile_reason}")
+    table = Table(show_edge=False)
+    for col in ("prompt", "tokens", "max |Δ|", "mean |Δ|", "cos mean", "cos min", "KL", "top-1", "greedy",
+                "cache rel"):
+        table.add_column(col, justify="left" if col == "prompt" else "right")
+    for p in report.prompts:
+        div = p["greedy_first_divergence"]
+        table.add_row(p["source"], str(p["tokens"]), _fmt(p["max_abs_diff"]), _fmt(p["mean_abs_diff"]),
+                      f"{p['cosine_mean']:.6f}", f"{p['cosine_min']:.6f}", _fmt(p["kl_mean"]),
+                      f"{p['top1_agreement']:.3f}", "same" if div is None else f"differs at {div}",
+                      _fmt(p["cache_candidate"]["relative"]))
+    o = report.overall
+    table.add_row("[bold]overall[/bold]", str(o["positions"]), _fmt(o["max_abs_diff"]), _fmt(o["mean_abs_diff"]),
+                  f"{o['cosine_mean']:.6f}", f"{o['cosine_min']:.6f}", _fmt(o["kl_mean"]),
+                  f"{o['top1_agreement']:.3f}", f"{o['greedy_identical_prompts']}/{o['prompts']} same",
+                  _fmt(report.cache["candidate"]["relative_max"]))
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    if report.passed:
+        gated = ", ".join(f"{c['metric']} {_fmt(c['value'])}" for c in report.checks)
+        console.print(f"[bold green]PASS[/bold green] ({report.profile}): {gated}")
+    else:
+        console.print(f"[bold red]FAIL[/bold red]: {report.failure_line()}")
+
+
+# `nemoconv.verify` is both this module and the API function in nemoconv/__init__.py. Importing the
+# module rebinds the package attribute to the module, which would break a second `nemoconv.verify(...)`
+# call; a callable module keeps `nemoconv.verify(reference, candidate)` working either way.
+class _CallableModule(types.ModuleType):
+    def __call__(self, reference, candidate, **kwargs) -> VerifyReport:
+        return verify(reference, candidate, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

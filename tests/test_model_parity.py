@@ -1,0 +1,86 @@
+"""The built-in model against transformers' NemotronHForCausalLM (fp32, CPU torch path) on tiny checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import load_all
+from nemoconv.config import load_config
+from nemoconv.model import build_model
+
+transformers = pytest.importorskip("transformers")
+
+KINDS = ["dense", "moe", "latent"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def both_models(directory, edit=None):
+    """(ours, transformers') for one checkpoint directory; `edit(tensors)` may change tensors first."""
+    tensors = load_all(directory)
+    if edit:
+        edit(tensors)
+    _, spec = load_config(directory)
+    ours = build_model(spec, tensors.items())
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(directory).eval()
+    if edit:
+        theirs.load_state_dict({k.replace("backbone.", "model.", 1): v for k, v in tensors.items()
+                                if "experts." not in k or "shared" in k}, strict=False)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(hf_dir, kind):
+    ours, theirs = both_models(hf_dir(kind))
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = theirs(ids).logits
+    logits = ours(ids)
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    assert rel_err(logits, reference) < 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_continuation_matches_transformers_generate(hf_dir, kind):
+    ours, theirs = both_models(hf_dir(kind))
+    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = theirs.generate(ids, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=14), reference)
+
+
+def test_left_padded_logits_match_transformers_on_real_positions(hf_dir):
+    ours, theirs = both_models(hf_dir("moe"))
+    ids = torch.randint(3, 256, (3, 30), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :20] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        reference = theirs(ids, attention_mask=mask).logits
+    logits = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert rel_err(logits[real], reference[real]) < 1e-4
+
+
+def test_step_size_floor_matches_transformers(hf_dir):
+    """transformers 5.23 clamps softplus(dt) at time_step_min; force tiny steps so the clamp is active."""
+    def tiny_steps(tensors):
+        for name in tensors:
+            if name.endswith("dt_bias"):
+                tensors[name] = torch.full_like(tensors[name], -12.0)   # softplus ≈ 6e-6 < 1e-3
+
+    ours, theirs = both_models(hf_dir("dense"), edit=tiny_steps)
+    assert torch.all(theirs.model.layers[0].mixer.dt_bias == -12.0)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = theirs(ids).logits
+    full = ours(ids)
+    assert rel_err(full, reference) < 1e-4
+    # our decode path applies the same floor, so cached decoding still reproduces the full forward
+    cache = ours.new_cache(1, 40)
+    steps = [ours.prefill(ids[:, :10], cache)] + [ours.decode_step(ids[:, t], cache)[:, None] for t in range(10, 40)]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
