@@ -13,7 +13,7 @@ from . import __version__
 from .checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme
-from .output import ShardedWriter, atomic_output, check_output_free, parse_size, write_json
+from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, parse_size, write_json
 from .pipeline import Journal, stream_converted
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
 
@@ -141,20 +141,24 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         raise NemoconvError(f"{out}: output is the source directory")
     planned = [PlannedTensor(t["name"], _torch_dtype(t["dtype"]), tuple(t["shape"])) for t in tensors]
     with atomic_output(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, planned, shard_limit, {"format": "pt", "nemoconv_scheme": to})
+        writer = BackgroundWriter(ShardedWriter(tmp, planned, shard_limit,
+                                                {"format": "pt", "nemoconv_scheme": to}))
         done = 0
-        with TensorReader() as reader:
-            for item in stream_converted(ck, to=to, dtype=_DTYPE_OPTIONS[dtype], reader=reader):
-                writer.write(item.name, item.tensor)
-                done += item.tensor.numel() * item.tensor.element_size()
-                if progress:
-                    progress(done, manifest["bytes_out"])
-        writer.close()
+        try:
+            with TensorReader() as reader:
+                for item in stream_converted(ck, to=to, dtype=_DTYPE_OPTIONS[dtype], reader=reader, lazy=True):
+                    writer.write(item.name, item.tensor, item.entry)
+                    done += item.tensor.numel() * item.tensor.element_size()
+                    if progress:
+                        progress(done, manifest["bytes_out"])
+            writer.close()
+        finally:
+            writer.abort()
         for p in carried:
             shutil.copyfile(p, tmp / p.name)
         config = _rewrite_quant_side(tmp, ck.config, ck, get_scheme(to), {t["name"] for t in tensors})
         write_json(tmp / "config.json", config)
-        manifest["shards"] = writer.names
+        manifest["shards"] = writer.writer.names
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 

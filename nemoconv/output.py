@@ -149,10 +149,10 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(p.nbytes for p in planned)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, entry=None) -> None:
         while self._left == 0:
             self._open_next()
-        self._writer.write(name, tensor)
+        self._writer.write(name, tensor, entry)
         self.weight_map[name] = self.names[self._shard]
         self._left -= 1
 
@@ -174,6 +174,52 @@ class ShardedWriter:
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             write_json(self.directory / "model.safetensors.index.json", index)
+
+
+class BackgroundWriter:
+    """Runs a ShardedWriter on a thread, so the disk writes of one tensor overlap the reading and
+    transposing of the next (both release the GIL). One tensor in flight keeps memory bounded."""
+
+    def __init__(self, writer: ShardedWriter):
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nemoconv-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    self.writer.write(*job)
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                    self._error = exc
+
+    def write(self, name: str, tensor: torch.Tensor, entry=None) -> None:
+        if self._error is not None:
+            self._finish()
+        self._queue.put((name, tensor, entry))
+
+    def _finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._finish()
+        self.writer.close()
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def write_json(path: Path, data) -> None:

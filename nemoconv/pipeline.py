@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, natural_key
 from .config import ATTENTION, MOE, ModelSpec
 from .errors import NemoconvError
 from .mapping import Scheme, config_product, get_scheme
-from .safetensors_io import TensorReader, dtype_name
+from .safetensors_io import TensorEntry, TensorReader, dtype_name
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale", "weight_scale_2", "output_scale")
@@ -27,9 +26,20 @@ SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale", "weight_s
 @dataclass
 class Item:
     name: str
-    tensor: torch.Tensor
+    tensor: torch.Tensor  # the data, or a meta tensor (shape and dtype) while `entry` is still unread
     sources: tuple[str, ...]
     cast_from: dict | None = None  # {"dtype": original, "by": "scheme"|"dtype"} when this stream cast it
+    entry: TensorEntry | None = None  # bytes still on disk: read only if a transform needs them
+    reader: TensorReader | None = None
+
+    def data(self) -> torch.Tensor:
+        """The values (read now if still on disk); a meta tensor while planning."""
+        if self.entry is not None and self.reader is not None:
+            return self.reader.read(self.entry)
+        return self.tensor
+
+    def with_tensor(self, tensor: torch.Tensor, **changes) -> "Item":
+        return replace(self, tensor=tensor, entry=None, reader=None, **changes)
 
 
 @dataclass
@@ -66,33 +76,28 @@ def _cat(parts: list[torch.Tensor], axis: int) -> torch.Tensor:
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bits(t: torch.Tensor):
-    """A numpy view of the tensor's raw bits: numpy's blocked transpose copies are several times faster than
-    torch's for bf16/fp8 on CPU, and copying bits is exact for every dtype."""
-    return t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
-
-
-def _from_bits(array, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(array).view(dtype)
-
-
 def _stack(parts: list[torch.Tensor], transpose: bool) -> torch.Tensor:
-    """[E] tensors of [a, b] → [E, b, a] when transposing (expert merge), else [E, a, b]."""
+    """[E] tensors of [a, b] → [E, b, a] when transposing (expert merge), else [E, a, b].
+
+    Copies raw bits through a same-size integer view: exact for every dtype (fp8 included), and torch's
+    integer transpose copy is several times faster than its bf16 one on CPU."""
     first = parts[0]
     shape = (len(parts), *(first.shape[::-1] if transpose else first.shape))
     if first.is_meta:
         return torch.empty(shape, dtype=first.dtype, device="meta")
-    out = np.empty(shape, dtype=_bits(first).dtype)
+    bits = _SAME_SIZE_INT[first.element_size()]
+    out = torch.empty(shape, dtype=bits)
     for j, p in enumerate(parts):
-        out[j] = _bits(p).T if transpose else _bits(p)
-    return _from_bits(out, first.dtype)
+        out[j].copy_(p.view(bits).T if transpose else p.view(bits))
+    return out.view(first.dtype)
 
 
 def _unstack(t: torch.Tensor, j: int, transpose: bool) -> torch.Tensor:
     if t.is_meta:
         return torch.empty(t.shape[1:][::-1] if transpose else t.shape[1:], dtype=t.dtype, device="meta")
-    piece = _bits(t)[j]
-    return _from_bits(np.ascontiguousarray(piece.T if transpose else piece), t.dtype)
+    bits = _SAME_SIZE_INT[t.element_size()]
+    piece = t[j].view(bits)
+    return (piece.T if transpose else piece).contiguous().view(t.dtype)
 
 
 def _cast(item: Item, dtype: torch.dtype, by: str, journal: Journal, why: str) -> Item:
@@ -102,14 +107,17 @@ def _cast(item: Item, dtype: torch.dtype, by: str, journal: Journal, why: str) -
     # A restore undoes an earlier widening cast, so the values fit the original dtype exactly.
     if by != "restore" and not is_lossless_cast(src, dtype):
         journal.lossy_step(item.name, "cast", f"{dtype_name(src)} → {dtype_name(dtype)} ({why})")
-    return replace(item, tensor=item.tensor.to(dtype), cast_from={"dtype": dtype_name(src), "by": by})
+    return item.with_tensor(item.data().to(dtype), cast_from={"dtype": dtype_name(src), "by": by})
 
 
 # ---- stage 1: read ------------------------------------------------------------------------------
 
 
 def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Item]:
-    """Source tensors in natural order (one layer's tensors together), read aliases normalized."""
+    """Source tensors in natural order (one layer's tensors together), read aliases normalized.
+
+    Nothing is read here: each item points at its bytes on disk, read when a transform needs the values,
+    or copied file-to-file by the writer when the tensor passes through unchanged."""
     scheme = ck.scheme_rules
     seen: dict[str, str] = {}
     for name in ck.tensor_names():
@@ -118,8 +126,7 @@ def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Ite
         if normalized in seen:
             raise NemoconvError(f"{ck.path}: tensors {seen[normalized]!r} and {name!r} are the same tensor under two spellings")
         seen[normalized] = name
-        tensor = entry.meta() if meta else reader.read(entry)
-        yield Item(normalized, tensor, (name,))
+        yield Item(normalized, entry.meta(), (name,), entry=entry, reader=None if meta else reader)
 
 
 # ---- stage 2: source scheme → hf -----------------------------------------------------------------
@@ -162,10 +169,9 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             raise NemoconvError(
                 f"{item.name}: merged experts have shape {list(t.shape)}, config implies {count} experts"
             )
-        out = []
-        for j in range(count):
-            out.append(Item(merge.hf.format({**fields, "j": str(j)}), _unstack(t, j, merge.transpose), item.sources))
-        return out
+        t = item.data()
+        return [Item(merge.hf.format({**fields, "j": str(j)}), _unstack(t, j, merge.transpose), item.sources)
+                for j in range(count)]
     for fuse in scheme.fuses:
         fields = fuse.to.match(hf_name)
         if fields is None:
@@ -176,7 +182,7 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
                 f"{item.name}: fused tensor has {t.shape[fuse.axis]} rows, config implies {sum(sizes)} ({sizes})"
             )
         return [Item(tpl.format(fields), piece.contiguous(), item.sources)
-                for tpl, piece in zip(fuse.hf, torch.split(t, sizes, dim=fuse.axis))]
+                for tpl, piece in zip(fuse.hf, torch.split(item.data(), sizes, dim=fuse.axis))]
     return [replace(item, name=hf_name)]
 
 
@@ -288,7 +294,7 @@ class FromHF:
             count = config_product(merge.count, self.spec)
             if len(buf) == count:
                 del self.merge_buffers[key]
-                parts = [buf[x].tensor for x in range(count)]
+                parts = [buf[x].data() for x in range(count)]
                 merged = Item(merge.to.format(fields), _stack(parts, merge.transpose),
                               tuple(s for x in range(count) for s in buf[x].sources))
                 yield self._finish(merged)
@@ -316,7 +322,7 @@ class FromHF:
             return
         if len({p.tensor.dtype for p in parts}) != 1:
             raise NemoconvError(f"cannot fuse {[p.name for p in parts]}: their dtypes differ")
-        yield self._finish(Item(fuse.to.format(fields), _cat([p.tensor for p in parts], fuse.axis),
+        yield self._finish(Item(fuse.to.format(fields), _cat([p.data() for p in parts], fuse.axis),
                                 tuple(s for p in parts for s in p.sources)))
         for p in companions:
             yield self._finish(p)
@@ -339,8 +345,12 @@ class FromHF:
 
 
 def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype: torch.dtype | None = None,
-                     journal: Journal | None = None, reader: TensorReader | None = None) -> Iterator[Item]:
-    """Every tensor of `ck` in scheme `to`, checked against the config on the way through `hf`."""
+                     journal: Journal | None = None, reader: TensorReader | None = None,
+                     lazy: bool = False) -> Iterator[Item]:
+    """Every tensor of `ck` in scheme `to`, checked against the config on the way through `hf`.
+
+    `meta`: shapes and dtypes only (the plan). `lazy`: tensors that pass through unchanged keep pointing at
+    their bytes on disk (`item.entry`), for a writer that copies file to file."""
     journal = journal if journal is not None else Journal()
     target = get_scheme(to)
     own_reader = reader is None
@@ -349,7 +359,10 @@ def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype: torch.d
         items = read_items(ck, reader, meta)
         items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal)
         items = NetworkCheck(ck.spec)(items)
-        yield from FromHF(target, ck.spec, journal, dtype)(items)
+        for item in FromHF(target, ck.spec, journal, dtype)(items):
+            if item.entry is not None and not (lazy or meta):
+                item = item.with_tensor(item.data())
+            yield item
     finally:
         if own_reader:
             reader.close()

@@ -10,6 +10,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -166,19 +167,23 @@ class ShardFileWriter:
             offset += p.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._file = open(path, "wb", buffering=0)
+        _write_all(self._file, memoryview(struct.pack("<Q", len(blob)) + blob))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, entry: TensorEntry | None = None) -> None:
+        """Append the next planned tensor: its values, or (`entry`) its unchanged bytes copied from a source
+        file inside the kernel, as `cp` does."""
         expected = self._planned[self._next]
         if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
             raise RuntimeError(
                 f"internal error: writer expected {expected} but got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
         self._next += 1
-        if tensor.numel():
+        if entry is not None:
+            _copy_range(entry, self._file)
+        elif tensor.numel():
             data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-            self._file.write(memoryview(data))
+            _write_all(self._file, memoryview(data))
 
     @property
     def complete(self) -> bool:
@@ -188,6 +193,37 @@ class ShardFileWriter:
         # No fsync: like cp, we leave durability to the page cache; atomicity (no partial output after a
         # failure or a kill) comes from writing into a temporary directory that is renamed when complete.
         self._file.close()
+
+
+def _write_all(f, view: memoryview) -> None:
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _copy_range(entry: TensorEntry, dst) -> None:
+    """Copy `entry`'s bytes to the end of `dst` without passing them through Python (copy_file_range)."""
+    with open(entry.file, "rb", buffering=0) as src:
+        offset, left = entry.start, entry.nbytes
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), left, offset)
+                if n == 0:
+                    raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
+                offset += n
+                left -= n
+            return
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                                               errno.EOPNOTSUPP, errno.EBADF):
+                raise
+        src.seek(offset)  # no kernel copy here (another filesystem, an old kernel): plain reads
+        while left:
+            chunk = src.read(min(left, 64 << 20))
+            if not chunk:
+                raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
+            _write_all(dst, memoryview(chunk))
+            left -= len(chunk)
 
 
 def write_single_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

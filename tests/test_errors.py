@@ -185,7 +185,7 @@ def test_interrupted_write_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     import nemoconv
     from nemoconv import output
 
-    def explode(self, name, tensor):
+    def explode(self, name, tensor, entry=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(output.ShardedWriter, "write", explode)

@@ -62,10 +62,10 @@ def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     *lead, in_features = x.shape
     x2 = x.reshape(-1, in_features)
     rows = x2.shape[0]
-    x_q = quantize_fp8(x2, input_scale)                             # [M, in] fp8, row-major
     pad = (-rows) % 16
     if pad:
-        x_q = torch.cat([x_q, x_q.new_zeros(pad, in_features)])
+        x2 = F.pad(x2, (0, 0, 0, pad))
+    x_q = quantize_fp8(x2, input_scale)                             # [M, in] fp8, row-major
     y = torch._scaled_mm(x_q, weight.t(),                           # weight.t(): [in, out], column-major
                          scale_a=input_scale.float().reshape(()), scale_b=weight_scale.float().reshape(()),
                          out_dtype=x.dtype)

@@ -130,6 +130,11 @@ def gated_rmsnorm(y, z, weight, eps, group_size):
 def attention(q, k, v, mask, causal):
     """q [b, hq, s, d], k/v [b, hk, t, d], mask [b, 1, s, t] bool or None → [b, hq, s, d]."""
     if q.is_cuda:
+        if mask is not None and q.shape[1] != k.shape[1]:
+            # The memory-efficient kernel takes a mask but not grouped KV heads: expand them (else SDPA
+            # would fall back to its unfused math path).
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
     return reference.attention(q, k, v, mask, causal)

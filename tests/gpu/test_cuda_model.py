@@ -1,0 +1,294 @@
+"""CUDA path (mamba-ssm Triton kernels, SDPA, FP8 GEMM) against the CPU reference, on a small real-shaped model.
+
+Run with pytest (skips without CUDA or without mamba-ssm's Triton kernels), or directly:
+    python tests/gpu/test_cuda_model.py        # prints a JSON summary of every difference measured
+The model is tiny but not trivial: hidden 512, 16 Mamba heads of 64 with 4 groups, chunk 64, GQA
+attention, a grouped-routing MoE; prompts of 300 tokens so the chunked scan crosses several chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# Triton's fp32 dot products default to TF32; the float32 comparison wants IEEE products, so that it
+# measures the kernels' arithmetic and not TF32's 10-bit mantissa (read when the kernels compile).
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
+from nemoconv.config import parse_config  # noqa: E402
+from nemoconv.demo_checkpoint import random_tensors, tiny_config  # noqa: E402
+from nemoconv.model import build_model, kernels  # noqa: E402
+from nemoconv.model import fp8, reference  # noqa: E402
+from nemoconv.model.fp8 import fp8_linear, fp8_linear_emulated, quantize_fp8  # noqa: E402
+
+CONFIG = dict(
+    hybrid_override_pattern="M*EM-ME*M", vocab_size=1024, hidden_size=512,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1024,
+    mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64, n_groups=4, chunk_size=64,
+    n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+    moe_shared_expert_intermediate_size=512, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+)
+BATCH, SEQ, NEW, PAD = 2, 300, 16, 37   # row 1 is left-padded by PAD tokens
+DEVICE = "cuda"
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if kernels.triton_kernels() is None:
+        return "mamba-ssm's Triton kernels are not importable: " + kernels._triton_error[0]
+    return None
+
+
+@lru_cache(maxsize=None)
+def spec_and_tensors():
+    spec = parse_config(tiny_config("moe", **CONFIG))
+    return spec, random_tensors(spec, seed=0)
+
+
+def build(device: str, dtype: torch.dtype):
+    spec, tensors = spec_and_tensors()
+    return build_model(spec, tensors.items(), device=device, dtype=dtype)
+
+
+def inputs():
+    ids = torch.randint(3, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :PAD] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """a vs reference b (both [n, vocab] float32, on CPU)."""
+    diff = (a - b).abs()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "rel_max_diff": (diff.max() / b.abs().max()).item(),
+        "mean_abs_diff": diff.mean().item(),
+        "cosine": torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item(),
+        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+    }
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    diff = (a != b).nonzero()
+    return None if len(diff) == 0 else int(diff[:, 1].min())
+
+
+@lru_cache(maxsize=None)
+def cpu_reference(dtype: torch.dtype = torch.float32):
+    ids, mask = inputs()
+    model = build("cpu", dtype)
+    logits = model(ids, attention_mask=mask)
+    tokens = model.generate(ids, NEW, attention_mask=mask)
+    return logits, tokens
+
+
+def cuda_run(dtype: torch.dtype) -> dict:
+    """CUDA model in `dtype` vs the CPU float32 reference. For bf16 the CPU bf16 model's own distance to
+    float32 is the yardstick: with MoE layers, bf16 rounding flips some routing choices on any device."""
+    ids, mask = inputs()
+    ref_logits, ref_tokens = cpu_reference(torch.float32)
+    model = build(DEVICE, dtype)
+    real = mask.bool()
+    sync()
+    t0 = time.perf_counter()
+    logits = model(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).cpu()
+    forward_s = time.perf_counter() - t0
+    tokens = model.generate(ids.to(DEVICE), NEW, attention_mask=mask.to(DEVICE)).cpu()
+    out = {"backend": kernels.backend(torch.empty(1, device=DEVICE)), "forward_s": forward_s,
+           "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT"),
+           "logits_vs_cpu": compare(logits[real], ref_logits[real]),
+           "greedy_equal": bool(torch.equal(tokens, ref_tokens)),
+           "greedy_first_divergence": first_divergence(tokens[:, SEQ:], ref_tokens[:, SEQ:])}
+    if dtype != torch.float32:
+        same_logits, same_tokens = cpu_reference(dtype)
+        out["cpu_same_dtype_vs_cpu_fp32"] = compare(same_logits[real], ref_logits[real])
+        out["logits_vs_cpu_same_dtype"] = compare(logits[real], same_logits[real])
+        out["greedy_equal_cpu_same_dtype"] = bool(torch.equal(tokens, same_tokens))
+
+    # Cache consistency on the GPU: prefill in two chunks (the second starts from a non-zero state),
+    # then single-token decode steps, each against the GPU full forward of the same prefix.
+    cache = model.new_cache(BATCH, SEQ)
+    m = mask.to(DEVICE)
+    steps = [model.prefill(ids[:, :173].to(DEVICE), cache, m[:, :173]),
+             model.prefill(ids[:, 173:250].to(DEVICE), cache, m[:, 173:250])]
+    steps += [model.decode_step(ids[:, t].to(DEVICE), cache)[:, None] for t in range(250, SEQ)]
+    cached = torch.cat(steps, dim=1).cpu()
+    out["cached_vs_full_forward"] = compare(cached[real], logits[real])
+    out["cached_vs_cpu"] = compare(cached[real], ref_logits[real])
+
+    # Decode speed, batch 1 (informative; no CUDA graphs).
+    cache = model.new_cache(1, SEQ + 65)
+    model.prefill(ids[:1].to(DEVICE), cache)
+    token = ids[:1, -1].to(DEVICE)
+    for _ in range(5):
+        model.decode_step(token, cache)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(60):
+        model.decode_step(token, cache)
+    sync()
+    out["decode_tokens_per_s_batch1"] = 60 / (time.perf_counter() - t0)
+    return out
+
+
+def fp8_gemm() -> dict:
+    """torch._scaled_mm against the exact emulation, on the same FP8 operands."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 512, generator=g)
+    w = torch.randn(1024, 512, generator=g) / 512 ** 0.5
+    w_scale = (w.abs().max() / 448).float()
+    in_scale = (x.abs().max() / 448).float()
+    w8 = quantize_fp8(w, w_scale)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = fp8_linear_emulated(x.to(dtype), w8, w_scale, in_scale).float()   # same (rounded) input
+        fp8._scaled_mm_failed.clear()
+        y = fp8_linear(x.to(DEVICE).to(dtype), w8.to(DEVICE), w_scale.to(DEVICE), in_scale.to(DEVICE)).float().cpu()
+        out[str(dtype).removeprefix("torch.")] = {
+            "max_abs_diff": (y - ref).abs().max().item(),
+            "rel_max_diff": ((y - ref).abs().max() / ref.abs().max()).item(),
+            "scaled_mm": fp8._scaled_mm_ok(x.to(DEVICE).to(dtype), w8) and not fp8._scaled_mm_failed}
+    return out
+
+
+def fp8_model() -> dict:
+    """A model with FP8 Mamba and MLP projections: CUDA (FP8 GEMM) vs CPU (emulation), fp32 activations."""
+    spec, tensors = spec_and_tensors()
+    tensors = dict(tensors)
+    for i, code in enumerate(spec.layer_codes):
+        names = {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ())
+        for leaf in names:
+            key = f"backbone.layers.{i}.mixer.{leaf}"
+            w = tensors[f"{key}.weight"]
+            scale = (w.abs().max() / 448).float()
+            tensors[f"{key}.weight"] = quantize_fp8(w, scale)
+            tensors[f"{key}.weight_scale"] = scale
+            tensors[f"{key}.input_scale"] = torch.tensor(8.0 / 448)
+    ids, mask = inputs()
+    real = mask.bool()
+    cpu = build_model(spec, tensors.items(), device="cpu", dtype=torch.float32)
+    gpu = build_model(spec, tensors.items(), device=DEVICE, dtype=torch.float32)
+    return compare(gpu(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).cpu()[real], cpu(ids, attention_mask=mask)[real])
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> dict:
+    a, b = a.float().cpu(), b.float().cpu()
+    return {"max_abs_diff": (a - b).abs().max().item(), "rel_max_diff": ((a - b).abs().max() / b.abs().max()).item()}
+
+
+def op_checks() -> dict:
+    """Each Triton kernel against its torch reference on random inputs of the model's shapes."""
+    g = torch.Generator().manual_seed(1)
+    b, s, h, p, ng, n = BATCH, SEQ, 16, 64, 4, 64
+    x = torch.randn(b, s, h, p, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(b, s, h, generator=g) - 1)
+    A = -torch.exp(torch.rand(h, generator=g) * 2)
+    Bm, Cm = torch.randn(b, s, ng, n, generator=g) / 4, torch.randn(b, s, ng, n, generator=g) / 4
+    D = torch.randn(h, generator=g)
+    init = torch.randn(b, h, p, n, generator=g) * 0.1
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xs, Bs, Cs = x.to(dtype), Bm.to(dtype), Cm.to(dtype)
+        ref_y, ref_state = reference.ssd_chunk_scan(xs, dt, A, Bs, Cs, D, 64, init, True)
+        on = lambda t: t.to(DEVICE)  # noqa: E731
+        y, state = kernels.ssd_chunk_scan(on(xs), on(dt), on(A), on(Bs), on(Cs), on(D), 64, on(init), True)
+        out[f"chunk_scan_{str(dtype)[6:]}"] = {"y": _diff(y, ref_y), "final_state": _diff(state, ref_state)}
+        ref_state = init.clone()
+        ref_y = reference.ssm_step(ref_state, xs[:, 0], dt[:, 0], A, Bs[:, 0], Cs[:, 0], D)
+        state = on(init.clone())
+        y = kernels.ssm_step(state, on(xs[:, 0]), on(dt[:, 0]), on(A), on(Bs[:, 0]), on(Cs[:, 0]), on(D))
+        out[f"state_update_{str(dtype)[6:]}"] = {"y": _diff(y, ref_y), "state": _diff(state, ref_state)}
+        yy, zz = x.reshape(b, s, h * p).to(dtype), torch.randn(b, s, h * p, generator=g).to(dtype)
+        w = (1 + 0.1 * torch.randn(h * p, generator=g)).to(dtype)
+        out[f"gated_rmsnorm_{str(dtype)[6:]}"] = _diff(kernels.gated_rmsnorm(on(yy), on(zz), on(w), 1e-5, h * p // ng),
+                                                      reference.gated_rmsnorm(yy, zz, w, 1e-5, h * p // ng))
+    return out
+
+
+def summary() -> dict:
+    reason = skip_reason()
+    if reason:
+        return {"skipped": reason}
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "config": CONFIG, "batch": BATCH, "seq": SEQ, "new_tokens": NEW}
+    sections = {"ops": op_checks, "float32": lambda: cuda_run(torch.float32),
+                "bfloat16": lambda: cuda_run(torch.bfloat16), "fp8_gemm_vs_emulation": fp8_gemm,
+                "fp8_model_cuda_vs_cpu": fp8_model}
+    for name, fn in sections.items():  # one failing section must not hide the others' numbers
+        try:
+            out[name] = fn()
+        except Exception:
+            out[name] = {"error": traceback.format_exc()[-3000:]}
+    return out
+
+
+# ---- pytest --------------------------------------------------------------------------------
+try:
+    import pytest
+except ImportError:  # running as a script without pytest
+    pytest = None
+
+if pytest is not None:
+    pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+
+    @lru_cache(maxsize=None)
+    def _run(dtype):
+        return cuda_run(dtype)
+
+    def test_fp32_cuda_matches_cpu_reference():
+        r = _run(torch.float32)
+        print(json.dumps(r, indent=1))
+        assert r["backend"] == "triton"
+        assert r["logits_vs_cpu"]["rel_max_diff"] < 1e-3
+        assert r["cached_vs_full_forward"]["rel_max_diff"] < 1e-3
+        assert r["greedy_equal"]
+
+    def test_bf16_cuda_is_as_close_to_fp32_as_cpu_bf16():
+        r = _run(torch.bfloat16)
+        print(json.dumps(r, indent=1))
+        cuda, cpu = r["logits_vs_cpu"], r["cpu_same_dtype_vs_cpu_fp32"]
+        assert cuda["cosine"] > cpu["cosine"] - 0.003
+        assert cuda["mean_abs_diff"] < 2 * cpu["mean_abs_diff"]
+        assert cuda["top1_agreement"] > cpu["top1_agreement"] - 0.03
+        assert r["cached_vs_full_forward"]["cosine"] > 0.99
+
+    def test_fp8_gemm_matches_emulation():
+        r = fp8_gemm()
+        print(json.dumps(r, indent=1))
+        assert r["float32"]["scaled_mm"] and r["bfloat16"]["scaled_mm"]
+        assert r["float32"]["rel_max_diff"] < 1e-5            # same products, only the summation order differs
+        assert r["bfloat16"]["rel_max_diff"] < 1e-2           # output rounded to bf16
+
+    def test_triton_kernels_match_the_reference():
+        r = op_checks()
+        print(json.dumps(r, indent=1))
+        assert r["chunk_scan_float32"]["y"]["rel_max_diff"] < 5e-3
+        assert r["chunk_scan_float32"]["final_state"]["rel_max_diff"] < 5e-3
+        assert r["state_update_float32"]["y"]["rel_max_diff"] < 1e-4
+        assert r["state_update_float32"]["state"]["rel_max_diff"] < 1e-5
+        assert r["gated_rmsnorm_float32"]["rel_max_diff"] < 1e-5
+        assert r["chunk_scan_bfloat16"]["y"]["rel_max_diff"] < 3e-2
+
+    def test_fp8_model_cuda_matches_cpu_emulation():
+        r = fp8_model()
+        print(json.dumps(r, indent=1))
+        assert r["cosine"] > 0.999
+
+
+if __name__ == "__main__":
+    print(json.dumps(summary(), indent=1))
