@@ -8,7 +8,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -291,6 +290,38 @@ def verify(
         raise VerificationFailed(result.failure_line())
 
 
+# ---- upload ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def upload(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Checkpoint directory to publish."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repo ORG/NAME (created if needed)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if needed)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and the commit message."),
+    force: bool = typer.Option(False, "--force", help="Upload even without a passing verify report."),
+):
+    """Publish a checkpoint to the Hugging Face Hub in one commit (HF_TOKEN is honoured).
+
+    Refuses a checkpoint whose directory has no passing nemoconv-verify.json unless --force.
+    """
+    from .hub import upload as do_upload
+    from .inspect import human_bytes
+
+    plan = do_upload(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force)
+    if _state["quiet"]:
+        return
+    target = plan["repo_id"] + (f"@{plan['revision']}" if plan["revision"] else "")
+    out.print(f"{'would upload' if dry_run else 'uploaded'} {len(plan['files'])} files "
+              f"({human_bytes(sum(f['bytes'] for f in plan['files']))}) to {target}")
+    for f in plan["files"]:
+        out.print(f"  {f['path']}  {human_bytes(f['bytes'])}", markup=False, highlight=False)
+    out.print(f"commit message: {plan['commit_message']}", markup=False, highlight=False)
+    if plan.get("commit_url"):
+        out.print(plan["commit_url"])
+
+
 # ---- demo --------------------------------------------------------------------------------------------
 
 
@@ -308,16 +339,26 @@ def demo(
 # ---- entry point -------------------------------------------------------------------------------------
 
 
+_GLOBAL_FLAGS = ("--quiet", "-q", "--debug")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --quiet and --debug may be written anywhere on the line: move them before the command
+    flags = [a for a in argv if a in _GLOBAL_FLAGS]
+    argv = flags + [a for a in argv if a not in _GLOBAL_FLAGS]
     debug = "--debug" in argv
+    click = _click()
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="nemoconv", standalone_mode=False)
         return 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.NoArgsIsHelpError as exc:
+        out.print(exc.format_message() if hasattr(exc, "format_message") else "", markup=False, highlight=False)
+        return 0
+    except typer.Abort:
         _one_line("aborted")
         return 2
     except click.ClickException as exc:  # usage errors: one line
@@ -341,6 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _one_line(f"error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
         return 2
+
+
+def _click():
+    """The click that Typer runs on (recent Typer versions vendor their own copy)."""
+    try:
+        from typer import _click as vendored
+
+        return vendored
+    except ImportError:
+        import click
+
+        return click
 
 
 def _one_line(message: str) -> None:

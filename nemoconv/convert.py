@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .card import write_card
 from .checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme
@@ -20,7 +21,9 @@ from .safetensors_io import PlannedTensor, TensorReader, dtype_name
 _DTYPE_OPTIONS = {"keep": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Never read or carried: pickled weights can execute code on load.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_REWRITTEN = {INDEX_NAME, MANIFEST_NAME, "config.json", "nemoconv-verify.json"}
+# Written anew: the index and manifest describe the new tensors, config.json gets renamed exclusion lists,
+# README.md becomes our model card (the source's card is kept inside it), a verify report is for the source.
+_REWRITTEN = {INDEX_NAME, MANIFEST_NAME, "config.json", "README.md", "nemoconv-verify.json"}
 
 Progress = Callable[[int, int], None]
 
@@ -160,6 +163,7 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         write_json(tmp / "config.json", config)
         manifest["shards"] = writer.writer.names
         write_json(tmp / MANIFEST_NAME, manifest)
+        write_card(tmp, ck.path, manifest, title=f"{Path(str(src)).name} ({to} scheme)")
     return manifest
 
 

@@ -57,3 +57,72 @@ def download_checkpoint(source: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
         raise hub_error(exc, f"{source}") from None
     return Path(path)
+
+
+VERIFY_REPORT = "nemoconv-verify.json"
+_NEVER_UPLOADED = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".partial")
+
+
+def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool) -> dict:
+    """What `upload` would send: the files, their sizes, the commit message; refuses unverified checkpoints."""
+    import json
+
+    from .checkpoint import open_checkpoint
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NemoconvError(f"{directory}: no such checkpoint directory")
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise NemoconvError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
+    ck = open_checkpoint(directory)
+    report_path = directory / VERIFY_REPORT
+    verdict = None
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text())
+            verdict = bool(report.get("passed")), report.get("profile")
+        except (OSError, json.JSONDecodeError):
+            verdict = None
+    if not force:
+        if verdict is None:
+            raise NemoconvError(f"{directory}: no verify report ({VERIFY_REPORT}); run `nemoconv verify SOURCE "
+                                f"{directory}` first, or pass --force")
+        if not verdict[0]:
+            raise NemoconvError(f"{directory}: its verify report says FAIL; fix the checkpoint or pass --force")
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_NEVER_UPLOADED))
+    quantized = ck.quantization() is not None
+    what = f"{ck.scheme} scheme" + (", FP8" if quantized else "")
+    status = "unverified (--force)" if verdict is None else \
+        f"verify {'PASS' if verdict[0] else 'FAIL'} (profile {verdict[1]})"
+    from . import __version__
+
+    return {
+        "repo_id": repo_id,
+        "revision": revision,
+        "files": [{"path": p.name, "bytes": p.stat().st_size} for p in files],
+        "commit_message": f"Upload Nemotron-H checkpoint ({what}) with nemoconv {__version__}: {status}",
+    }
+
+
+def upload(directory, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False,
+           force: bool = False, api=None) -> dict:
+    """Create the repo if needed and upload DIR in one commit (huggingface_hub)."""
+    plan = plan_upload(Path(directory), repo_id, revision, force)
+    if dry_run:
+        return plan
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = api or HfApi()
+    operations = [CommitOperationAdd(path_in_repo=f["path"], path_or_fileobj=str(Path(directory) / f["path"]))
+                  for f in plan["files"]]
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations=operations, commit_message=plan["commit_message"],
+                                 revision=revision)
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+        raise hub_error(exc, f"upload to {repo_id}") from None
+    plan["commit_url"] = getattr(info, "commit_url", None)
+    return plan

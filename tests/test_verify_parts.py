@@ -405,3 +405,13 @@ def test_render_report_shows_rows_and_the_verdict(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     verify_mod.render_report(bad, None)
     assert capsys.readouterr() == ("", "")
+
+
+def test_mtp_difference_is_a_note_not_a_different_network(tiny_dir, tmp_path):
+    cand = tmp_path / "mtp"
+    shutil.copytree(tiny_dir("dense"), cand)
+    cfg = json.loads((cand / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1  # MTP heads declared (optional tensors, never run)
+    (cand / "config.json").write_text(json.dumps(cfg))
+    report = nemoconv.verify(tiny_dir("dense"), cand, **FAST)
+    assert report.passed and any("MTP heads differ" in n for n in report.notes)

@@ -384,7 +384,8 @@ class NemotronHLM(nn.Module):
     # ---- public API ------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole sequences, no cache: input_ids [b, s] (left-padded, with attention_mask) → logits [b, s, vocab] fp32."""
+        """Whole sequences, no cache: input_ids [b, s] (left padding marked by attention_mask) → logits
+        [b, s, vocab] float32."""
         b, s = input_ids.shape
         pad = self._pad_mask(attention_mask, input_ids.shape)
         attn = self._attention_mask(pad, 0, s) if pad is not None else None

@@ -50,12 +50,13 @@ def config(small: bool) -> dict:
 def random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
     """Magnitudes like nemoconv.demo_checkpoint.random_tensors (non-degenerate logits), drawn on `device`."""
     kw = {"generator": g, "device": device, "dtype": torch.float32}
+    uniform = lambda lo, hi: torch.empty(shape, device=device).uniform_(lo, hi, generator=g)  # noqa: E731
     if name.endswith("A_log"):
-        t = torch.log(torch.empty(shape, **kw).uniform_(1.0, 16.0, generator=g))
+        t = torch.log(uniform(1.0, 16.0))
     elif name.endswith(".D"):
-        t = torch.empty(shape, **kw).uniform_(0.5, 1.5, generator=g)
+        t = uniform(0.5, 1.5)
     elif name.endswith("dt_bias"):
-        dt = torch.exp(torch.empty(shape, **kw).uniform_(-6.9, -2.3, generator=g))
+        dt = torch.exp(uniform(-6.9, -2.3))
         t = dt + torch.log(-torch.expm1(-dt))
     elif "norm" in name:
         t = 1.0 + 0.1 * torch.randn(shape, **kw)
