@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 from .checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
 from .errors import NemoconvError, VerificationFailed  # noqa: E402
+# Imported eagerly: the submodules share the functions' names, and a lazy import would rebind
+# `nemoconv.verify` from the function to the module.
+from .verify import verify  # noqa: E402
 
 
 def load_model(path, device="cpu", dtype=None, **kwargs):
@@ -18,13 +21,6 @@ def load_model(path, device="cpu", dtype=None, **kwargs):
     from .model import load_model as _load_model
 
     return _load_model(path, device=device, dtype=dtype, **kwargs)
-
-
-def verify(reference, candidate, **kwargs):
-    """Parity gate: returns a report with `.passed` and `.to_dict()` (see nemoconv.verify)."""
-    from .verify import verify as _verify
-
-    return _verify(reference, candidate, **kwargs)
 
 
 def quantize(src, out, **kwargs):

@@ -100,7 +100,7 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=True).ids)
 
 
-def _check_ids(ids: list[int], vocab_size: int, where: str) -> None:
+def check_ids(ids: list[int], vocab_size: int, where: str) -> None:
     for t in ids:
         if not 0 <= t < vocab_size:
             raise NemoconvError(f"{where}: token id {t} is outside the model's vocabulary (0..{vocab_size - 1})")
@@ -127,18 +127,18 @@ def read_prompt_file(path: str | Path, tokenizer, vocab_size: int) -> list[Promp
         if jsonl:
             prompts.append(_jsonl_prompt(line, where, tokenizer, vocab_size))
         else:
-            prompts.append(_text_prompt(line, where, tokenizer, vocab_size, path))
+            prompts.append(text_prompt(line, where, tokenizer, vocab_size, path))
     return prompts
 
 
-def _text_prompt(text: str, where: str, tokenizer, vocab_size: int, path: Path | None = None) -> Prompt:
+def text_prompt(text: str, where: str, tokenizer, vocab_size: int, path: Path | None = None) -> Prompt:
     if tokenizer is None:
         hint = f" (write {path} as JSONL with input_ids)" if path is not None else " (give input_ids)"
         raise NemoconvError(f"{where}: text prompt, but neither checkpoint has a tokenizer.json{hint}")
     ids = encode(tokenizer, text)
     if not ids:
         raise NemoconvError(f"{where}: the prompt tokenizes to no tokens")
-    _check_ids(ids, vocab_size, where)
+    check_ids(ids, vocab_size, where)
     return Prompt(where, ids, text)
 
 
@@ -153,12 +153,12 @@ def _jsonl_prompt(line: str, where: str, tokenizer, vocab_size: int) -> Prompt:
         ids = obj["input_ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise NemoconvError(f"{where}: input_ids must be a non-empty list of integers")
-        _check_ids(ids, vocab_size, where)
+        check_ids(ids, vocab_size, where)
         return Prompt(where, list(ids), obj.get("text") if isinstance(obj.get("text"), str) else None)
     text = obj["text"]
     if not isinstance(text, str) or not text.strip():
         raise NemoconvError(f"{where}: \"text\" must be a non-empty string")
-    return _text_prompt(text, where, tokenizer, vocab_size)
+    return text_prompt(text, where, tokenizer, vocab_size)
 
 
 def builtin_prompts(num_prompts: int, seq_len: int, tokenizer, vocab_size: int) -> list[Prompt]:
@@ -190,3 +190,21 @@ def fit_prompts(prompts: list[Prompt], seq_len: int) -> tuple[list[Prompt], list
         elif len(p.ids) < seq_len:
             short.append(p)
     return prompts, short
+
+
+def prompts_from_list(items, tokenizer, vocab_size: int) -> list[Prompt]:
+    """Prompts given in Python: texts, or lists of token ids."""
+    out = []
+    for k, item in enumerate(items):
+        where = f"prompts[{k}]"
+        if isinstance(item, str):
+            out.append(text_prompt(item, where, tokenizer, vocab_size))
+        elif isinstance(item, (list, tuple)) and item and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in item):
+            check_ids(list(item), vocab_size, where)
+            out.append(Prompt(where, list(item)))
+        else:
+            raise NemoconvError(f"{where}: a prompt must be a string or a non-empty list of token ids")
+    if not out:
+        raise NemoconvError("prompts: the list is empty")
+    return out

@@ -39,10 +39,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,11 +49,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .card import update_card_with_verify
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelSpec
 from .errors import NemoconvError
+from .hub import VERIFY_REPORT
 from .metrics import LogitStats, cache_consistency, first_divergence
-from .prompts import Prompt, builtin_prompts, find_tokenizer, fit_prompts, read_prompt_file
+from .prompts import Prompt, builtin_prompts, find_tokenizer, fit_prompts, prompts_from_list, read_prompt_file
 
 # ---- profiles ------------------------------------------------------------------------------------
 
@@ -114,9 +114,15 @@ class VerifyReport:
             line += f"; also failed: {', '.join(c['metric'] for c in failed[1:])}"
         return line
 
+    def summary(self) -> dict:
+        """The headline numbers, flat (what a model card or a CI log shows)."""
+        keys = ("max_abs_diff", "mean_abs_diff", "cosine_mean", "cosine_min", "kl_mean", "top1_agreement",
+                "greedy_identical_prompts", "prompts", "positions")
+        return {**{k: self.overall[k] for k in keys}, "cache_relative_max": self.cache["candidate"]["relative_max"]}
+
     def to_dict(self) -> dict:
         return _json_safe({
-            "tool": "nemoconv", "version": __version__, "passed": self.passed,
+            "tool": "nemoconv", "version": __version__, "passed": self.passed, "summary": self.summary(),
             "profile": self.profile, "profile_reason": self.profile_reason, "thresholds": self.thresholds,
             "checks": self.checks, "failure": None if self.passed else self.failure_line(),
             "overall": self.overall, "prompts": self.prompts, "cache_consistency": self.cache,
@@ -133,7 +139,8 @@ def _describe_check(c: dict) -> str:
         return f"candidate produced {c['value']} non-finite logits"
     op = "<" if c["op"] == ">=" else ">"
     threshold = repr(float(c["threshold"])) if isinstance(c["threshold"], float) else str(c["threshold"])
-    return f"{c['metric']} {_fmt(c['value'], differ_from=c['threshold'])} {op} {c['threshold_name']} {threshold}"
+    line = f"{c['metric']} {_fmt(c['value'], differ_from=c['threshold'])} {op} {c['threshold_name']} {threshold}"
+    return line + (f" ({c['detail']})" if c.get("detail") else "")
 
 
 def _fmt(x, differ_from=None) -> str:
@@ -255,6 +262,9 @@ def _structural_match(manifest: dict, ref: Checkpoint) -> bool:
             and manifest.get("bytes_in") == ref.total_bytes and sources <= ref_names)
 
 
+FALLBACK_HINT = "bf16 thresholds (pass --profile exact for a lossless conversion)"
+
+
 def choose_profile(ref: Checkpoint, cand: Checkpoint) -> tuple[str, str]:
     """`auto`: pick the profile from what the manifests and quantization metadata say changed."""
     ref_fp8, cand_fp8 = _is_quantized(ref), _is_quantized(cand)
@@ -283,7 +293,7 @@ def choose_profile(ref: Checkpoint, cand: Checkpoint) -> tuple[str, str]:
     if steps is None:
         why = ("candidate has no nemoconv-manifest.json" if cand.manifest is None else
                f"candidate's manifest names source {cand.manifest.get('source')!r}, which is not the reference")
-        return "bf16", f"{why}; bf16 thresholds (pass --profile exact for a lossless conversion)"
+        return "bf16", f"{why}; {FALLBACK_HINT}"
     lossy = [s for m in steps for s in (m.get("lossy_steps") or [])]
     if any(m.get("lossless") is False for m in steps) and not lossy:
         return "bf16", f"{link}, and a manifest says it is not lossless"
@@ -374,7 +384,6 @@ class ModelRun:
     cache: list[dict]                       # per prompt, cache consistency vs its full forward
     nonfinite: int = 0
     timings: dict = field(default_factory=dict)
-    vocab: int | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -428,7 +437,6 @@ def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: lis
             _sync(device)
             timings["extend"] = time.perf_counter() - t0
         k = min(TEACHER_FORCED_STEPS, seq_len - 1)
-        vocab = None
         run = ModelRun([], [], [])
         timings["generate"] = timings["forward"] = 0.0
         per_batch = max(1, LOGITS_BATCH_BYTES // ((seq_len + new_tokens) * 4 * max(1, _vocab_of(model))))
@@ -444,7 +452,6 @@ def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: lis
             full = model(full_ids)                                   # [B, S + N - 1, V]
             _sync(device)
             timings["forward"] += time.perf_counter() - t0
-            vocab = full.shape[-1]
             for r in range(len(batch)):
                 run.cache.append(cache_consistency(cached[r], full[r, seq_len - k - 1:]))
                 run.prompt_logits.append(full[r, :seq_len].to("cpu", copy=True))
@@ -456,7 +463,6 @@ def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: lis
         if device.type == "cuda":
             torch.cuda.empty_cache()
     run.timings = timings
-    run.vocab = vocab
     return run
 
 
@@ -494,25 +500,6 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     raise NemoconvError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
 
 
-def _api_prompts(items, tokenizer, vocab_size: int) -> list[Prompt]:
-    """Prompts given in Python: texts or lists of token ids."""
-    from .prompts import _check_ids, _text_prompt
-
-    out = []
-    for k, item in enumerate(items):
-        where = f"prompts[{k}]"
-        if isinstance(item, str):
-            out.append(_text_prompt(item, where, tokenizer, vocab_size))
-        elif isinstance(item, (list, tuple)) and item and all(isinstance(t, int) for t in item):
-            _check_ids(list(item), vocab_size, where)
-            out.append(Prompt(where, list(item)))
-        else:
-            raise NemoconvError(f"{where}: a prompt must be a string or a non-empty list of token ids")
-    if not out:
-        raise NemoconvError("prompts: the list is empty")
-    return out
-
-
 def cache_tolerance(dtype: torch.dtype, fp8_candidate: bool) -> float:
     """Largest allowed max |cached − full| / max |full| (see the module docstring for the numbers)."""
     tol = CACHE_TOLERANCE[dtype]
@@ -527,7 +514,7 @@ def _exact_cuda_tolerance(max_ref: float, dtype: torch.dtype) -> float:
 
 
 def _evaluate(thresholds: dict, overall: dict, greedy: list[int | None], cache_rel: float, cache_tol: float,
-              nonfinite: int) -> list[dict]:
+              nonfinite: int, ref_cache_rel: float = 0.0) -> list[dict]:
     checks = [{"metric": "nonfinite_candidate_logits", "value": nonfinite, "op": "<=", "threshold": 0,
                "threshold_name": "max", "passed": nonfinite == 0}]
 
@@ -549,18 +536,27 @@ def _evaluate(thresholds: dict, overall: dict, greedy: list[int | None], cache_r
         detail = f"first: prompt {diverged[0][0]} at new token {diverged[0][1]}" if diverged else ""
         checks.append({"metric": "greedy_divergent_prompts", "value": len(diverged), "op": "<=", "threshold": 0,
                        "threshold_name": "max", "passed": not diverged, "detail": detail})
-    checks.append({"metric": "cache_relative_diff", "value": cache_rel, "op": "<=", "threshold": cache_tol,
-                   "threshold_name": "max_cache_relative", "passed": bool(cache_rel <= cache_tol)})
+    cache = {"metric": "cache_relative_diff", "value": cache_rel, "op": "<=", "threshold": cache_tol,
+             "threshold_name": "max_cache_relative", "passed": bool(cache_rel <= cache_tol)}
+    if not ref_cache_rel <= cache_tol:  # then the model's cached path is at fault, not the candidate
+        cache["detail"] = (f"the reference exceeds it too ({_fmt(ref_cache_rel)}): the model's cache path, "
+                           f"not the checkpoint")
+    checks.append(cache)
     return checks
 
 
 def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len: int = 64,
            max_new_tokens: int = 16, device="auto", dtype="auto", profile: str = "auto", report_path=None,
-           overrides: dict | None = None, quiet: bool = True) -> VerifyReport:
+           overrides: dict | None = None, quiet: bool = True, record: bool = True) -> VerifyReport:
     """Run both checkpoints on the same prompts and decide whether the candidate is faithful.
 
+    prompts: a file (text lines, or JSONL with `text`/`input_ids`), or a list of texts / token-id
+    lists; None uses `num_prompts` built-in prompts. Every prompt is cut or extended (by the
+    reference's greedy continuation) to `seq_len` tokens. profile: auto|exact|bf16|fp8; overrides:
+    {min_cosine, min_top1, max_kl, max_abs, max_cache_relative}, None keeps the profile's value.
     Bad input (unreadable checkpoints, different networks, bad prompts) raises NemoconvError; a
-    candidate that misses a threshold returns a report with `passed=False`.
+    candidate that misses a threshold returns a report with `passed=False` (and writes it too).
+    record: also write the report as CANDIDATE/nemoconv-verify.json and into its model card (local dirs).
     """
     t_start = time.perf_counter()
     if not isinstance(num_prompts, int) or num_prompts < 1:
@@ -575,6 +571,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     notes = check_same_network(ref_ck, cand_ck)
     if profile == "auto":
         chosen, reason = choose_profile(ref_ck, cand_ck)
+        if reason.endswith(FALLBACK_HINT):
+            notes.append(f"profile auto: {reason}")
     elif profile in PROFILES:
         chosen, reason = profile, "given with --profile"
     else:
@@ -594,7 +592,7 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         prompt_list = builtin_prompts(num_prompts, seq_len, tok.tokenizer, vocab)
         prompt_origin = "built-in " + ("texts" if tok.tokenizer is not None else "seeded token ids")
     elif isinstance(prompts, (list, tuple)):
-        prompt_list, prompt_origin = _api_prompts(prompts, tok.tokenizer, vocab), "given as a list"
+        prompt_list, prompt_origin = prompts_from_list(prompts, tok.tokenizer, vocab), "given as a list"
     else:
         prompt_list, prompt_origin = read_prompt_file(prompts, tok.tokenizer, vocab), str(prompts)
     prompt_list, short = fit_prompts(prompt_list, seq_len)
@@ -638,7 +636,7 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         thresholds["max_abs_rule"] = (f"{EXACT_CUDA_ULPS} ulps of {str(dt).removeprefix('torch.')} at the largest "
                                       f"|reference logit| (CUDA GEMMs may sum in another order)")
     checks = _evaluate(thresholds, overall, greedy, cache["candidate"]["relative_max"], cache_tol,
-                       cand_run.nonfinite)
+                       cand_run.nonfinite, cache["reference"]["relative_max"])
     if short:
         notes.append(f"{len(short)} prompt(s) shorter than --seq-len {seq_len} were extended with the "
                      f"reference's greedy continuation")
@@ -653,7 +651,7 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         "generate": ref_run.timings["generate"] + cand_run.timings["generate"],
         "extend_prompts": ref_run.timings.get("extend", 0.0),
         "metrics": t_metrics,
-        "fingerprint": fingerprints[0]["seconds"] + fingerprints[1]["seconds"],
+        "fingerprint_background": fingerprints[0]["seconds"] + fingerprints[1]["seconds"],
     }
     timings["total"] = time.perf_counter() - t_start
     timings = {k: round(v, 4) for k, v in timings.items()}
@@ -666,7 +664,21 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     )
     if report_path is not None:
         write_report(report, Path(report_path))
+    if record:
+        _record_in_candidate(report, cand_ck, candidate)
     return report
+
+
+def _record_in_candidate(report: VerifyReport, cand_ck: Checkpoint, candidate) -> None:
+    """Keep the verdict beside a local candidate (`upload` requires a passing one) and put the metrics in its
+    model card. A Hub snapshot in the cache is never written to."""
+    if not Path(str(candidate)).expanduser().is_dir():
+        return
+    try:
+        write_report(report, cand_ck.path / VERIFY_REPORT)
+        update_card_with_verify(cand_ck.path, report.to_dict())
+    except OSError as exc:  # a read-only candidate still gets its verdict on the console and in --report
+        report.notes.append(f"could not record the report in {cand_ck.path}: {exc.strerror or exc}")
 
 
 @contextmanager
@@ -798,14 +810,3 @@ def _describe_pass(c: dict) -> str:
     if c["metric"] == "greedy_divergent_prompts":
         return "greedy tokens identical"
     return f"{c['metric']} {_short(c['value'])} {'≥' if c['op'] == '>=' else '≤'} {_short(c['threshold'])}"
-
-
-# `nemoconv.verify` is both this module and the API function in nemoconv/__init__.py. Importing the
-# module rebinds the package attribute to the module, which would break a second `nemoconv.verify(...)`
-# call; a callable module keeps `nemoconv.verify(reference, candidate)` working either way.
-class _CallableModule(types.ModuleType):
-    def __call__(self, reference, candidate, **kwargs) -> VerifyReport:
-        return verify(reference, candidate, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

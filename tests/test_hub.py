@@ -139,3 +139,16 @@ def test_convert_writes_a_model_card_that_keeps_the_source_card(tiny_dir, tmp_pa
     assert card.startswith("---\n") and "base_model" not in card  # a local source is no Hub base model
     assert "library_name: nemoconv" in card and "- nvidia" in card and "- nemotron_h" in card
     assert "license: other" in card and "# Original card" in card and "nemo** naming scheme" in card
+
+
+def test_verify_records_its_verdict_beside_the_candidate_and_in_its_card(tiny_dir, tmp_path, capsys):
+    nemoconv.convert(tiny_dir("dense"), tmp_path / "max", to="max")
+    code, out, err = run_cli(["verify", tiny_dir("dense"), tmp_path / "max", "--num-prompts", "1", "--seq-len", "8",
+                              "--max-new-tokens", "2", "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "max" / "nemoconv-verify.json").read_text())
+    assert report["passed"] is True and report["profile"] == "exact"
+    card = (tmp_path / "max" / "README.md").read_text()
+    assert "**verify: PASS** (profile `exact`" in card and "Not verified yet" not in card
+    code, out, err = run_cli(["upload", tmp_path / "max", "--repo-id", "me/tiny", "--dry-run"], capsys)
+    assert code == 0 and "verify PASS (profile exact)" in out

@@ -84,3 +84,17 @@ def test_step_size_floor_matches_transformers(hf_dir):
     cache = ours.new_cache(1, 40)
     steps = [ours.prefill(ids[:, :10], cache)] + [ours.decode_step(ids[:, t], cache)[:, None] for t in range(10, 40)]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("dense", {"use_conv_bias": False}),
+    ("dense", {"mamba_proj_bias": True, "use_bias": True}),
+    ("dense", {"n_groups": 1, "num_key_value_heads": 4}),
+    ("moe", {"norm_topk_prob": False, "n_group": 4, "topk_group": 2}),
+], ids=["no-conv-bias", "mamba-proj-bias", "one-group-mha", "unnormalized-4-groups"])
+def test_logits_match_transformers_across_options(hf_dir, kind, overrides):
+    ours, theirs = both_models(hf_dir(kind, **overrides))
+    ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = theirs(ids).logits
+    assert rel_err(ours(ids), reference) < 1e-4

@@ -291,6 +291,8 @@ def test_no_manifest_falls_back_to_bf16_with_a_note(tiny_dir, tmp_path):
     report = nemoconv.verify(src, cand, num_prompts=1, seq_len=8, max_new_tokens=2)
     assert report.passed and report.profile == "bf16"
     assert "no nemoconv-manifest.json" in report.profile_reason and "--profile exact" in report.profile_reason
+    assert any("no nemoconv-manifest.json" in n for n in report.notes)
+    assert report.to_dict()["summary"]["max_abs_diff"] == 0.0
 
 
 # ---- bad input: exit 2 with one line -----------------------------------------------------------------

@@ -219,7 +219,8 @@ def test_quantization_fields_and_pattern_spelling_are_not_network_differences(ti
     other["layers_block_type"] = codes_to_block_types(other.pop("hybrid_override_pattern"))
     assert verify_mod.network_differences(parse_config(cfg), parse_config(other)) == []
     wider = dict(cfg, hidden_size=128)
-    assert verify_mod.network_differences(parse_config(cfg), parse_config(wider)) == ["different hidden_size: 64 vs 128"]
+    diffs = verify_mod.network_differences(parse_config(cfg), parse_config(wider))
+    assert diffs == ["different hidden_size: 64 vs 128"]
 
 
 def test_profile_follows_a_chain_of_lossless_conversions(tiny_dir, tmp_path):
@@ -269,7 +270,8 @@ def test_profile_fp8_when_only_one_side_is_quantized(tiny_dir, tmp_path):
 
 def test_thresholds_overrides_and_their_errors():
     t = verify_mod.resolve_thresholds("fp8", {"min_cosine": 0.5, "min_top1": None, "max_kl": None, "max_abs": None})
-    assert t["min_cosine"] == 0.5 and t["min_top1"] == 0.90 and t["max_kl"] == 0.05 and t["overridden"] == ["min_cosine"]
+    assert t["min_cosine"] == 0.5 and t["min_top1"] == 0.90 and t["max_kl"] == 0.05
+    assert t["overridden"] == ["min_cosine"]
     with pytest.raises(NemoconvError, match="unknown threshold 'cosine'"):
         verify_mod.resolve_thresholds("bf16", {"cosine": 0.9})
     with pytest.raises(NemoconvError, match="min_top1 = 2.0 is out of range"):
@@ -415,3 +417,10 @@ def test_mtp_difference_is_a_note_not_a_different_network(tiny_dir, tmp_path):
     (cand / "config.json").write_text(json.dumps(cfg))
     report = nemoconv.verify(tiny_dir("dense"), cand, **FAST)
     assert report.passed and any("MTP heads differ" in n for n in report.notes)
+
+
+def test_cache_failure_of_both_models_blames_the_model_not_the_checkpoint(tiny_dir, monkeypatch):
+    real = verify_mod._load_model
+    monkeypatch.setattr(verify_mod, "_load_model", lambda *a: _DecodeShifted(real(*a), 0.5))
+    report = nemoconv.verify(tiny_dir("dense"), tiny_dir("dense"), **FAST)
+    assert not report.passed and "the reference exceeds it too" in report.failure_line()

@@ -30,23 +30,31 @@ _triton = None      # SimpleNamespace of the three kernels once imported, False 
 _warned = False
 
 
-def _import_mamba_triton():
-    """Import the Triton kernels by submodule path, without running `mamba_ssm/__init__.py`.
-
-    The package root imports the Mamba-1 CUDA extension (`selective_scan_cuda`), which Triton-only
-    installs (MAMBA_SKIP_CUDA_BUILD=TRUE) lack, so `import mamba_ssm` fails there. Registering the
-    package from its spec without executing it lets the pure-Triton submodules import normally.
-    """
-    if "mamba_ssm" not in sys.modules:
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("mamba-ssm is not installed")
-        sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)  # __path__ set, body not run
+def _load_submodules():
     ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
     return SimpleNamespace(chunk_scan=ssd.mamba_chunk_scan_combined, state_update=ssu.selective_state_update,
                            rmsnorm=norm.rmsnorm_fn)
+
+
+def _import_mamba_triton():
+    """Import the Triton kernels by submodule path, even where `import mamba_ssm` itself fails.
+
+    The package root imports the Mamba-1 CUDA extension (`selective_scan_cuda`), which Triton-only
+    installs (MAMBA_SKIP_CUDA_BUILD=TRUE) lack. There, the package is registered from its spec
+    without running its `__init__.py`, and the pure-Triton submodules then import normally.
+    """
+    if importlib.util.find_spec("mamba_ssm") is None:
+        raise ImportError("mamba-ssm is not installed")
+    try:
+        return _load_submodules()
+    except ImportError:
+        if "mamba_ssm" in sys.modules:  # the root imported fine: the failure is elsewhere
+            raise
+    spec = importlib.util.find_spec("mamba_ssm")
+    sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)  # __path__ set, body not run
+    return _load_submodules()
 
 
 def triton_kernels():

@@ -363,12 +363,12 @@ class NemotronHLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @staticmethod
-    def _pad_mask(attention_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    def _pad_mask(attention_mask: torch.Tensor | None, shape, device) -> torch.Tensor | None:
         if attention_mask is None:
             return None
         if attention_mask.shape != shape:
             raise NemoconvError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(shape)}")
-        mask = attention_mask.bool()
+        mask = attention_mask.to(device).bool()
         return None if bool(mask.all()) else mask
 
     @staticmethod
@@ -386,8 +386,9 @@ class NemotronHLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Whole sequences, no cache: input_ids [b, s] (left padding marked by attention_mask) → logits
         [b, s, vocab] float32."""
+        input_ids = input_ids.to(self.device)
         b, s = input_ids.shape
-        pad = self._pad_mask(attention_mask, input_ids.shape)
+        pad = self._pad_mask(attention_mask, input_ids.shape, input_ids.device)
         attn = self._attention_mask(pad, 0, s) if pad is not None else None
         ctx = _Pass(cache=None, start=0, pad_mask=pad, attn_mask=attn, causal=pad is None, decode=False)
         return self._logits(self._run(input_ids, ctx))
@@ -400,10 +401,11 @@ class NemotronHLM(nn.Module):
         attention_mask [b, s] covers these s tokens only (0 = left padding). Returns logits
         [b, s, vocab], or [b, vocab] for the last position with last_only.
         """
+        input_ids = input_ids.to(self.device)
         b, s = input_ids.shape
         if b != cache.batch_size:
             raise NemoconvError(f"batch of {b} rows but the cache was made for {cache.batch_size}")
-        pad = self._pad_mask(attention_mask, input_ids.shape)
+        pad = self._pad_mask(attention_mask, input_ids.shape, input_ids.device)
         start = cache.reserve(s, pad)
         if start == 0 and not cache.has_padding:
             attn, causal = None, True
@@ -417,7 +419,9 @@ class NemotronHLM(nn.Module):
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """One new token per row (tokens [b] or [b, 1]) from the cache → logits [b, vocab] fp32."""
-        tokens = tokens.reshape(-1, 1)
+        tokens = tokens.to(self.device).reshape(-1, 1)
+        if tokens.shape[0] != cache.batch_size:
+            raise NemoconvError(f"{tokens.shape[0]} tokens but the cache was made for {cache.batch_size} rows")
         start = cache.reserve(1)
         # A single query sees every earlier key: a mask is needed only to hide left padding.
         attn = cache.valid[:, None, None, :start + 1] if cache.has_padding else None

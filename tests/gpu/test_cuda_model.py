@@ -167,23 +167,39 @@ def fp8_gemm() -> dict:
 
 
 def fp8_model() -> dict:
-    """A model with FP8 Mamba and MLP projections: CUDA (FP8 GEMM) vs CPU (emulation), fp32 activations."""
+    """A model with FP8 Mamba and MLP projections: CUDA (FP8 GEMM) vs CPU (exact emulation), fp32 activations.
+
+    Each FP8 linear is checked on the very input the CPU model gave it. End to end, the two are only
+    loosely comparable: Hopper's FP8 GEMM differs from the emulation by ~2e-4 relative, which flips
+    some activations' FP8 rounding and some MoE routing choices downstream (an H100 gave cosine 0.9941
+    end to end for this model, about what bf16 vs fp32 gives).
+    """
     spec, tensors = spec_and_tensors()
     tensors = dict(tensors)
+    targets = []
     for i, code in enumerate(spec.layer_codes):
-        names = {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ())
-        for leaf in names:
+        for leaf in {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ()):
             key = f"backbone.layers.{i}.mixer.{leaf}"
             w = tensors[f"{key}.weight"]
             scale = (w.abs().max() / 448).float()
             tensors[f"{key}.weight"] = quantize_fp8(w, scale)
             tensors[f"{key}.weight_scale"] = scale
             tensors[f"{key}.input_scale"] = torch.tensor(8.0 / 448)
+            targets.append(key)
     ids, mask = inputs()
     real = mask.bool()
     cpu = build_model(spec, tensors.items(), device="cpu", dtype=torch.float32)
     gpu = build_model(spec, tensors.items(), device=DEVICE, dtype=torch.float32)
-    return compare(gpu(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).cpu()[real], cpu(ids, attention_mask=mask)[real])
+    seen = {}
+    hooks = [cpu.get_submodule(k).register_forward_hook(
+        lambda mod, args, out, k=k: seen.__setitem__(k, (args[0].clone(), out.clone()))) for k in targets]
+    cpu_logits = cpu(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    per_linear = {k: _diff(gpu.get_submodule(k)(x.to(DEVICE)), y)["rel_max_diff"] for k, (x, y) in seen.items()}
+    gpu_logits = gpu(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).cpu()
+    return {"per_linear_rel_max_diff": per_linear, "worst_linear_rel_max_diff": max(per_linear.values()),
+            "end_to_end": compare(gpu_logits[real], cpu_logits[real])}
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -271,8 +287,10 @@ if pytest is not None:
         r = fp8_gemm()
         print(json.dumps(r, indent=1))
         assert r["float32"]["scaled_mm"] and r["bfloat16"]["scaled_mm"]
-        assert r["float32"]["rel_max_diff"] < 1e-5            # same products, only the summation order differs
-        assert r["bfloat16"]["rel_max_diff"] < 1e-2           # output rounded to bf16
+        # The FP8 products are exact in both; Hopper's FP8 MMA accumulates with less than fp32 precision
+        # (an H100 gave 2.1e-4 here), the emulation in fp32.
+        assert r["float32"]["rel_max_diff"] < 1e-3
+        assert r["bfloat16"]["rel_max_diff"] < 1e-2           # output rounded to bf16 (H100: 3.5e-3)
 
     def test_triton_kernels_match_the_reference():
         r = op_checks()
@@ -287,7 +305,8 @@ if pytest is not None:
     def test_fp8_model_cuda_matches_cpu_emulation():
         r = fp8_model()
         print(json.dumps(r, indent=1))
-        assert r["cosine"] > 0.999
+        assert r["worst_linear_rel_max_diff"] < 1e-3          # same bound as the bare GEMM above
+        assert r["end_to_end"]["cosine"] > 0.98               # gross errors only (see fp8_model)
 
 
 if __name__ == "__main__":
