@@ -181,9 +181,15 @@ class ModelSpec:
                 shapes[f"experts.{j}.down_proj.weight"] = (x, inter)
             shapes["shared_experts.up_proj.weight"] = (shared, h)
             shapes["shared_experts.down_proj.weight"] = (h, shared)
+            if self.mlp_bias:  # routed experts have no biases; the shared expert and latent projections do
+                shapes["shared_experts.up_proj.bias"] = (shared,)
+                shapes["shared_experts.down_proj.bias"] = (h,)
             if self.moe_latent_size:
                 shapes["fc1_latent_proj.weight"] = (self.moe_latent_size, h)
                 shapes["fc2_latent_proj.weight"] = (h, self.moe_latent_size)
+                if self.mlp_bias:
+                    shapes["fc1_latent_proj.bias"] = (self.moe_latent_size,)
+                    shapes["fc2_latent_proj.bias"] = (h,)
             return shapes
         raise ValueError(code)
 
@@ -305,7 +311,8 @@ def parse_config(cfg: dict) -> ModelSpec:
         num_attention_heads=heads,
         num_key_value_heads=_int(cfg, "num_key_value_heads", default=heads),
         head_dim=_int(cfg, "head_dim", "attention_head_dim", default=hidden // max(heads, 1)),
-        attention_bias=bool(_get(cfg, "attention_bias", default=False)),
+        # transformers' NemotronH attention never has biases, whatever attention_bias says
+        attention_bias=False,
         intermediate_size=_int(cfg, "intermediate_size", default=0),
         mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
         mamba_num_heads=_int(cfg, "mamba_num_heads", default=0),
@@ -314,7 +321,8 @@ def parse_config(cfg: dict) -> ModelSpec:
         n_groups=_int(cfg, "n_groups", "mamba_n_groups", default=8),
         conv_kernel=_int(cfg, "conv_kernel", "mamba_d_conv", default=4),
         use_conv_bias=bool(_get(cfg, "use_conv_bias", "mamba_conv_bias", default=True)),
-        mamba_proj_bias=bool(_get(cfg, "mamba_proj_bias", "use_bias", default=False)),
+        # transformers' Mamba mixer reads `use_bias` for in_proj/out_proj (`mamba_proj_bias` is not used)
+        mamba_proj_bias=bool(_get(cfg, "use_bias", default=False)),
         chunk_size=_int(cfg, "chunk_size", "mamba_chunk_size", default=128),
         time_step_limit=(_float(limit[0]), _float(limit[1])),
         time_step_min=float(_get(cfg, "time_step_min", "mamba_dt_min", default=0.001)),
