@@ -244,7 +244,7 @@ def test_side_files_are_carried_and_pickles_are_not(tiny_dir, tmp_path, capsys):
 
 def test_biases_that_transformers_writes_are_accepted(hf_dir, tmp_path):
     # use_bias → Mamba in/out biases; mlp_bias → MLP, shared expert and latent projection biases
-    src = hf_dir("latent", torch.float32, use_bias=True, mlp_bias=True, hybrid_override_pattern="ME*E-")
+    src = hf_dir("latent", torch.bfloat16, use_bias=True, mlp_bias=True, hybrid_override_pattern="ME*E-")
     names = set(load_all(src))
     assert {"backbone.layers.0.mixer.in_proj.bias", "backbone.layers.1.mixer.shared_experts.up_proj.bias",
             "backbone.layers.1.mixer.fc1_latent_proj.bias", "backbone.layers.4.mixer.up_proj.bias"} <= names
