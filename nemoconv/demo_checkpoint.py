@@ -87,6 +87,8 @@ def random_tensors(spec, seed: int = 0, dtype: torch.dtype = torch.float32) -> d
             t = torch.randn(shape, generator=g) / fan_in**0.5
             if name.endswith("embeddings.weight"):
                 t = torch.randn(shape, generator=g)
+            elif name == "lm_head.weight":
+                t = t * 4.0  # logits with a clear favourite, like a trained model's, not a flat distribution
         out[name] = t.to(dtype).contiguous()
     return out
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,9 @@ from safetensors import safe_open
 
 import nemoconv
 from helpers import assert_same_tensors, load_all, read_json, rewrite, run_cli, tree_digest
+
+sys.path.insert(0, str(Path(__file__).parent / "peers"))
+from cases import add_fp8_weights  # noqa: E402
 
 KINDS = ["dense", "moe", "latent"]
 
@@ -168,17 +173,7 @@ def test_dtype_option_casts_and_reports_narrowing(tiny_dir, tmp_path):
 
 
 def fp8_quantize_by_hand(directory, modules):
-    """Per-tensor E4M3 weights with 0-d float32 scales, as ModelOpt writes them."""
-
-    def edit(t):
-        for m in modules:
-            w = t[m + ".weight"].float()
-            scale = w.abs().amax() / 448.0
-            t[m + ".weight"] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-            t[m + ".weight_scale"] = scale.reshape(())
-            t[m + ".input_scale"] = torch.tensor(0.02)
-
-    rewrite(directory, edit)
+    rewrite(directory, lambda t: add_fp8_weights(t, modules, input_scale=0.02))
 
 
 def test_fp8_checkpoint_round_trips_and_keeps_fp8_attention_unfused(tiny_dir, tmp_path):

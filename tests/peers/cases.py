@@ -35,16 +35,23 @@ def build_case(name: str, directory: Path) -> Path:
         from safetensors.torch import load_file
 
         tensors = load_file(str(src / "model.safetensors"))
-        for m in FP8_MODULES:
-            w = tensors[m + ".weight"].float()
-            scale = w.abs().amax() / 448.0
-            tensors[m + ".weight"] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-            tensors[m + ".weight_scale"] = scale.reshape(())
-            tensors[m + ".input_scale"] = torch.tensor(0.03125)
+        add_fp8_weights(tensors, FP8_MODULES, input_scale=0.03125)
         tensors["backbone.layers.2.mixer.k_proj.k_scale"] = torch.tensor(1.0)
         tensors["backbone.layers.2.mixer.v_proj.v_scale"] = torch.tensor(1.0)
         write_single_file(src / "model.safetensors", dict(sorted(tensors.items())), {"format": "pt"})
     return src
+
+
+def add_fp8_weights(tensors: dict[str, torch.Tensor], modules: list[str], input_scale: float) -> None:
+    """Per-tensor E4M3 weights with 0-d float32 scales, as ModelOpt writes them (in place)."""
+    from nemoconv.model.fp8 import quantize_fp8
+
+    for m in modules:
+        w = tensors[m + ".weight"].float()
+        scale = (w.abs().amax() / 448.0).reshape(())
+        tensors[m + ".weight"] = quantize_fp8(w, scale)
+        tensors[m + ".weight_scale"] = scale
+        tensors[m + ".input_scale"] = torch.tensor(input_scale)
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
