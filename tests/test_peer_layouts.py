@@ -33,6 +33,8 @@ def test_max_output_equals_max_weight_adapter(case, tmp_path):
     same_source = fingerprint(load_file(str(src / "model.safetensors"))) == golden["source"]
     nemoconv.convert(src, tmp_path / "max", to="max")
     ours = fingerprint(load_all(tmp_path / "max"))
+    # a stale golden file (the cases changed) must be regenerated, not silently weakened
+    assert same_source or torch.__version__ != GOLDEN["torch_version"], "regenerate tests/peers/max_golden.json"
     if not same_source:  # another torch drew other random numbers: compare the layout only
         ours = {k: v[:2] for k, v in ours.items()}
         golden = {"max": {k: v[:2] for k, v in golden["max"].items()}}
