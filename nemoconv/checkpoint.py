@@ -86,11 +86,13 @@ class Checkpoint:
             "excluded_modules": len(excluded or []),
         }
 
-    def iter_tensors(self, to: str = "hf", meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream `(name, tensor)` in scheme `to`, converting on the fly (one tensor or group at a time)."""
+    def iter_tensors(self, to: str = "hf", meta: bool = False, prefetch: int = 4
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream `(name, tensor)` in scheme `to`, converting on the fly (one tensor or group at a time);
+        the next `prefetch` tensors are read on threads meanwhile."""
         from .pipeline import stream_converted
 
-        for item in stream_converted(self, to=to, meta=meta):
+        for item in stream_converted(self, to=to, meta=meta, prefetch=prefetch):
             yield item.name, item.tensor
 
 

@@ -346,11 +346,12 @@ class FromHF:
 
 def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype: torch.dtype | None = None,
                      journal: Journal | None = None, reader: TensorReader | None = None,
-                     lazy: bool = False) -> Iterator[Item]:
+                     lazy: bool = False, prefetch: int = 0) -> Iterator[Item]:
     """Every tensor of `ck` in scheme `to`, checked against the config on the way through `hf`.
 
     `meta`: shapes and dtypes only (the plan). `lazy`: tensors that pass through unchanged keep pointing at
-    their bytes on disk (`item.entry`), for a writer that copies file to file."""
+    their bytes on disk (`item.entry`), for a writer that copies file to file. `prefetch`: read up to that
+    many of the next unchanged tensors on threads while the consumer handles the current one."""
     journal = journal if journal is not None else Journal()
     target = get_scheme(to)
     own_reader = reader is None
@@ -359,13 +360,37 @@ def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype: torch.d
         items = read_items(ck, reader, meta)
         items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal)
         items = NetworkCheck(ck.spec)(items)
-        for item in FromHF(target, ck.spec, journal, dtype)(items):
-            if item.entry is not None and not (lazy or meta):
-                item = item.with_tensor(item.data())
-            yield item
+        items = FromHF(target, ck.spec, journal, dtype)(items)
+        if lazy or meta:
+            yield from items
+        elif prefetch > 0:
+            yield from _read_ahead(items, prefetch)
+        else:
+            for item in items:
+                yield item.with_tensor(item.data()) if item.entry is not None else item
     finally:
         if own_reader:
             reader.close()
+
+
+def _read_ahead(items: Iterator[Item], depth: int) -> Iterator[Item]:
+    """Yield items in order with their data read, keeping up to `depth` reads in flight on threads
+    (file reads release the GIL; a GPU loader copies one tensor while the next ones are read)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="nemoconv-read") as pool:
+        window: deque = deque()
+        for item in items:
+            window.append((item, pool.submit(item.data) if item.entry is not None else None))
+            if len(window) > depth:
+                yield _resolved(*window.popleft())
+        while window:
+            yield _resolved(*window.popleft())
+
+
+def _resolved(item: Item, future) -> Item:
+    return item if future is None else item.with_tensor(future.result())
 
 
 def expected_module_kinds(spec: ModelSpec) -> dict[str, str]:

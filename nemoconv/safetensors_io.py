@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,31 +109,38 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
 
 
 class TensorReader:
-    """Reads tensors with ordinary buffered reads, keeping one open handle per shard."""
+    """Reads tensors with positional reads (`pread`): one open handle per shard, safe to share between
+    threads, so several tensors can be read at once."""
 
     def __init__(self):
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._handles.get(path)
+            if fd is None:
+                fd = self._handles[path] = os.open(path, os.O_RDONLY)
+            return fd
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
-        handle = self._handles.get(entry.file)
-        if handle is None:
-            handle = self._handles[entry.file] = open(entry.file, "rb", buffering=0)
         out = torch.empty(entry.shape, dtype=entry.dtype)
         if entry.nbytes:
+            fd = self._fd(entry.file)
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            handle.seek(entry.start)
             got = 0
             while got < entry.nbytes:
-                n = handle.readinto(view[got:])
+                n = os.preadv(fd, [view[got:got + (1 << 30)]], entry.start + got)
                 if not n:
                     raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
                 got += n
         return out
 
     def close(self):
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        with self._lock:
+            for fd in self._handles.values():
+                os.close(fd)
+            self._handles.clear()
 
     def __enter__(self):
         return self
