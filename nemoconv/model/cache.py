@@ -61,6 +61,7 @@ class HybridCache:
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, **kw)
         self.seq_len = 0
         self.has_padding = False  # any False in `valid` so far (tracked on the host: no device sync)
+        self._decoder = None      # graphs.StaticDecoder: static decode buffers and CUDA graph (CUDA only)
 
     # ---- positions -------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -85,6 +86,15 @@ class HybridCache:
             t.zero_()
         self.seq_len = 0
         self.has_padding = False
+
+    def static_decoder(self):
+        """The static decode buffers and CUDA graph of this cache (made on first use; see `graphs`).
+        They stay valid through `reset` and `reorder_cache`, which work in place."""
+        if self._decoder is None:
+            from .graphs import StaticDecoder
+
+            self._decoder = StaticDecoder(self.batch_size, self.device)
+        return self._decoder
 
     # ---- per-layer views -------------------------------------------------------------------
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

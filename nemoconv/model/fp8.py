@@ -56,16 +56,28 @@ def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
+def _quantize_padded(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """quantize_fp8 of x2 [m, in] zero-padded to `rows` rows: one fused Triton launch where available."""
+    from . import kernels
+
+    if kernels.backend(x2) == "triton":
+        return kernels.triton_kernels().fused.quantize_fp8(x2, scale, rows)
+    if rows != x2.shape[0]:
+        x2 = F.pad(x2, (0, 0, 0, rows - x2.shape[0]))
+    return quantize_fp8(x2, scale)
+
+
 def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     input_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product on FP8 tensor cores; rows are zero-padded to a multiple of 16 for cuBLASLt."""
+    """The same product on FP8 tensor cores; rows are zero-padded to a multiple of 16 for cuBLASLt.
+
+    The activation is quantized with the static scale in the same stream (no host sync), so the
+    whole linear can sit inside a CUDA graph.
+    """
     *lead, in_features = x.shape
     x2 = x.reshape(-1, in_features)
     rows = x2.shape[0]
-    pad = (-rows) % 16
-    if pad:
-        x2 = F.pad(x2, (0, 0, 0, pad))
-    x_q = quantize_fp8(x2, input_scale)                             # [M, in] fp8, row-major
+    x_q = _quantize_padded(x2, input_scale, rows + (-rows) % 16)   # [M, in] fp8, row-major
     y = torch._scaled_mm(x_q, weight.t(),                           # weight.t(): [in, out], column-major
                          scale_a=input_scale.float().reshape(()), scale_b=weight_scale.float().reshape(()),
                          out_dtype=x.dtype)

@@ -1,15 +1,18 @@
-"""One small function per sequence operation: mamba-ssm's Triton kernels on CUDA, the torch reference elsewhere.
+"""One small function per sequence operation: Triton kernels on CUDA, the torch reference elsewhere.
 
 The model calls only these, so it never branches on the device itself. CUDA uses
-  - `mamba_chunk_scan_combined` (chunked SSD scan) for whole sequences and prefill,
-  - `selective_state_update` for single-token decode,
-  - `rmsnorm_fn` (layernorm_gated) for the grouped gated RMSNorm,
-  - torch's scaled_dot_product_attention (flash / memory-efficient kernels) for attention.
-The depthwise causal conv runs in torch on every device: it is tiny next to the projections, and
-this way the optional causal-conv1d extension is never needed.
+  - mamba-ssm's `mamba_chunk_scan_combined` (chunked SSD scan) for whole sequences and prefill,
+  - mamba-ssm's `selective_state_update` for single-token decode,
+  - mamba-ssm's `rmsnorm_fn` (layernorm_gated) for the grouped gated RMSNorm,
+  - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), relu², the
+    causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A),
+  - torch's scaled_dot_product_attention (flash / memory-efficient kernels) for prefill attention,
+    and a static-shape masked attention over the whole preallocated KV cache for decode, so that a
+    decode step has the same shapes at every position and can be captured in a CUDA graph.
+None of the CUDA paths synchronises with the host.
 
-If mamba-ssm is missing, CUDA tensors fall back to the reference with a one-time warning. Setting
-NEMOCONV_KERNELS=reference forces the reference everywhere (to compare the two on one GPU).
+If mamba-ssm (or Triton) is missing, CUDA tensors fall back to the reference with a one-time warning.
+Setting NEMOCONV_KERNELS=reference forces the reference everywhere (to compare the two on one GPU).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ def _load_submodules():
     ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
+    fused = importlib.import_module(__package__ + ".triton_ops")
     return SimpleNamespace(chunk_scan=ssd.mamba_chunk_scan_combined, state_update=ssu.selective_state_update,
-                           rmsnorm=norm.rmsnorm_fn)
+                           rmsnorm=norm.rmsnorm_fn, fused=fused)
 
 
 def _import_mamba_triton():
@@ -90,15 +94,82 @@ def backend(t: torch.Tensor) -> str:
     return "triton" if _use_triton(t) else "reference"
 
 
+def _fused():
+    return triton_kernels().fused
+
+
+_zeros: dict = {}
+
+
+def _zeros_like_heads(h: int, device) -> torch.Tensor:
+    """A persistent float32 zeros [h] (never allocated while a CUDA graph is being captured)."""
+    key = (h, str(device))
+    z = _zeros.get(key)
+    if z is None:
+        z = torch.zeros(h, device=device, dtype=torch.float32)
+        if not torch.cuda.is_current_stream_capturing():
+            _zeros[key] = z
+    return z
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and activations
+# ---------------------------------------------------------------------------------------------
+def rmsnorm(x, weight, eps):
+    """RMSNorm(x) · weight in float32 → weight's dtype (x is first cast to weight's dtype)."""
+    if _use_triton(x):
+        return _fused().rmsnorm(x, weight, eps)
+    return reference.rmsnorm(x.to(weight.dtype), weight, eps)
+
+
+def add_rmsnorm(residual, delta, weight, eps):
+    """(residual + delta in residual's dtype, RMSNorm of that sum) — the pre-norm of the next block."""
+    if _use_triton(residual):
+        return _fused().rmsnorm(residual, weight, eps, delta=delta)
+    out = residual + delta
+    return out, reference.rmsnorm(out.to(weight.dtype), weight, eps)
+
+
+def relu2(x):
+    """relu(x)², Nemotron-H's MLP activation."""
+    if _use_triton(x):
+        return _fused().relu2(x)
+    return torch.square(F.relu(x))
+
+
+def gated_rmsnorm(y, z, weight, eps, group_size):
+    """RMSNorm(y · silu(z)) per group of `group_size` channels, times weight → y's dtype."""
+    if _use_triton(y):
+        # rmsnorm_fn reads rows at any stride (z is a column slice of in_proj's output): no copies.
+        return triton_kernels().rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+    return reference.gated_rmsnorm(y, z, weight, eps, group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-2: conv and scan
 # ---------------------------------------------------------------------------------------------
 def causal_conv1d_silu(x, weight, bias, conv_state=None):
     """x [b, s, c] → silu(causal depthwise conv) [b, s, c]; conv_state [b, c, k-1] is read and refreshed."""
+    if _use_triton(x):
+        return _fused().conv_silu(x, weight, bias, conv_state)
     return reference.causal_conv1d_silu(x, weight, bias, conv_state)
 
 
 def causal_conv1d_silu_step(x, weight, bias, conv_state):
     """x [b, c] → [b, c]; shifts conv_state [b, c, k-1] by one in place."""
     return reference.causal_conv1d_silu_step(x, weight, bias, conv_state)
+
+
+def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
+    """The element-wise front of a Mamba decode step, in one launch on CUDA.
+
+    xbc [b, c], dt [b, h] raw → (silu(conv step) [b, c], softplus(dt + dt_bias) clamped to dt_limit
+    [b, h] float32, A = -exp(A_log) [h] float32); conv_state [b, c, k-1] shifts by one in place.
+    """
+    if _use_triton(xbc):
+        return _fused().conv_step(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log)
+    out = reference.causal_conv1d_silu_step(xbc, weight, bias, conv_state)
+    return out, F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
 
 
 def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False):
@@ -119,7 +190,7 @@ def ssm_step(state, x, dt, A, B, C, D):
         b, h, p = x.shape
         n = state.shape[-1]
         # The kernel takes per-(head, channel) parameters; stride-0 expansions select its tied-head path.
-        zeros = torch.zeros(h, device=x.device, dtype=torch.float32)
+        zeros = _zeros_like_heads(h, x.device)
         return triton_kernels().state_update(
             state, x, dt.float()[:, :, None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
             B, C, D=D.float()[:, None].expand(h, p), z=None,
@@ -127,14 +198,9 @@ def ssm_step(state, x, dt, A, B, C, D):
     return reference.ssm_step(state, x, dt, A, B, C, D)
 
 
-def gated_rmsnorm(y, z, weight, eps, group_size):
-    """RMSNorm(y · silu(z)) per group of `group_size` channels, times weight → y's dtype."""
-    if _use_triton(y):
-        return triton_kernels().rmsnorm(y.contiguous(), weight, None, z=z.contiguous(), eps=eps,
-                                        group_size=group_size, norm_before_gate=False)
-    return reference.gated_rmsnorm(y, z, weight, eps, group_size)
-
-
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
 def attention(q, k, v, mask, causal):
     """q [b, hq, s, d], k/v [b, hk, t, d], mask [b, 1, s, t] bool or None → [b, hq, s, d]."""
     if q.is_cuda:
@@ -146,3 +212,20 @@ def attention(q, k, v, mask, causal):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
     return reference.attention(q, k, v, mask, causal)
+
+
+def static_decode_ok(q) -> bool:
+    """Whether decode attention can run with static shapes (position read from a device tensor)."""
+    d = q.shape[-1]
+    return _use_triton(q) and d >= 16 and d & (d - 1) == 0
+
+
+def decode_attention(q, keys, values, valid, pos):
+    """One query per row over the whole cache: q [b, hq, d]; keys/values [b, hk, max_len, d]; valid
+    [b, max_len] bool; pos int64 [1] on the device → [b, hq, d] (keys 0 … pos that are valid)."""
+    if static_decode_ok(q):
+        return _fused().decode_attention(q, keys, values, valid, pos)
+    end = int(pos.reshape(-1)[0]) + 1
+    mask = valid[:, None, None, :end]
+    out = attention(q[:, :, None], keys[:, :, :end], values[:, :, :end], mask, False)
+    return out[:, :, 0]

@@ -14,6 +14,7 @@ conv and scan (so they leave the recurrent state untouched) and are never attend
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class _Pass:
     attn_mask: torch.Tensor | None    # [b, 1, s, t] bool, True = may attend; None → see `causal`
     causal: bool                      # plain causal attention over s == t positions (no mask needed)
     decode: bool                      # a single-token step from the cache
+    pos: torch.Tensor | None = None   # int64 [1] on the device: this step's position (static-shape decode)
+    fused: bool = False               # CUDA structure: residual add fused into the next norm, MoE without sync
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,9 +57,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)   # weight applied in fp32, as the reference does
+        return kernels.rmsnorm(x, self.weight, self.eps)   # weight applied in fp32, as the reference does
 
 
 class Embedding(nn.Module):
@@ -90,7 +91,7 @@ class GatedRMSNorm(nn.Module):
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
-    return torch.square(F.relu(x))
+    return kernels.relu2(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +167,11 @@ class MambaMixer(nn.Module):
         conv_state, ssm_state = cache.layer_mamba(self.layer_idx)
         zxbcdt = self.in_proj(hidden[:, 0])                                    # [b, h·p + conv_dim + h]
         z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
-        xbc = kernels.causal_conv1d_silu_step(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        # conv step (state shifted in place), step size softplus(dt + dt_bias) clamped, A = -exp(A_log)
+        xbc, dt, A = kernels.mamba_step_inputs(xbc, dt, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state,
+                                               self.dt_bias, self.dt_limit, self.A_log)
         x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        y = kernels.ssm_step(ssm_state, x.reshape(b, h, p), self._step_size(dt), A,
+        y = kernels.ssm_step(ssm_state, x.reshape(b, h, p), dt, A,
                              B.reshape(b, g, n), C.reshape(b, g, n), self.D)   # [b, h, p]
         y = self.norm(y.reshape(b, self.inner), z)
         return self.out_proj(y)[:, None]                                       # [b, 1, hidden]
@@ -190,6 +192,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.head_dim, spec.hidden_size, bias=bias)
 
     def forward(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        if ctx.pos is not None:
+            return self._static_step(hidden, ctx)
         b, s, _ = hidden.shape
         q = self.q_proj(hidden).view(b, s, self.heads, self.head_dim).transpose(1, 2)     # [b, hq, s, d]
         k = self.k_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, hk, s, d]
@@ -202,6 +206,20 @@ class Attention(nn.Module):
             k, v = keys[:, :, :end], values[:, :, :end]                        # [b, hk, t, d]
         out = kernels.attention(q, k, v, ctx.attn_mask, ctx.causal)           # [b, hq, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def _static_step(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
+        """One token per row with shapes independent of the position (CUDA graphs): the new key and
+        value go to position ctx.pos (a device tensor) and the query attends over the whole cache,
+        masked by `valid` up to that position."""
+        b = hidden.shape[0]
+        q = self.q_proj(hidden).view(b, self.heads, self.head_dim)                        # [b, hq, d]
+        k = self.k_proj(hidden).view(b, self.kv_heads, 1, self.head_dim)                  # [b, hk, 1, d]
+        v = self.v_proj(hidden).view(b, self.kv_heads, 1, self.head_dim)
+        keys, values = ctx.cache.layer_kv(self.layer_idx)                      # [b, hk, max_len, d]
+        keys.index_copy_(2, ctx.pos, k)
+        values.index_copy_(2, ctx.pos, v)
+        out = kernels.decode_attention(q, keys, values, ctx.cache.valid, ctx.pos)           # [b, hq, d]
+        return self.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +289,18 @@ class MoE(nn.Module):
         x = hidden.reshape(-1, shape[-1])                                      # [T, hidden]
         weights, ids = self.gate(x)                                            # [T, k]
         expert_in = self.fc1_latent_proj(x) if self.latent else x              # [T, X]
+        if ctx is not None and ctx.fused and ctx.decode and self.grouped_ok(expert_in):
+            routed = self._routed_grouped(expert_in, weights, ids).to(hidden.dtype)
+        else:
+            routed = self._routed_loop(expert_in, weights, ids).to(hidden.dtype)
+        if self.latent:
+            routed = self.fc2_latent_proj(routed)                              # [T, hidden]
+        return (routed + self.shared_experts(x)).reshape(shape)
+
+    def _routed_loop(self, expert_in: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight · expert(x) in float32, visiting each expert once with the tokens that chose it.
+        Reads the per-expert token counts on the host (one sync)."""
+        x = expert_in
 
         # Visit experts in order, each with the tokens that chose it; sum weighted outputs in fp32.
         k = ids.shape[1]
@@ -287,10 +317,45 @@ class MoE(nn.Module):
                 out = self.experts[e](expert_in[rows]) * weight_of[start:start + count, None]
                 routed.index_add_(0, rows, out.float())
                 start += count
-        routed = routed.to(hidden.dtype)
-        if self.latent:
-            routed = self.fc2_latent_proj(routed)                              # [T, hidden]
-        return (routed + self.shared_experts(x)).reshape(shape)
+        return routed
+
+    # ---- decode without a host sync (CUDA) ---------------------------------------------------
+    def grouped_ok(self, expert_in: torch.Tensor) -> bool:
+        """Whether the experts can run as table-indexed GEMVs: CUDA, unquantized, one dtype, no bias."""
+        first = self.experts[0].up_proj
+        return (expert_in.is_cuda and kernels.backend(expert_in) == "triton"
+                and all(not m.up_proj.quantized and not m.down_proj.quantized and m.up_proj.bias is None
+                        and m.down_proj.bias is None and m.up_proj.weight.dtype == expert_in.dtype
+                        and m.down_proj.weight.dtype == expert_in.dtype for m in self.experts)
+                and first.weight.is_contiguous())
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 tables of the experts' weight addresses (up, down), rebuilt when a weight moves."""
+        key = tuple(m.up_proj.weight.data_ptr() for m in self.experts) + \
+            tuple(m.down_proj.weight.data_ptr() for m in self.experts)
+        cached = self.__dict__.get("_expert_tables")
+        if cached is None or cached[0] != key:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("expert tables must be built before CUDA graph capture")
+            for m in self.experts:
+                if not (m.up_proj.weight.is_contiguous() and m.down_proj.weight.is_contiguous()):
+                    raise RuntimeError("expert weights must be contiguous")
+            device = self.experts[0].up_proj.weight.device
+            e = len(self.experts)
+            table = torch.tensor(key, dtype=torch.int64, device=device)
+            cached = (key, table[:e], table[e:])
+            self.__dict__["_expert_tables"] = cached
+        return cached[1], cached[2]
+
+    def _routed_grouped(self, expert_in: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum with one GEMV per (token, chosen expert), weights found by address: no sync."""
+        up, down = self._tables()
+        fused = kernels.triton_kernels().fused
+        t, k = ids.shape
+        inner, width = self.experts[0].up_proj.weight.shape                    # [I, X]
+        h = fused.expert_gemv(expert_in, ids, up, inner, width, per_pair_input=False)    # [T·k, I] relu²(up)
+        out = fused.expert_gemv(h, ids, down, width, inner, per_pair_input=True)         # [T·k, X]
+        return (out.view(t, k, width).float() * weights[..., None]).sum(1)    # [T, X] float32
 
 
 _MIXERS = {MAMBA: MambaMixer, ATTENTION: Attention, MOE: MoE}
@@ -327,7 +392,12 @@ class Backbone(nn.Module):
 # The language model
 # ---------------------------------------------------------------------------------------------
 class NemotronHLM(nn.Module):
-    """Nemotron-H causal LM. Build it with `build_model` / `load_model` (nemoconv.model)."""
+    """Nemotron-H causal LM. Build it with `build_model` / `load_model` (nemoconv.model).
+
+    On CUDA (with mamba-ssm's and our Triton kernels) decode steps have static shapes and are
+    replayed from CUDA graphs (see `graphs`); set `model.cuda_graphs = False` (or the environment
+    variable NEMOCONV_CUDA_GRAPHS=0) to run the same kernels eagerly.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -339,6 +409,7 @@ class NemotronHLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
         # Multi-token-prediction heads (`mtp.*`) exist only to draft tokens for speculative decoding;
         # they never change the main model's logits, so they are not built (the loader skips them).
+        self.cuda_graphs = os.environ.get("NEMOCONV_CUDA_GRAPHS", "1") != "0"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -355,9 +426,19 @@ class NemotronHLM(nn.Module):
     # ---- shared pieces ---------------------------------------------------------------------
     def _run(self, input_ids: torch.Tensor, ctx: _Pass) -> torch.Tensor:
         hidden = self.backbone.embeddings(input_ids)                           # [b, s, hidden]
-        for layer in self.backbone.layers:
-            hidden = layer(hidden, ctx)
-        return self.backbone.norm_f(hidden.to(self.dtype))
+        layers = self.backbone.layers
+        if not ctx.fused:
+            for layer in layers:
+                hidden = layer(hidden, ctx)
+            return self.backbone.norm_f(hidden.to(self.dtype))
+        # The same blocks, with each residual add fused into the next block's pre-norm (one launch).
+        residual = hidden.float() if self.spec.residual_in_fp32 else hidden
+        normed = kernels.rmsnorm(residual, layers[0].norm.weight, layers[0].norm.eps)
+        for i, layer in enumerate(layers):
+            out = layer.mixer(normed, ctx)
+            norm = layers[i + 1].norm if i + 1 < len(layers) else self.backbone.norm_f
+            residual, normed = kernels.add_rmsnorm(residual, out, norm.weight, norm.eps)
+        return normed
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -381,6 +462,85 @@ class NemotronHLM(nn.Module):
         causal = key_pos <= query_pos                                              # [s, t]
         return (causal & (valid[:, None, :] | (key_pos == query_pos)))[:, None]     # [b, 1, s, t]
 
+    # ---- CUDA fast path --------------------------------------------------------------------
+    def _triton(self) -> bool:
+        return self.device.type == "cuda" and kernels.backend(self.backbone.embeddings.weight) == "triton"
+
+    def _hooked(self) -> bool:
+        """Any forward hook, global or on a module: then modules must run one by one, as written."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
+    def _fused_ok(self) -> bool:
+        return self._triton() and not self._hooked()
+
+    def _static_ok(self) -> bool:
+        """Decode with static shapes (its position a device tensor): CUDA with the Triton kernels."""
+        d = self.spec.head_dim
+        return self._triton() and (ATTENTION not in self.spec.layer_codes or (d >= 16 and d & (d - 1) == 0))
+
+    def _graph_signature(self, fused: bool) -> tuple | None:
+        """The model state a decode graph depends on (every parameter's and buffer's address), or None
+        where graphs are off or cannot hold the step (hooks, FP8 or odd experts)."""
+        if not (self.cuda_graphs and fused):
+            return None
+        probe = self.backbone.embeddings.weight
+        if any(isinstance(layer.mixer, MoE) and not layer.mixer.grouped_ok(probe) for layer in self.backbone.layers):
+            return None
+        return tuple(t.data_ptr() for t in self.parameters()) + tuple(t.data_ptr() for t in self.buffers())
+
+    def _graph_pool(self):
+        pool = self.__dict__.get("_pool")
+        if pool is None:
+            pool = self.__dict__["_pool"] = torch.cuda.graph_pool_handle()
+        return pool
+
+    def _static_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: HybridCache, fused: bool) -> torch.Tensor:
+        """One decode step whose launches do not depend on the position (tokens [b, 1], pos [1] on the device)."""
+        ctx = _Pass(cache=cache, start=cache.seq_len, pad_mask=None, attn_mask=None, causal=False, decode=True,
+                    pos=pos, fused=fused)
+        return self._logits(self._run(tokens, ctx)[:, 0])
+
+    def _decode(self, tokens: torch.Tensor, cache: HybridCache, plan: tuple | None = None):
+        """decode_step without the copy: → (logits, whether logits is a graph's static output buffer).
+        plan = (fused, graph signature) when the caller has checked them already (generate)."""
+        tokens = tokens.to(self.device).reshape(-1, 1)
+        if tokens.shape[0] != cache.batch_size:
+            raise NemoconvError(f"{tokens.shape[0]} tokens but the cache was made for {cache.batch_size} rows")
+        start = cache.reserve(1)
+        if self._static_ok():
+            if plan is None:
+                fused = self._fused_ok()
+                plan = (fused, self._graph_signature(fused))
+            fused, signature = plan
+            decoder = cache.static_decoder()
+            decoder.load(tokens, start)
+            logits, static = decoder.step(lambda t, p: self._static_step(t, p, cache, fused), signature,
+                                          self._graph_pool() if signature is not None else None)
+        else:
+            # A single query sees every earlier key: a mask is needed only to hide left padding.
+            attn = cache.valid[:, None, None, :start + 1] if cache.has_padding else None
+            ctx = _Pass(cache=cache, start=start, pad_mask=None, attn_mask=attn, causal=False, decode=True)
+            logits, static = self._logits(self._run(tokens, ctx)[:, 0]), False
+        cache.advance(1)
+        return logits, static
+
+    def _generation_cache(self, batch_size: int, length: int) -> HybridCache:
+        """A reset cache for generate, kept between calls (with its decode graph) per batch size; its
+        length is rounded up to a multiple of 256 so that nearby lengths share it. At most two kept."""
+        caches = self.__dict__.setdefault("_generation_caches", {})
+        cache = caches.pop(batch_size, None)
+        if cache is None or cache.max_length < length or cache.device != self.device or cache.dtype != self.dtype:
+            cache = None
+            while len(caches) >= 2:
+                caches.pop(next(iter(caches)))
+            cache = self.new_cache(batch_size, -(-length // 256) * 256)
+        else:
+            cache.reset()
+        caches[batch_size] = cache
+        return cache
+
     # ---- public API ------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -390,7 +550,8 @@ class NemotronHLM(nn.Module):
         b, s = input_ids.shape
         pad = self._pad_mask(attention_mask, input_ids.shape, input_ids.device)
         attn = self._attention_mask(pad, 0, s) if pad is not None else None
-        ctx = _Pass(cache=None, start=0, pad_mask=pad, attn_mask=attn, causal=pad is None, decode=False)
+        ctx = _Pass(cache=None, start=0, pad_mask=pad, attn_mask=attn, causal=pad is None, decode=False,
+                    fused=self._fused_ok())
         return self._logits(self._run(input_ids, ctx))
 
     @torch.no_grad()
@@ -411,7 +572,8 @@ class NemotronHLM(nn.Module):
             attn, causal = None, True
         else:
             attn, causal = self._attention_mask(cache.valid[:, :start + s], start, s), False
-        ctx = _Pass(cache=cache, start=start, pad_mask=pad, attn_mask=attn, causal=causal, decode=False)
+        ctx = _Pass(cache=cache, start=start, pad_mask=pad, attn_mask=attn, causal=causal, decode=False,
+                    fused=self._fused_ok())
         hidden = self._run(input_ids, ctx)
         cache.advance(s)
         return self._logits(hidden[:, -1] if last_only else hidden)
@@ -419,16 +581,8 @@ class NemotronHLM(nn.Module):
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """One new token per row (tokens [b] or [b, 1]) from the cache → logits [b, vocab] fp32."""
-        tokens = tokens.to(self.device).reshape(-1, 1)
-        if tokens.shape[0] != cache.batch_size:
-            raise NemoconvError(f"{tokens.shape[0]} tokens but the cache was made for {cache.batch_size} rows")
-        start = cache.reserve(1)
-        # A single query sees every earlier key: a mask is needed only to hide left padding.
-        attn = cache.valid[:, None, None, :start + 1] if cache.has_padding else None
-        ctx = _Pass(cache=cache, start=start, pad_mask=None, attn_mask=attn, causal=False, decode=True)
-        hidden = self._run(tokens, ctx)
-        cache.advance(1)
-        return self._logits(hidden[:, 0])
+        logits, static = self._decode(tokens, cache)
+        return logits.clone() if static else logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, attention_mask: torch.Tensor | None = None,
@@ -452,7 +606,16 @@ class NemotronHLM(nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
 
-        cache = self.new_cache(b, s + max_new_tokens)
+        static = self._static_ok()
+        plan = None
+        if static:
+            # On CUDA: no host sync per step. The cache (and its decode graph) is reused across calls,
+            # and whether every row has finished is read only every 8 steps (the extra steps emit padding).
+            cache = self._generation_cache(b, s + max_new_tokens)
+            fused = self._fused_ok()
+            plan = (fused, self._graph_signature(fused))
+        else:
+            cache = self.new_cache(b, s + max_new_tokens)
         logits = self.prefill(input_ids, cache, attention_mask, last_only=True)        # [b, vocab]
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
@@ -461,9 +624,9 @@ class NemotronHLM(nn.Module):
                 token = torch.where(finished, torch.full_like(token, pad_id), token)
                 finished |= torch.isin(token, eos_t)
             out[:, s + i] = token
-            if i + 1 == max_new_tokens or (eos and bool(finished.all())):
+            if i + 1 == max_new_tokens or (eos and (not static or i % 8 == 7) and bool(finished.all())):
                 break
-            logits = self.decode_step(token, cache)
+            logits = self._decode(token, cache, plan)[0]
         return out
 
     @staticmethod

@@ -142,6 +142,13 @@ def ssm_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
 # ---------------------------------------------------------------------------------------------
 # Norms and attention
 # ---------------------------------------------------------------------------------------------
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) · weight, in float32 (weight applied in fp32, as transformers does) → x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x32).to(x.dtype)
+
+
 def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
     """RMSNorm(y · silu(z)) over groups of `group_size` channels, times weight (gate before norm)."""
     gated = y.float() * F.silu(z.float())

@@ -2,8 +2,11 @@
 
 Builds a sharded bf16 MoE checkpoint of at least --gb gigabytes (random weights, written with nemoconv's
 own streaming writer), then runs, each in a fresh process measured by /usr/bin/time:
-  cp -r SRC (and cp + sync, since nemoconv fsyncs every shard before the atomic rename),
-  nemoconv convert SRC --to nemo (expert merge + transpose: the heaviest path), --to max, nemo → hf.
+  cp -r SRC, nemoconv convert SRC --to nemo (expert merge + transpose: the heaviest path), --to max (mostly
+  kernel-side copies), and nemo → hf (expert split).
+Every timed command ends with `sync` and starts after an untimed `sync`, so each pays for writing its own
+output to disk and none is slowed by the previous one's writeback (without this the numbers swing by 3x on
+a VM disk). Python + torch start-up (~1.4 s here) is inside the nemoconv times.
 Targets (issue 2): peak RSS ≤ 40% of the checkpoint, time ≤ 1.5x cp.  Prints JSON.
 
     python tests/bench/bench_convert.py [--gb 1.6] [--dir /tmp/nemoconv-bench] [--repeat 2]
@@ -53,9 +56,11 @@ def build(directory: Path, gb: float) -> tuple[Path, int]:
 
 
 def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one command in a fresh process."""
+    """Wall seconds (command + sync) and peak RSS bytes of one command in a fresh process."""
+    subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+    subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
@@ -76,7 +81,6 @@ def main() -> None:
     nemoconv = [sys.executable, "-m", "nemoconv.cli", "--quiet", "convert"]
     jobs = {
         "cp": lambda out: ["cp", "-r", str(src), str(out)],
-        "cp+sync": lambda out: ["sh", "-c", f"cp -r {src} {out} && sync"],
         "convert hf→nemo": lambda out: [*nemoconv, str(src), str(out), "--to", "nemo"],
         "convert hf→max": lambda out: [*nemoconv, str(src), str(out), "--to", "max"],
     }
@@ -100,14 +104,13 @@ def main() -> None:
         r["wall_s"].append(round(wall, 3))
         r["peak_rss_bytes"].append(rss)
     cp = statistics.median(results["cp"]["wall_s"])
-    cp_sync = statistics.median(results["cp+sync"]["wall_s"])
     summary = {}
     for name, r in results.items():
         wall = statistics.median(r["wall_s"])
         peak = max(r["peak_rss_bytes"])
         summary[name] = {**r, "median_wall_s": wall, "max_peak_rss_bytes": peak,
                          "rss_fraction_of_checkpoint": round(peak / nbytes, 4),
-                         "time_vs_cp": round(wall / cp, 3), "time_vs_cp_sync": round(wall / cp_sync, 3)}
+                         "time_vs_cp": round(wall / cp, 3)}
     converts = [v for k, v in summary.items() if k.startswith("convert")]
     print(json.dumps({
         "checkpoint_bytes": nbytes,
@@ -116,8 +119,7 @@ def main() -> None:
         "results": summary,
         "targets": {"rss_fraction_max": 0.40, "time_vs_cp_max": 1.5},
         "rss_target_met": all(v["rss_fraction_of_checkpoint"] <= 0.40 for v in converts),
-        "time_target_met_vs_cp": all(v["time_vs_cp"] <= 1.5 for v in converts),
-        "time_target_met_vs_cp_sync": all(v["time_vs_cp_sync"] <= 1.5 for v in converts),
+        "time_target_met": all(v["time_vs_cp"] <= 1.5 for v in converts),
     }, indent=2))
 
 

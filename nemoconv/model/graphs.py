@@ -1,0 +1,71 @@
+"""CUDA graphs for the decode step: one graph per (cache, model state), captured lazily, then replayed.
+
+A decode step has the same shapes at every position once its position is a device tensor (the
+static-shape attention in `kernels.decode_attention` reads it from there), and the hybrid cache never
+moves (it is preallocated), so a whole step — 2 to 20 launches per layer — can be recorded once and
+replayed with one launch. Each cache carries its own `StaticDecoder` (a cache has a fixed batch size,
+so this is one graph per batch size in use), which holds
+    tokens  int64 [b, 1]   static input, copied in before each step (device to device, no sync)
+    pos     int64 [1]      static input, the step's position (a fill, no sync)
+    logits  float32 [b, vocab]  static output of the graph, overwritten by every replay
+The first step of a cache runs eagerly (it compiles every Triton kernel for these shapes and builds
+lazily made state such as the MoE expert tables); the second captures and replays; later ones only
+replay. A graph is valid for the model state it was captured with: `signature` (the address of every
+parameter and buffer) must be unchanged, else the step runs eagerly and captures again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticDecoder:
+    """Static decode buffers and the captured graph of one cache (see the module docstring)."""
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.signature: tuple | None = None       # model state the graph was captured with
+        self.eager_steps = 0                      # eager steps since the last (re)capture
+        self.captures = 0
+        self.replays = 0
+        self.failed: tuple | None = None          # a state whose capture failed: stays eager
+        self.error = ""
+
+    def load(self, tokens: torch.Tensor, start: int) -> None:
+        self.tokens.copy_(tokens.reshape(self.tokens.shape))
+        self.pos.fill_(start)
+
+    def step(self, run, signature: tuple | None, pool) -> tuple[torch.Tensor, bool]:
+        """One step: `run(tokens, pos)` → logits. With a signature, graphs are used (replay, or capture
+        after one eager warm-up step); None runs eagerly. Returns (logits, whether they are the static
+        buffer, which the next replay overwrites)."""
+        if signature is None or signature == self.failed:
+            return run(self.tokens, self.pos), False      # graphs off (the captured one stays valid)
+        if self.graph is not None and signature == self.signature:
+            self.graph.replay()
+            self.replays += 1
+            return self.logits, True
+        if self.eager_steps == 0 or signature != self.signature:
+            self.graph, self.logits = None, None
+            self.signature = signature
+            self.eager_steps = 1
+            return run(self.tokens, self.pos), False
+        # Second step with this state: record it (nothing executes while capturing), then replay.
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                logits = run(self.tokens, self.pos)
+        except Exception as exc:                  # never try this state again; run it eagerly
+            self.failed, self.error = signature, f"{type(exc).__name__}: {exc}"
+            self.graph, self.logits = None, None
+            torch.cuda.synchronize()
+            return run(self.tokens, self.pos), False
+        self.graph, self.logits = graph, logits
+        self.captures += 1
+        self.graph.replay()
+        self.replays += 1
+        return self.logits, True

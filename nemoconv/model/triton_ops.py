@@ -1,0 +1,361 @@
+"""Small fused Triton kernels for the CUDA path (imported only where Triton is; `kernels` dispatches to them).
+
+Each one replaces a chain of tiny torch ops that costs one launch and one pass over memory per op:
+  rmsnorm        [residual += delta;] y = weight · x / rms(x)          (1 launch instead of ~7)
+  relu2          relu(x)²                                                (1 instead of 2)
+  conv_silu      causal depthwise conv + SiLU over a sequence, reading the strided xBC slice of
+                 in_proj's output and the cached left context directly  (1 instead of ~8)
+  conv_step      one decode step of the conv (state shifted in place) + SiLU, and in the same launch
+                 the step size softplus(dt + dt_bias) clamped, and A = -exp(A_log)   (1 instead of ~12)
+  quantize_fp8   x / scale, saturated, rounded to e4m3, rows zero-padded  (1 instead of 5)
+All arithmetic is float32, as in `reference`; results are rounded once, to the output dtype. The
+only other differences from the torch reference are summation order and the exp/log approximations
+(a few ulp of float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _warps(block: int) -> int:
+    return min(max(block // 512, 1), 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm, optionally fused with the residual add that precedes it
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, stride_x, stride_d, stride_r, stride_y, N, eps,
+                    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(DELTA + row * stride_d + cols, mask=mask, other=0.0)
+        r = (x.to(tl.float32) + d.to(tl.float32)).to(R_OUT.dtype.element_ty)   # the residual add, rounded
+        tl.store(R_OUT + row * stride_r + cols, r, mask=mask)
+        x = r
+    xf = x.to(Y.dtype.element_ty).to(tl.float32)          # the norm sees the stream in the model dtype
+    var = tl.sum(xf * xf, axis=0) / N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = w * (xf * tl.rsqrt(var + eps))
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
+    """y = RMSNorm(x) in weight's dtype; with delta, first residual = x + delta (x's dtype) → (residual, y)."""
+    shape = x.shape
+    n = shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=weight.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    if delta is None:
+        _rmsnorm_kernel[(rows,)](x2, x2, x2, y, weight, x2.stride(0), 0, 0, y.stride(0), n, eps,
+                                 HAS_DELTA=False, BLOCK=block, num_warps=_warps(block))
+        return y.reshape(shape)
+    d2 = delta.reshape(-1, n)
+    if d2.stride(-1) != 1:
+        d2 = d2.contiguous()
+    r = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _rmsnorm_kernel[(rows,)](x2, d2, r, y, weight, x2.stride(0), d2.stride(0), r.stride(0), y.stride(0), n, eps,
+                             HAS_DELTA=True, BLOCK=block, num_warps=_warps(block))
+    return r.reshape(shape), y.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# relu²
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _relu2_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.maximum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
+    tl.store(Y + offs, (x * x).to(Y.dtype.element_ty), mask=mask)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    _relu2_kernel[(triton.cdiv(n, 2048),)](x, y, n, BLOCK=2048, num_warps=8)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal depthwise conv + SiLU over a sequence (prefill / whole sequence)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_seq_kernel(X, W, BIAS, STATE, Y, S, C,
+                     stride_xb, stride_xt, stride_wc, stride_sb, stride_sc, stride_sk, stride_yb, stride_yt,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)                 # [BT] positions
+    c = tl.program_id(2) * BC + tl.arange(0, BC)                 # [BC] channels
+    cmask = c < C
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(K):
+        src = t - (K - 1) + j                                    # input position feeding tap j
+        w = tl.load(W + c * stride_wc + j, mask=cmask, other=0.0).to(tl.float32)
+        inx = (src >= 0) & (src < S)
+        v = tl.load(X + b * stride_xb + src[:, None] * stride_xt + c[None, :],
+                    mask=inx[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if HAS_STATE:                                            # positions before the chunk: cached context
+            ins = (src < 0) & (src >= -(K - 1))
+            v += tl.load(STATE + b * stride_sb + c[None, :] * stride_sc + (src[:, None] + (K - 1)) * stride_sk,
+                         mask=ins[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += w[None, :] * v
+    y = acc * tl.sigmoid(acc)
+    tl.store(Y + b * stride_yb + t[:, None] * stride_yt + c[None, :], y.to(Y.dtype.element_ty),
+             mask=(t < S)[:, None] & cmask[None, :])
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              conv_state: torch.Tensor | None) -> torch.Tensor:
+    """x [b, s, c] (channels contiguous, rows any stride), weight [c, k] → silu(conv) [b, s, c] contiguous.
+
+    conv_state [b, c, k-1], if given, is the left context and is then replaced by the last k-1 inputs.
+    """
+    b, s, c = x.shape
+    k = weight.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
+    bt, bc = 16, 256
+    st = conv_state if conv_state is not None else y
+    _conv_seq_kernel[(b, triton.cdiv(s, bt), triton.cdiv(c, bc))](
+        x, weight, bias if bias is not None else weight, st, y, s, c,
+        x.stride(0), x.stride(1), weight.stride(0),
+        st.stride(0) if conv_state is not None else 0, st.stride(1) if conv_state is not None else 0,
+        st.stride(2) if conv_state is not None else 0, y.stride(0), y.stride(1),
+        K=k, HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, BT=bt, BC=bc, num_warps=4)
+    if conv_state is not None:
+        # The new context: the last k-1 inputs, reaching back into the old context when s < k-1.
+        window = torch.cat([conv_state, x.transpose(1, 2)[:, :, max(0, s - (k - 1)):].to(conv_state.dtype)], dim=-1)
+        conv_state.copy_(window[:, :, window.shape[-1] - (k - 1):])
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# One decode step of the conv, plus the step size and A, for a Mamba layer
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_step_kernel(XBC, DT, W, BIAS, STATE, Y, DT_BIAS, DT_OUT, A_LOG, A_OUT,
+                      C, H, dt_min, dt_max,
+                      stride_xb, stride_dtb, stride_wc, stride_sb, stride_sc, stride_sk, stride_yb, stride_db,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    c = pid * BC + tl.arange(0, BC)
+    cmask = c < C
+    x_new = tl.load(XBC + b * stride_xb + c, mask=cmask, other=0.0)
+    acc = tl.zeros((BC,), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
+    state = STATE + b * stride_sb + c * stride_sc
+    prev = tl.load(state, mask=cmask, other=0.0)                # oldest cached input (tap 0)
+    for j in tl.static_range(K - 1):
+        w = tl.load(W + c * stride_wc + j, mask=cmask, other=0.0).to(tl.float32)
+        acc += w * prev.to(tl.float32)
+        if j + 1 < K - 1:
+            nxt = tl.load(state + (j + 1) * stride_sk, mask=cmask, other=0.0)
+        else:
+            nxt = x_new.to(STATE.dtype.element_ty)
+        tl.store(state + j * stride_sk, nxt, mask=cmask)          # shift the context left by one
+        prev = nxt
+    w_last = tl.load(W + c * stride_wc + (K - 1), mask=cmask, other=0.0).to(tl.float32)
+    acc += w_last * prev.to(tl.float32)
+    tl.store(Y + b * stride_yb + c, (acc * tl.sigmoid(acc)).to(Y.dtype.element_ty), mask=cmask)
+    if pid == 0:
+        h = tl.arange(0, BH)
+        hmask = h < H
+        v = tl.load(DT + b * stride_dtb + h, mask=hmask, other=0.0).to(tl.float32) \
+            + tl.load(DT_BIAS + h, mask=hmask, other=0.0).to(tl.float32)
+        e = tl.exp(tl.minimum(v, 20.0))
+        u = 1.0 + e
+        sp = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))   # log1p(e), accurate for small e
+        sp = tl.where(v > 20.0, v, sp)                             # torch's softplus threshold
+        sp = tl.minimum(tl.maximum(sp, dt_min), dt_max)
+        tl.store(DT_OUT + b * stride_db + h, sp, mask=hmask)
+        if b == 0:
+            a = tl.load(A_LOG + h, mask=hmask, other=0.0).to(tl.float32)
+            tl.store(A_OUT + h, -tl.exp(a), mask=hmask)
+
+
+def conv_step(xbc: torch.Tensor, dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              conv_state: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float],
+              A_log: torch.Tensor):
+    """xbc [b, c], dt [b, h] (rows any stride) → (silu(conv) [b, c], step size [b, h] fp32, A [h] fp32).
+
+    conv_state [b, c, k-1] shifts left by one in place.
+    """
+    b, c = xbc.shape
+    h = dt.shape[1]
+    k = weight.shape[-1]
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(b, c, dtype=xbc.dtype, device=xbc.device)
+    dt_out = torch.empty(b, h, dtype=torch.float32, device=xbc.device)
+    a_out = torch.empty(h, dtype=torch.float32, device=xbc.device)
+    bc = 512
+    dt_max = min(float(dt_limit[1]), 3.0e38)
+    _conv_step_kernel[(b, triton.cdiv(c, bc))](
+        xbc, dt, weight, bias if bias is not None else weight, conv_state, y, dt_bias, dt_out, A_log, a_out,
+        c, h, float(dt_limit[0]), dt_max,
+        xbc.stride(0), dt.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+        conv_state.stride(2), y.stride(0), dt_out.stride(0),
+        K=k, HAS_BIAS=bias is not None, BC=bc, BH=triton.next_power_of_2(h), num_warps=4)
+    return y, dt_out, a_out
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 activation quantization (per-tensor static scale), rows zero-padded for cuBLASLt
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _quantize_fp8_kernel(X, SCALE, Y, M, N, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=cmask & (row < M), other=0.0).to(tl.float32)
+    s = tl.load(SCALE).to(tl.float32)
+    q = tl.math.div_rn(x, s)                                     # IEEE division, as torch's x / scale
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    tl.store(Y + row * stride_y + cols, q.to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cmask)
+
+
+def quantize_fp8(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """x2 [m, n] → fp8 [rows, n] (rows ≥ m; the extra rows are zeros) = e4m3(clamp(x / scale, ±448))."""
+    m, n = x2.shape
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=x2.device)
+    block = min(2048, triton.next_power_of_2(n))
+    _quantize_fp8_kernel[(rows, triton.cdiv(n, block))](x2, scale, y, m, n, x2.stride(0), y.stride(0),
+                                                         BLOCK=block, num_warps=4)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts without a host sync: one GEMV per (token, chosen expert), weights found through a
+# table of per-expert base addresses (no stacked copy of the experts)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _expert_gemv_kernel(X, IDS, TABLE, Y, O, I, stride_x, stride_y, TOPK: tl.constexpr,
+                        PER_PAIR: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)                         # token · k + slot
+    ob = tl.program_id(1)
+    token = pair // TOPK
+    e = tl.load(IDS + pair)
+    w_ptr = tl.load(TABLE + e).to(tl.pointer_type(Y.dtype.element_ty))
+    if PER_PAIR:
+        x_row = X + pair * stride_x                              # down projection: one hidden row per pair
+    else:
+        x_row = X + token * stride_x
+    o = ob * BO + tl.arange(0, BO)
+    omask = o < O
+    acc = tl.zeros((BO,), dtype=tl.float32)
+    for i0 in range(0, I, BI):
+        i = i0 + tl.arange(0, BI)
+        imask = i < I
+        x = tl.load(x_row + i, mask=imask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + o[:, None].to(tl.int64) * I + i[None, :], mask=omask[:, None] & imask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    if PER_PAIR:
+        out = acc
+    else:
+        r = tl.maximum(acc.to(Y.dtype.element_ty).to(tl.float32), 0.0)   # round like the GEMM output, then relu²
+        out = r * r
+    tl.store(Y + pair * stride_y + o, out.to(Y.dtype.element_ty), mask=omask)
+
+
+def expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, out_features: int, in_features: int,
+                per_pair_input: bool) -> torch.Tensor:
+    """x [T, in] (or [T·k, in] when per_pair_input) · W[ids]ᵀ → [T·k, out]; W of expert e lives at table[e].
+
+    Without per_pair_input the output is relu²(x Wᵀ) (the experts' up projection and activation);
+    with it, the plain product (their down projection).
+    """
+    pairs = ids.numel()
+    topk = ids.shape[-1]
+    x = x.contiguous()
+    y = torch.empty(pairs, out_features, dtype=x.dtype, device=x.device)
+    bo, bi = 16, 256
+    _expert_gemv_kernel[(pairs, triton.cdiv(out_features, bo))](
+        x, ids.reshape(-1), table, y, out_features, in_features, x.stride(0), y.stride(0),
+        TOPK=topk, PER_PAIR=per_pair_input, BO=bo, BI=bi, num_warps=4)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention: one query per row over the preallocated KV cache, grouped KV heads, no copies.
+# The number of keys read comes from a device tensor, so one compiled launch serves every position
+# (and a CUDA graph can replay it); keys with valid == False (left padding) are masked out.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attention_kernel(Q, K, V, VALID, POS, O, HK, scale,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
+                             stride_vb, stride_vh, stride_vl, stride_valid, stride_ob, stride_oh,
+                             REP: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // HK).to(tl.int64)
+    g = pid % HK
+    r = tl.arange(0, BR)
+    d = tl.arange(0, D)
+    rmask = r < REP
+    heads = g * REP + r
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    n = (tl.load(POS) + 1).to(tl.int32)                              # keys 0 … pos
+    m_i = tl.full((BR,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BR,), dtype=tl.float32)
+    acc = tl.zeros((BR, D), dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    for start in range(0, n, BL):
+        pos = start + tl.arange(0, BL)
+        pmask = pos < n
+        ok = tl.load(VALID + b * stride_valid + pos, mask=pmask, other=0).to(tl.int1) & pmask
+        k = tl.load(k_base + pos[None, :] * stride_kl + d[:, None], mask=pmask[None, :], other=0.0)   # [D, BL]
+        s = tl.dot(q, k, input_precision=PRECISION) * scale                                        # [BR, BL]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # a fully masked block adds nothing
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + pos[:, None] * stride_vl + d[None, :], mask=pmask[:, None], other=0.0)  # [BL, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+                     pos: torch.Tensor) -> torch.Tensor:
+    """q [b, hq, d]; keys/values [b, hk, max_len, d] (the cache); valid [b, max_len] bool; pos int64 [1]
+    (this token's position: keys 0 … pos are attended) → [b, hq, d]."""
+    b, hq, d = q.shape
+    hk = keys.shape[1]
+    rep = hq // hk
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else None     # IEEE fp32 products for a float32 model
+    _decode_attention_kernel[(b * hk,)](
+        q, keys, values, valid, pos, out, hk, d ** -0.5,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), valid.stride(0), out.stride(0), out.stride(1),
+        REP=rep, BR=max(16, triton.next_power_of_2(rep)), D=d, BL=64 if q.dtype != torch.float32 else 32,
+        PRECISION=precision, num_warps=4)
+    return out
