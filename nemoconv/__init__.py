@@ -13,6 +13,7 @@ from .convert import convert  # noqa: E402
 from .errors import NemoconvError, VerificationFailed  # noqa: E402
 # Imported eagerly: the submodules share the functions' names, and a lazy import would rebind
 # `nemoconv.verify` from the function to the module.
+from .quantize import quantize  # noqa: E402
 from .verify import verify  # noqa: E402
 
 
@@ -21,13 +22,6 @@ def load_model(path, device="cpu", dtype=None, **kwargs):
     from .model import load_model as _load_model
 
     return _load_model(path, device=device, dtype=dtype, **kwargs)
-
-
-def quantize(src, out, **kwargs):
-    """Per-tensor static FP8 in ModelOpt's format (see nemoconv.quantize)."""
-    from .quantize import quantize as _quantize
-
-    return _quantize(src, out, **kwargs)
 
 
 __all__ = ["Checkpoint", "NemoconvError", "VerificationFailed", "convert", "load_model", "open_checkpoint",

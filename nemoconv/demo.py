@@ -26,7 +26,7 @@ def run_demo(directory: str | Path | None = None, kind: str = "moe", console=Non
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="nemoconv-demo-"))
     check_output_free(root, overwrite=False)
     root.mkdir(parents=True, exist_ok=True)
-    src = write_tiny_checkpoint(root / "source-hf", kind, dtype=torch.bfloat16)
+    src = write_tiny_checkpoint(root / "source-hf", kind, dtype=torch.bfloat16, trained_like=True)
     _say(console, f"[bold]built[/bold] tiny {kind} Nemotron-H checkpoint (bf16, pattern "
                   f"{open_checkpoint(src).spec.layer_codes}) in {src}")
     results: dict = {"directory": str(root), "steps": []}

@@ -63,10 +63,18 @@ def tiny_config(kind: str = "moe", **overrides) -> dict:
     return cfg
 
 
-def random_tensors(spec, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Weights with realistic magnitudes, so logits and routing are non-degenerate."""
+def random_tensors(spec, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   trained_like: bool = False) -> dict[str, torch.Tensor]:
+    """Weights with realistic magnitudes, so logits and routing are non-degenerate.
+
+    `trained_like`: condition the network like a trained one. Plain random networks are chaotic (1 % noise on
+    one in_proj can drop a position's logit cosine to 0.33), which no FP8 quantizer can pass. Here each
+    layer's update to the residual stream is small (output projections × 0.25), logits have a clear
+    favourite (lm_head × 3 more), and routed experts share most of their weights (a common base plus 0.3 of
+    their own deviation), so a routing flip moves the output a little, as in a trained MoE."""
     g = torch.Generator().manual_seed(seed)
     out = {}
+    expert_base: dict = {}
     for name, shape in {**spec.hf_shapes(), **spec.mtp_shapes()}.items():
         leaf = name.rsplit(".", 1)[-1] if not name.endswith(".weight") else name.rsplit(".", 2)[-2] + ".weight"
         if name.endswith("A_log"):
@@ -89,17 +97,33 @@ def random_tensors(spec, seed: int = 0, dtype: torch.dtype = torch.float32) -> d
                 t = torch.randn(shape, generator=g)
             elif name == "lm_head.weight":
                 t = t * 4.0  # logits with a clear favourite, like a trained model's, not a flat distribution
+        if trained_like:
+            t = _condition(name, t, expert_base)
         out[name] = t.to(dtype).contiguous()
     return out
 
 
+def _condition(name: str, t: torch.Tensor, expert_base: dict) -> torch.Tensor:
+    import re
+
+    if name.endswith(("out_proj.weight", "down_proj.weight", "o_proj.weight", "fc2_latent_proj.weight")):
+        t = t * 0.25
+    if name == "lm_head.weight":
+        t = t * 3.0
+    m = re.match(r"(.*\.experts)\.\d+\.(up_proj|down_proj)\.weight$", name)
+    if m:
+        first = expert_base.setdefault(m.groups(), t)
+        t = first + 0.3 * (t - first)
+    return t
+
+
 def write_tiny_checkpoint(directory: str | Path, kind: str = "moe", dtype: torch.dtype = torch.float32,
-                          seed: int = 0, **overrides) -> Path:
+                          seed: int = 0, trained_like: bool = False, **overrides) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(kind, **overrides)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     spec = parse_config(cfg)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    write_single_file(directory / "model.safetensors", random_tensors(spec, seed, dtype), {"format": "pt"})
+    write_single_file(directory / "model.safetensors", random_tensors(spec, seed, dtype, trained_like), {"format": "pt"})
     return directory

@@ -77,14 +77,32 @@ def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     *lead, in_features = x.shape
     x2 = x.reshape(-1, in_features)
     rows = x2.shape[0]
-    x_q = _quantize_padded(x2, input_scale, rows + (-rows) % 16)   # [M, in] fp8, row-major
+    x_q = _quantize_padded(x2, input_scale, padded_rows(rows))     # [M, in] fp8, row-major
+    return fp8_matmul_quantized(x_q, rows, lead, weight, weight_scale, input_scale, bias, x.dtype)
+
+
+def padded_rows(rows: int) -> int:
+    """Rows of the quantized activation handed to cuBLASLt (a multiple of 16)."""
+    return rows + (-rows) % 16
+
+
+def fp8_matmul_quantized(x_q: torch.Tensor, rows: int, lead, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         input_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM of fp8_linear_cuda on an activation already quantized (x_q [padded_rows(rows), in] fp8,
+    e.g. by the RMSNorm or relu² kernel that produced it) → [*lead, out] in out_dtype."""
     y = torch._scaled_mm(x_q, weight.t(),                           # weight.t(): [in, out], column-major
                          scale_a=input_scale.float().reshape(()), scale_b=weight_scale.float().reshape(()),
-                         out_dtype=x.dtype)
+                         out_dtype=out_dtype)
     y = y[:rows]
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, weight.shape[0])
+
+
+def prequantize_ok(linear: "Linear", x: torch.Tensor) -> bool:
+    """Whether `linear` can take an activation quantized by the kernel that produced x (CUDA FP8 GEMM)."""
+    return (linear.quantized and _scaled_mm_ok(x, linear.weight) and (x.device.index, x.dtype) not in _scaled_mm_failed
+            and not (linear._forward_hooks or linear._forward_pre_hooks))
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

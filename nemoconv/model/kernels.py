@@ -130,6 +130,17 @@ def add_rmsnorm(residual, delta, weight, eps):
     return out, reference.rmsnorm(out.to(weight.dtype), weight, eps)
 
 
+def rmsnorm_fp8(residual, delta, weight, eps, input_scale, rows):
+    """CUDA only: rmsnorm (delta None) or add_rmsnorm, plus the normed rows quantized to FP8 for the
+    next linear ([rows, n], zero-padded) in the same launch → (…as before…, x_q)."""
+    return _fused().rmsnorm(residual, weight, eps, delta=delta, quant=(input_scale, rows))
+
+
+def relu2_fp8(x2, input_scale, rows):
+    """CUDA only: quantize_fp8(relu2(x2)) [rows, n] (zero-padded) in one launch."""
+    return _fused().relu2_fp8(x2, input_scale, rows)
+
+
 def relu2(x):
     """relu(x)², Nemotron-H's MLP activation."""
     if _use_triton(x):

@@ -26,6 +26,7 @@ from ..config import MLP as MLP_CODE
 from ..errors import NemoconvError
 from . import kernels
 from .cache import HybridCache
+from . import fp8
 from .fp8 import Linear
 
 
@@ -41,6 +42,7 @@ class _Pass:
     decode: bool                      # a single-token step from the cache
     pos: torch.Tensor | None = None   # int64 [1] on the device: this step's position (static-shape decode)
     fused: bool = False               # CUDA structure: residual add fused into the next norm, MoE without sync
+    prequant: tuple | None = None     # (normed hidden, its FP8 quantization for the mixer's first linear)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +96,15 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
     return kernels.relu2(x)
 
 
+def _input_linear(lin: Linear, x: torch.Tensor, ctx: _Pass | None) -> torch.Tensor:
+    """lin(x), using the FP8 activation the preceding norm kernel already produced for x, if any."""
+    pre = ctx.prequant if ctx is not None else None
+    if pre is not None and pre[0] is x:
+        return fp8.fp8_matmul_quantized(pre[1], x.numel() // x.shape[-1], x.shape[:-1], lin.weight, lin.weight_scale,
+                                        lin.input_scale, lin.bias, x.dtype)
+    return lin(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mamba-2 mixer
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +139,7 @@ class MambaMixer(nn.Module):
         return F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
 
     def forward(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
-        return self._step(hidden, ctx.cache) if ctx.decode else self._sequence(hidden, ctx)
+        return self._step(hidden, ctx) if ctx.decode else self._sequence(hidden, ctx)
 
     def _sequence(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
         """Whole sequence (no cache) or prefill (state read from and written back to the cache)."""
@@ -137,7 +148,7 @@ class MambaMixer(nn.Module):
         pad = ctx.pad_mask[..., None] if ctx.pad_mask is not None else None    # [b, s, 1]
         if pad is not None:
             hidden = hidden.masked_fill(~pad, 0.0)
-        zxbcdt = self.in_proj(hidden)                                          # [b, s, h·p + conv_dim + h]
+        zxbcdt = _input_linear(self.in_proj, hidden, ctx)                      # [b, s, h·p + conv_dim + h]
         z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
         if pad is not None:
             # Padding must enter the conv as zeros (the zero left context of an unpadded row), even with
@@ -160,12 +171,12 @@ class MambaMixer(nn.Module):
         y = self.norm(y.reshape(b, s, self.inner), z)                          # gate, then grouped RMSNorm
         return self.out_proj(y)                                                # [b, s, hidden]
 
-    def _step(self, hidden: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    def _step(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
         """Single-token decode from the cache: hidden [b, 1, hidden]."""
         b = hidden.shape[0]
         h, p, g, n = self.heads, self.head_dim, self.groups, self.state_size
-        conv_state, ssm_state = cache.layer_mamba(self.layer_idx)
-        zxbcdt = self.in_proj(hidden[:, 0])                                    # [b, h·p + conv_dim + h]
+        conv_state, ssm_state = ctx.cache.layer_mamba(self.layer_idx)
+        zxbcdt = _input_linear(self.in_proj, hidden, ctx)[:, 0]                # [b, h·p + conv_dim + h]
         z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
         # conv step (state shifted in place), step size softplus(dt + dt_bias) clamped, A = -exp(A_log)
         xbc, dt, A = kernels.mamba_step_inputs(xbc, dt, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state,
@@ -234,7 +245,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(inner, in_size, bias=bias)
 
     def forward(self, x: torch.Tensor, ctx: _Pass | None = None) -> torch.Tensor:
-        return self.down_proj(relu2(self.up_proj(x)))
+        h = _input_linear(self.up_proj, x, ctx)
+        if ctx is not None and ctx.fused and fp8.prequantize_ok(self.down_proj, h):
+            # relu² and the FP8 quantization of down_proj's input in one launch
+            rows = h.numel() // h.shape[-1]
+            h_q = kernels.relu2_fp8(h.reshape(rows, h.shape[-1]), self.down_proj.input_scale, fp8.padded_rows(rows))
+            down = self.down_proj
+            return fp8.fp8_matmul_quantized(h_q, rows, h.shape[:-1], down.weight, down.weight_scale, down.input_scale,
+                                            down.bias, h.dtype)
+        return self.down_proj(relu2(h))
 
 
 class Router(nn.Module):
@@ -432,13 +451,39 @@ class NemotronHLM(nn.Module):
                 hidden = layer(hidden, ctx)
             return self.backbone.norm_f(hidden.to(self.dtype))
         # The same blocks, with each residual add fused into the next block's pre-norm (one launch).
+        # Where the next mixer starts with an FP8 linear, the norm kernel also quantizes its input.
         residual = hidden.float() if self.spec.residual_in_fp32 else hidden
-        normed = kernels.rmsnorm(residual, layers[0].norm.weight, layers[0].norm.eps)
+        lin = self._fp8_input(layers[0].mixer, residual, ctx)
+        if lin is None:
+            normed = kernels.rmsnorm(residual, layers[0].norm.weight, layers[0].norm.eps)
+        else:
+            normed, x_q = kernels.rmsnorm_fp8(residual, None, layers[0].norm.weight, layers[0].norm.eps,
+                                              lin.input_scale, fp8.padded_rows(residual.numel() // residual.shape[-1]))
+            ctx.prequant = (normed, x_q)
         for i, layer in enumerate(layers):
             out = layer.mixer(normed, ctx)
-            norm = layers[i + 1].norm if i + 1 < len(layers) else self.backbone.norm_f
-            residual, normed = kernels.add_rmsnorm(residual, out, norm.weight, norm.eps)
+            last = i + 1 == len(layers)
+            norm = self.backbone.norm_f if last else layers[i + 1].norm
+            lin = None if last else self._fp8_input(layers[i + 1].mixer, out, ctx)
+            if lin is None:
+                residual, normed = kernels.add_rmsnorm(residual, out, norm.weight, norm.eps)
+            else:
+                residual, normed, x_q = kernels.rmsnorm_fp8(residual, out, norm.weight, norm.eps, lin.input_scale,
+                                                            fp8.padded_rows(out.numel() // out.shape[-1]))
+                ctx.prequant = (normed, x_q)
         return normed
+
+    @staticmethod
+    def _fp8_input(mixer: nn.Module, x: torch.Tensor, ctx: _Pass) -> Linear | None:
+        """The FP8 linear a mixer applies first to its input, if the norm before it can quantize for it
+        (MLP up_proj; Mamba in_proj unless padding must be masked first)."""
+        if isinstance(mixer, MLP):
+            lin = mixer.up_proj
+        elif isinstance(mixer, MambaMixer) and ctx.pad_mask is None:
+            lin = mixer.in_proj
+        else:
+            return None
+        return lin if lin.weight.dtype == fp8.FP8_DTYPE and fp8.prequantize_ok(lin, x) else None
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -28,11 +28,12 @@ def _warps(block: int) -> int:
 # RMSNorm, optionally fused with the residual add that precedes it
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, stride_x, stride_d, stride_r, stride_y, N, eps,
-                    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, stride_r, stride_y, stride_q, N, eps,
+                    HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
+    real = row < M                                    # rows ≥ M exist only as zero padding of Q
+    mask = (cols < N) & real
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(DELTA + row * stride_d + cols, mask=mask, other=0.0)
@@ -42,12 +43,21 @@ def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, stride_x, stride_d, stride_r, stride_
     xf = x.to(Y.dtype.element_ty).to(tl.float32)          # the norm sees the stream in the model dtype
     var = tl.sum(xf * xf, axis=0) / N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = w * (xf * tl.rsqrt(var + eps))
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    y = (w * (xf * tl.rsqrt(var + eps))).to(Y.dtype.element_ty)
+    tl.store(Y + row * stride_y + cols, y, mask=mask)
+    if HAS_Q:                                         # the FP8 input of the next linear, as fp8.quantize_fp8
+        q = tl.math.div_rn(y.to(tl.float32), tl.load(Q_SCALE).to(tl.float32))
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cols < N)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
-    """y = RMSNorm(x) in weight's dtype; with delta, first residual = x + delta (x's dtype) → (residual, y)."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
+            quant: tuple[torch.Tensor, int] | None = None):
+    """y = RMSNorm(x) in weight's dtype; with delta, first residual = x + delta (x's dtype) → (residual, y).
+
+    With quant = (input_scale, rows_padded), also returns y quantized to FP8 for the next linear
+    ([rows_padded, n], zero rows past the real ones), as the last element.
+    """
     shape = x.shape
     n = shape[-1]
     x2 = x.reshape(-1, n)
@@ -56,17 +66,25 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=weight.dtype, device=x.device)
     block = triton.next_power_of_2(n)
-    if delta is None:
-        _rmsnorm_kernel[(rows,)](x2, x2, x2, y, weight, x2.stride(0), 0, 0, y.stride(0), n, eps,
-                                 HAS_DELTA=False, BLOCK=block, num_warps=_warps(block))
-        return y.reshape(shape)
-    d2 = delta.reshape(-1, n)
-    if d2.stride(-1) != 1:
-        d2 = d2.contiguous()
-    r = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _rmsnorm_kernel[(rows,)](x2, d2, r, y, weight, x2.stride(0), d2.stride(0), r.stride(0), y.stride(0), n, eps,
-                             HAS_DELTA=True, BLOCK=block, num_warps=_warps(block))
-    return r.reshape(shape), y.reshape(shape)
+    if delta is not None:
+        d2 = delta.reshape(-1, n)
+        if d2.stride(-1) != 1:
+            d2 = d2.contiguous()
+        r = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    else:
+        d2 = r = x2
+    if quant is not None:
+        scale, grid = quant[0], quant[1]
+        q = torch.empty(grid, n, dtype=torch.float8_e4m3fn, device=x.device)
+    else:
+        scale, grid, q = x2, rows, x2
+    _rmsnorm_kernel[(grid,)](x2, d2, r, y, weight, q, scale, rows, x2.stride(0), d2.stride(0), r.stride(0),
+                             y.stride(0), q.stride(0), n, eps, HAS_DELTA=delta is not None, HAS_Q=quant is not None,
+                             BLOCK=block, num_warps=_warps(block))
+    out = (y.reshape(shape),) if delta is None else (r.reshape(shape), y.reshape(shape))
+    if quant is not None:
+        out = out + (q,)
+    return out[0] if len(out) == 1 else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +104,30 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     _relu2_kernel[(triton.cdiv(n, 2048),)](x, y, n, BLOCK=2048, num_warps=8)
     return y
+
+
+@triton.jit
+def _relu2_fp8_kernel(X, SCALE, Q, M, N, stride_x, stride_q, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < N
+    x = tl.maximum(tl.load(X + row * stride_x + cols, mask=cmask & (row < M), other=0.0).to(tl.float32), 0.0)
+    sq = (x * x).to(X.dtype.element_ty).to(tl.float32)          # relu² rounded as relu2() returns it
+    q = tl.math.div_rn(sq, tl.load(SCALE).to(tl.float32))
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cmask)
+
+
+def relu2_fp8(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """quantize_fp8(relu2(x2), scale) in one launch: x2 [m, n] → fp8 [rows, n], zero rows past m."""
+    m, n = x2.shape
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q = torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=x2.device)
+    block = min(2048, triton.next_power_of_2(n))
+    _relu2_fp8_kernel[(rows, triton.cdiv(n, block))](x2, scale, q, m, n, x2.stride(0), q.stride(0),
+                                                     BLOCK=block, num_warps=4)
+    return q
 
 
 # ---------------------------------------------------------------------------------------------

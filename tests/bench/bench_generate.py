@@ -307,6 +307,30 @@ def quantize_default_preset(model, calib_ids) -> int:
     return len(targets)
 
 
+def profile_prefill(model, ids, device, path: Path | None) -> dict:
+    """torch.profiler over one prefill: where the time of a long prompt goes, by kernel."""
+    if device.type != "cuda" or path is None:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    model.prefill(ids, cache, last_only=True)
+    cache.reset()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.prefill(ids, cache, last_only=True)
+        sync(device)
+    avg = prof.key_averages()
+    with open(path / "profile_prefill.txt", "a") as f:
+        f.write(f"==== prefill of {ids.shape[1]} tokens, b{ids.shape[0]} ====\n"
+                f"{avg.table(sort_by='self_device_time_total', row_limit=40)}\n")
+    events = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    return {"device_us": round(total, 1), "kernels": sum(e.count for e in events),
+            "top": [(e.key[:60], round(e.self_device_time_total, 1), e.count)
+                    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
+
+
 def profile_decode(model, ids, device, path: Path | None) -> dict:
     """torch.profiler over decode steps: eager (graphs off: one row per kernel launch) and graph replays."""
     if device.type != "cuda" or path is None:
@@ -414,6 +438,8 @@ def main() -> None:
         d = decoder.static_decoder()
         res["graph_stats_b1"] = {"captures": d.captures, "replays": d.replays, "error": d.error}
     res["profile_bf16"] = section("profile_bf16", lambda: profile_decode(model, ids[1], device, args.profile_dir))
+    res["profile_prefill"] = section("profile_prefill",
+                                     lambda: profile_prefill(model, ids_prefill, device, args.profile_dir))
 
     theirs: dict = {}
     if not args.skip_hf:
@@ -466,7 +492,7 @@ def main() -> None:
     met["greedy_identity"] = all(v and v.get("identical") for v in idt.values())
     c = res.get("ceilings") or {}
     if c:
-        bw = c["d2d_copy_TB_s_read_plus_write"] / 2 * 1e12               # read bandwidth, bytes/s
+        bw = c["d2d_copy_TB_s_read_plus_write"] * 1e12    # bytes moved per second by a copy: ~ what a pure read gets
         res["floors"] = {"decode_b1_tok_s_at_copy_bandwidth": round(bw / res["weight_bytes_per_decode_step"], 1)}
         if res.get("weight_bytes_per_decode_step_fp8"):
             res["floors"]["fp8_decode_b1_tok_s_at_copy_bandwidth"] = round(

@@ -167,6 +167,55 @@ def run_case(kind: str, dtype: torch.dtype, fp8: bool = False) -> dict:
     return out
 
 
+def moe_parity() -> dict:
+    """Diagnosis for tests/gpu/test_cuda_model.py's float32 MoE model: the fast CUDA path vs the CPU
+    reference, per position, beside each MoE layer's routing (GPU vs CPU) and the CPU's routing margin
+    where they differ (a near tie flips on any rounding difference)."""
+    from nemoconv.model.modeling import MoE
+    import test_cuda_model as cm
+
+    ids, mask = cm.inputs()
+    real = mask.bool()
+
+    def routed(model):
+        seen = {}
+        hooks = [layer.mixer.gate.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(i, (o[1].cpu(), a[0].detach().float().cpu())))
+            for i, layer in enumerate(model.backbone.layers) if isinstance(layer.mixer, MoE)]
+        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).cpu()
+        for h in hooks:
+            h.remove()
+        return logits, seen
+
+    cpu = cm.build("cpu", torch.float32)
+    gpu = cm.build(DEVICE, torch.float32)
+    cpu_logits, cpu_routes = routed(cpu)
+    hooked_logits, gpu_routes = routed(gpu)              # hooks: module by module, same kernels
+    fast_logits = gpu(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).cpu()
+    with reference_kernels():
+        ref_logits = gpu(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).cpu()
+    out = {"fast_vs_cpu": compare(fast_logits[real], cpu_logits[real]),
+           "hooked_vs_cpu": compare(hooked_logits[real], cpu_logits[real]),
+           "gpu_reference_kernels_vs_cpu": compare(ref_logits[real], cpu_logits[real])}
+    err = ((fast_logits - cpu_logits).abs().amax(-1) * real).flatten()
+    top = err.topk(6)
+    out["worst_positions_fast_vs_cpu"] = [(int(i) // cm.SEQ, int(i) % cm.SEQ, round(float(v), 5))
+                                          for v, i in zip(top.values, top.indices)]
+    flips = []
+    for layer, (cpu_ids, x) in cpu_routes.items():
+        gpu_ids = gpu_routes[layer][0]
+        differ = (cpu_ids.sort(-1).values != gpu_ids.sort(-1).values).any(-1)
+        gate = cpu.backbone.layers[layer].mixer.gate
+        for t in differ.nonzero().flatten().tolist():
+            choice = torch.sigmoid(x[t] @ gate.weight.float().t()) + gate.e_score_correction_bias.float()
+            vals = choice.sort(descending=True).values
+            k = gate.top_k
+            flips.append({"layer": layer, "row": t // cm.SEQ, "pos": t % cm.SEQ,
+                          "cpu_margin_k_vs_k+1": float(vals[k - 1] - vals[k])})
+    out["routing_differences_hooked_gpu_vs_cpu"] = flips
+    return out
+
+
 def summary() -> dict:
     reason = skip_reason()
     if reason:

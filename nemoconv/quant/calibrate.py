@@ -1,0 +1,388 @@
+"""Calibration: the largest |input| each targeted linear sees, from the built-in model, layer by layer.
+
+Only one layer's weights are ever on the device: the embedding turns every calibration sequence into
+hidden states; then each layer in turn is loaded, all hidden states go through it (in micro-batches)
+while the inputs of its targeted linears are observed, its outputs replace its inputs, and it is
+freed. The next layer's tensors are read from disk on a thread meanwhile. A checkpoint larger than the
+device therefore calibrates in the memory of one layer plus the hidden states.
+
+Observation is ModelOpt's own max calibration (`mtq.quantize(layer, mtq.FP8_DEFAULT_CFG, loop)`) when
+nvidia-modelopt 0.47 is installed, else forward pre-hooks that keep the same running max; the two give
+identical amax values (tests/test_quantize_modelopt.py). Like ModelOpt's PTQ, activations flow through
+the unquantized layers. Routed experts see only the tokens routed to them; an expert that receives no
+calibration token takes the largest amax of its layer's experts for that projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calib_data import CALIBRATION_TEXTS
+from ..checkpoint import Checkpoint
+from ..config import LAYER_KIND_NAMES
+from ..errors import NemoconvError
+from ..pipeline import Item, Journal, to_hf
+from ..prompts import check_ids, encode, find_tokenizer, read_prompt_file
+from ..safetensors_io import TensorReader
+
+SEED = 20250117                      # random calibration tokens and the order texts are cycled in
+TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 2048}
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(backbone\.layers\.\d+\.mixer)\.experts\.(\d+)\.(up_proj|down_proj)$")
+
+
+# ---- calibration tokens --------------------------------------------------------------------------
+
+
+@dataclass
+class CalibData:
+    ids: torch.Tensor        # int64 [samples, seq_len]
+    info: dict               # what the manifest records about the source
+
+
+def calibration_tokens(ck: Checkpoint, calib_file: str | Path | None, samples: int, seq_len: int) -> CalibData:
+    """`samples` sequences of `seq_len` tokens: from the file, else the built-in text through the
+    checkpoint's tokenizer.json, else seeded random ids (no tokenizer)."""
+    vocab = ck.spec.vocab_size
+    tok = find_tokenizer(ck.path)
+    if calib_file is not None:
+        path = Path(calib_file)
+        if tok.tokenizer is None and path.is_file() and not _is_jsonl(path):
+            raise NemoconvError(f"{path}: text calibration data needs a tokenizer.json, and {ck.path} has none "
+                                f"(give JSONL lines with \"input_ids\" instead)")
+        docs = [p.ids for p in read_prompt_file(path, tok.tokenizer, vocab)]
+        info = {"kind": "file", "source": f"file {path}"}
+    elif tok.tokenizer is not None:
+        docs = []
+        for k, text in enumerate(CALIBRATION_TEXTS):
+            ids = encode(tok.tokenizer, text)
+            check_ids(ids, vocab, f"{tok.path} (built-in calibration text {k})")
+            docs.append(ids)
+        info = {"kind": "builtin-text", "source": f"built-in calibration text ({len(CALIBRATION_TEXTS)} "
+                                                  f"paragraphs) through {tok.path.name}"}
+    else:
+        g = torch.Generator().manual_seed(SEED)
+        ids = torch.randint(0, vocab, (samples, seq_len), generator=g)
+        return CalibData(ids, {"kind": "random", "source": f"seeded random token ids (seed {SEED}; the "
+                                                           f"checkpoint has no tokenizer.json)",
+                               "distinct_tokens": samples * seq_len, "cycled": False})
+    docs = [d for d in docs if d]
+    distinct = sum(len(d) for d in docs)
+    if not distinct:
+        raise NemoconvError(f"{info['source']}: no tokens to calibrate on")
+    need = samples * seq_len
+    stream = [t for d in docs for t in d]
+    # Too little data: cycle through it again in seeded random orders, so each pass gives the
+    # recurrent layers different preceding context (the same tokens in the same order add nothing).
+    g = torch.Generator().manual_seed(SEED)
+    while len(stream) < need:
+        for k in torch.randperm(len(docs), generator=g).tolist():
+            stream.extend(docs[k])
+    ids = torch.tensor(stream[:need], dtype=torch.int64).view(samples, seq_len)
+    info.update({"distinct_tokens": distinct, "cycled": distinct < need})
+    return CalibData(ids, info)
+
+
+def _is_jsonl(path: Path) -> bool:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    return first.lstrip().startswith("{")
+
+
+# ---- the observers -------------------------------------------------------------------------------
+
+
+def modelopt_status() -> tuple[object | None, str]:
+    """(modelopt.torch.quantization, its version) when nvidia-modelopt 0.47 imports, else (None, why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns about untested transformers versions
+            import modelopt
+            import modelopt.torch.quantization as mtq
+    except Exception as exc:  # noqa: BLE001 - ImportError or anything its import raises
+        return None, f"not importable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    version = getattr(modelopt, "__version__", "?")
+    if not version.startswith("0.47"):
+        return None, f"version {version} installed (0.47 is the one we match)"
+    return mtq, version
+
+
+class _Observer:
+    """Running amax at the inputs of one layer's targeted linears (the builtin way)."""
+
+    name = "builtin"
+
+    def __init__(self):
+        self.handles = []
+        self.amax: dict[str, torch.Tensor] = {}
+
+    def attach(self, block: nn.Module, targets: dict[str, str]) -> nn.Module:
+        for rel, hf in targets.items():
+            self.handles.append(block.get_submodule(rel).register_forward_pre_hook(self._hook(hf)))
+        return block
+
+    def _hook(self, hf: str):
+        def hook(module, args):
+            x = args[0]
+            if x.numel():
+                a = x.detach().abs().amax()
+                prev = self.amax.get(hf)
+                self.amax[hf] = a if prev is None else torch.maximum(prev, a)
+        return hook
+
+    def calibrate(self, block: nn.Module, targets: dict[str, str], loop: Callable[[nn.Module], None]) -> dict:
+        self.attach(block, targets)
+        try:
+            loop(block)
+        finally:
+            for h in self.handles:
+                h.remove()
+            self.handles.clear()
+        found, self.amax = self.amax, {}
+        return {hf: float(a.float()) for hf, a in found.items()}
+
+
+class _ModelOptObserver:
+    """ModelOpt's max calibration on one layer: targeted linears become plain nn.Linear (the only
+    modules mtq converts here), `mtq.quantize(layer, FP8_DEFAULT_CFG, loop)` runs the loop with its
+    quantizers in calibration mode, and each input_quantizer's amax is read back."""
+
+    name = "modelopt"
+
+    def __init__(self, mtq):
+        self.mtq = mtq
+
+    def calibrate(self, block: nn.Module, targets: dict[str, str], loop: Callable[[nn.Module], None]) -> dict:
+        for rel in targets:
+            parent_name, _, child = rel.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            old = getattr(parent, child)
+            plain = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+            plain.weight, plain.bias = old.weight, old.bias
+            setattr(parent, child, plain)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            block = self.mtq.quantize(block, self.mtq.FP8_DEFAULT_CFG, loop)
+        found = {}
+        for rel, hf in targets.items():
+            amax = getattr(block.get_submodule(rel).input_quantizer, "amax", None)
+            if amax is not None:
+                found[hf] = float(amax.float().reshape(-1).max())
+        return found
+
+
+# ---- the layer-by-layer pass ---------------------------------------------------------------------
+
+
+@dataclass
+class CalibResult:
+    amax: dict[str, float]                      # HF module → input amax
+    tokens: dict[str, int]                      # HF module → calibration tokens it saw
+    filled: dict[str, str] = field(default_factory=dict)  # expert → why its amax was borrowed
+    calibrator: str = ""
+    device: str = ""
+    dtype: str = ""
+    micro_batch: int = 0
+
+
+def _source_index(ck: Checkpoint) -> dict[object, list[str]]:
+    """Source tensor names by main-network layer index ("embed" for the embedding)."""
+    scheme = ck.scheme_rules
+    index: dict[object, list[str]] = {}
+    for name in ck.tensor_names():
+        hf = scheme.to_hf(scheme.normalize(name)) or ""
+        m = _LAYER.match(hf)
+        key = int(m.group(1)) if m else ("embed" if hf == "backbone.embeddings.weight" else None)
+        if key is not None:
+            index.setdefault(key, []).append(name)
+    return index
+
+
+def _read_hf(ck: Checkpoint, names: list[str], reader: TensorReader) -> list[tuple[str, torch.Tensor]]:
+    """The named source tensors as (HF name, tensor), split or unstacked by the scheme's rules."""
+    scheme = ck.scheme_rules
+    items = (Item(scheme.normalize(n), ck.entries[n].meta(), (n,), entry=ck.entries[n], reader=reader)
+             for n in names)
+    return [(it.name, it.data()) for it in to_hf(items, scheme, ck.spec, {}, Journal())]
+
+
+def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, dtype) -> nn.Module:
+    from ..model.modeling import Block
+
+    with torch.device("meta"):
+        block = Block(spec, i)
+    prefix = f"backbone.layers.{i}."
+    for name, t in tensors:
+        module_path, _, attr = name[len(prefix):].rpartition(".")
+        module = block.get_submodule(module_path)
+        current = getattr(module, attr, None)
+        if not isinstance(current, nn.Parameter) or tuple(current.shape) != tuple(t.shape):
+            raise NemoconvError(f"calibration: {name} does not fit the built-in model's layer {i}")
+        target = torch.float32 if attr in getattr(module, "fp32_params", ()) else dtype
+        setattr(module, attr, nn.Parameter(t.to(device=device, dtype=target), requires_grad=False))
+    empty = [n for n, p in block.named_parameters() if p.is_meta]
+    if empty:
+        raise NemoconvError(f"calibration: layer {i} lacks {prefix}{empty[0]}")
+    return block.eval()
+
+
+def _layer_context():
+    from ..model.modeling import _Pass
+
+    # Whole sequences without cache or padding: the model's plain causal forward.
+    return _Pass(cache=None, start=0, pad_mask=None, attn_mask=None, causal=True, decode=False)
+
+
+def _router_counter(block: nn.Module, counts: dict):
+    """Count tokens per routed expert (from the router's choices) for the summary and the fill rule."""
+    gate = getattr(block.mixer, "gate", None)
+    if gate is None or not hasattr(block.mixer, "experts"):
+        return None
+
+    def hook(module, args, output):
+        ids = output[1].reshape(-1)
+        c = torch.bincount(ids, minlength=len(block.mixer.experts))
+        counts["experts"] = c if counts.get("experts") is None else counts["experts"] + c
+    return gate.register_forward_hook(hook)
+
+
+def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, device: torch.device,
+                    dtype: torch.dtype, calibrator: str = "auto",
+                    progress: Callable[[int, int], None] | None = None) -> CalibResult:
+    """Input amax of every targeted linear (HF module names), streaming the network layer by layer."""
+    observer, label = _pick_observer(calibrator)
+    spec = ck.spec
+    by_layer: dict[int, dict[str, str]] = {}      # layer → {path inside the block: HF module}
+    for hf in targets:
+        m = _LAYER.match(hf)
+        if m is None:
+            raise NemoconvError(f"internal error: calibration target {hf!r} is outside the main layers")
+        by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = hf
+    index = _source_index(ck)
+    rows = max(1, TOKENS_PER_BATCH.get(device.type, 2048) // ids.shape[1])
+    ctx = _layer_context()
+    amax: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    total_tokens = ids.numel()
+
+    with TensorReader() as reader, ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemoconv-calib") as pool, \
+            torch.no_grad():
+        embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
+        embed = embed.to(device=device, dtype=dtype)
+        hidden = [F.embedding(chunk.to(device), embed) for chunk in ids.split(rows)]
+        del embed
+        # Layers without targets after the last targeted one change no scale: stop there.
+        last = max(by_layer) if by_layer else -1
+        pending = pool.submit(_read_hf, ck, index.get(0, []), reader) if last >= 0 else None
+        for i in range(last + 1):
+            tensors = pending.result()
+            pending = pool.submit(_read_hf, ck, index.get(i + 1, []), reader) if i < last else None
+            block = _build_block(spec, i, tensors, device, dtype)
+            del tensors
+            layer_targets = by_layer.get(i, {})
+            for rel, hf in layer_targets.items():  # before its NaN spreads into the activations
+                if not bool(torch.isfinite(block.get_submodule(rel).weight).all()):
+                    raise NemoconvError(f"weight {hf}.weight holds NaN/Inf values; cannot quantize it")
+            counts: dict = {}
+            counter = _router_counter(block, counts)
+            outputs: list[torch.Tensor] = []
+            finite = torch.ones((), dtype=torch.bool, device=device)
+
+            def loop(model, hidden=hidden, outputs=outputs):
+                nonlocal finite
+                outputs.clear()
+                for h in hidden:
+                    out = model(h, ctx)
+                    finite = finite & torch.isfinite(out).all()
+                    outputs.append(out)
+
+            if layer_targets:
+                try:
+                    found = observer.calibrate(block, layer_targets, loop)
+                except AssertionError as exc:  # ModelOpt's calibrator asserts on NaN amax
+                    if "nan" not in str(exc).lower():
+                        raise
+                    raise NemoconvError(_nonfinite(i, spec)) from None
+            else:
+                loop(block)
+                found = {}
+            if counter is not None:
+                counter.remove()
+            if not bool(finite):
+                raise NemoconvError(_nonfinite(i, spec))
+            routed = counts["experts"].tolist() if counts.get("experts") is not None else None
+            for rel, hf in layer_targets.items():
+                if hf in found:
+                    _check_finite(found[hf], hf)
+                    amax[hf] = found[hf]
+                m = _EXPERT.match(hf)
+                tokens[hf] = (routed[int(m.group(2))] if routed else 0) if m else total_tokens
+            hidden = outputs
+            block.to_empty(device="meta")  # frees the layer's memory now, even if a reference lingers
+            del block
+            if progress:
+                progress(i + 1, last + 1)
+    filled = _fill_idle_experts(targets, amax, tokens)
+    return CalibResult(amax, tokens, filled, label, str(device), str(dtype).removeprefix("torch."), rows)
+
+
+def _nonfinite(i: int, spec) -> str:
+    return (f"calibration: layer {i} ({LAYER_KIND_NAMES[spec.layer_codes[i]]}) produced NaN/Inf activations "
+            f"(NaN/Inf weights, or values that overflow on this data)")
+
+
+def _check_finite(value: float, hf: str) -> None:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NemoconvError(f"calibration: the input of {hf} holds NaN/Inf values; cannot compute an FP8 scale")
+
+
+def _fill_idle_experts(targets: list[str], amax: dict[str, float], tokens: dict[str, int]) -> dict[str, str]:
+    """An expert no calibration token reached takes the largest amax of its layer's experts (same
+    projection); serving engines use one input scale per MoE layer (the max), so this is neutral there."""
+    filled: dict[str, str] = {}
+    peers: dict[tuple[str, str], list[float]] = {}
+    for hf in targets:
+        m = _EXPERT.match(hf)
+        if m and tokens.get(hf, 0) > 0 and hf in amax:
+            peers.setdefault((m.group(1), m.group(3)), []).append(amax[hf])
+    for hf in targets:
+        if hf in amax and tokens.get(hf, 1) > 0:
+            continue
+        m = _EXPERT.match(hf)
+        if m is None:
+            raise NemoconvError(f"calibration: no input ever reached {hf}")
+        seen = peers.get((m.group(1), m.group(3)))
+        if not seen:
+            raise NemoconvError(f"calibration: no calibration token reached any expert of {m.group(1)}")
+        amax[hf] = max(seen)
+        filled[hf] = f"no calibration token was routed to it; took the max of {len(seen)} experts of its layer"
+    return filled
+
+
+def _pick_observer(calibrator: str):
+    if calibrator == "auto":  # NEMOCONV_CALIBRATOR=builtin|modelopt chooses where the CLI has no flag for it
+        calibrator = os.environ.get("NEMOCONV_CALIBRATOR", "auto") or "auto"
+    if calibrator not in ("auto", "modelopt", "builtin"):
+        raise NemoconvError(f"calibrator must be auto, modelopt or builtin, got {calibrator!r}")
+    if calibrator == "builtin":
+        return _Observer(), "nemoconv (forward pre-hooks, running max)"
+    mtq, version = modelopt_status()
+    if mtq is None:
+        if calibrator == "modelopt":
+            raise NemoconvError(f"calibrator 'modelopt' requested but nvidia-modelopt is {version}")
+        return _Observer(), f"nemoconv (forward pre-hooks, running max; nvidia-modelopt {version})"
+    return _ModelOptObserver(mtq), f"nvidia-modelopt {version} (mtq.quantize, FP8_DEFAULT_CFG, max)"

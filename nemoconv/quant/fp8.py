@@ -1,0 +1,84 @@
+"""FP8 tensors and config files exactly as nvidia-modelopt 0.47's HF export writes them (DESIGN.md §7).
+
+Per quantized linear:
+    weight        float8_e4m3fn [out, in]   e4m3(clamp(W / weight_scale, ±448)), the quotient computed
+                                            in W's own dtype, as ModelOpt does (`weight / scale`)
+    weight_scale  float32 []                amax(|W|) / 448, a float32 division, as ModelOpt does
+    input_scale   float32 []                amax(|x|) / 448 (running max over calibration batches)
+
+The quotient's dtype matters: for a bf16 W, torch rounds W / scale to bf16 before the cast to e4m3, so
+about 3 % of elements land one e4m3 step away from a single rounding of the exact quotient. We follow
+ModelOpt so that our files are bit-identical to its export (tests/test_quantize_modelopt.py checks it).
+Non-finite weights or activations are an error, never a silent scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import NemoconvError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+MODELOPT_VERSION = "0.47.0"  # the exporter whose format we write
+PRODUCER = {"name": "modelopt", "version": MODELOPT_VERSION}
+# A scale must be positive: an all-zero weight (or an input that was always zero) gets 1.0, which
+# quantizes zeros exactly; the manifest notes it.
+ZERO_AMAX_SCALE = 1.0
+
+
+def check_amax(amax: float, what: str) -> None:
+    if not math.isfinite(amax):
+        kind = "NaN" if math.isnan(amax) else "Inf"
+        raise NemoconvError(f"{what} holds {kind} values; cannot compute an FP8 scale")
+
+
+def scale_from_amax(amax: float) -> torch.Tensor:
+    """float32 0-d amax / 448, divided in float32 as ModelOpt does for a per-tensor (0-d) amax."""
+    if amax <= 0:
+        return torch.tensor(ZERO_AMAX_SCALE, dtype=torch.float32)
+    return torch.tensor(amax, dtype=torch.float32) / FP8_MAX
+
+
+def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """W → (fp8 weight on CPU, float32 0-d weight_scale, amax). Meta tensors give meta results."""
+    if w.is_meta:
+        return (torch.empty(w.shape, dtype=FP8_DTYPE, device="meta"),
+                torch.empty((), dtype=torch.float32, device="meta"), 0.0)
+    if not w.is_floating_point() or w.dtype in (FP8_DTYPE, torch.float8_e5m2):
+        raise NemoconvError(f"{what} is {w.dtype}; quantize needs a bf16/fp16/fp32 weight")
+    if device is not None and device.type != "cpu":
+        w = w.to(device, non_blocking=True)
+    amax = float(w.abs().amax())            # exact in w's dtype; NaN/Inf propagate
+    check_amax(amax, what)
+    scale = scale_from_amax(amax)
+    q = (w / scale.to(w.device)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.cpu(), scale, amax
+
+
+def hf_quant_config(exclude_modules: list[str]) -> dict:
+    """hf_quant_config.json, the file vLLM and TensorRT-LLM read first."""
+    return {"producer": dict(PRODUCER),
+            "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
+                             "exclude_modules": list(exclude_modules)}}
+
+
+def config_quantization(hf_quant: dict) -> dict:
+    """config.json's `quantization_config`, as ModelOpt's `convert_hf_quant_config_format` builds it
+    from hf_quant_config.json for FP8 (same keys, same order)."""
+    q = hf_quant["quantization"]
+    if q.get("quant_algo") != "FP8":
+        raise ValueError("only FP8 is written")
+    fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+    out = {"config_groups": {"group_0": {"input_activations": dict(fp8), "weights": dict(fp8),
+                                         "targets": ["Linear"]}},
+           "ignore": list(q.get("exclude_modules") or []),
+           "quant_algo": "FP8"}
+    if q.get("kv_cache_quant_algo"):
+        raise ValueError("KV-cache quantization is not written")
+    out["producer"] = dict(hf_quant["producer"])
+    out["quant_method"] = "modelopt"
+    return out

@@ -1,0 +1,204 @@
+"""FP8 quantization benchmark on one GPU: `nemoconv quantize` of an 8B-shaped checkpoint, then decode speed.
+
+1. Writes a random bf16 checkpoint with the Nemotron-H-8B layout (52 layers M-M-M-M*-…, hidden 4096,
+   32/8 heads of 128, MLP 21504, Mamba 128 heads of 64, 8 groups, state 128, vocab 131072; ~16 GB in
+   5 GB shards) to disk, drawing the tensors on the GPU (untimed).
+2. Times `nemoconv.quantize(SRC, OUT, preset="default", device="cuda")` with calibration on
+   --calib-samples × --calib-seq-len tokens (default 128 × 512), cold (first CUDA/Triton use included),
+   with its plan / calibrate / write split, the peak GPU memory (layer-by-layer calibration should stay
+   far below the checkpoint's size) and the calibrator used. Goal: ≤ 120 s.
+3. Loads SRC (bf16) and OUT (FP8) in the built-in model, one at a time, and measures greedy decode
+   tokens/s at batch 1 (and 8): (generate(N new) − generate(1 new)) / (N − 1) steps, after a warm-up,
+   median of --repeat; plus logit agreement of the two on one prompt.
+Prints one JSON object (also to --out).
+
+    python tests/bench/bench_quantize.py [--dir /tmp/nemoconv-qbench] [--out result.json]
+    python tests/bench/bench_quantize.py --small    # tiny shapes on the CPU: a smoke run of every step
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from nemoconv.config import parse_config  # noqa: E402
+from nemoconv.demo_checkpoint import tiny_config  # noqa: E402
+from nemoconv.output import ShardedWriter  # noqa: E402
+from nemoconv.safetensors_io import PlannedTensor  # noqa: E402
+
+PATTERN_8B = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+DIMS_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=21504, mamba_num_heads=128, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
+               conv_kernel=4, chunk_size=128, vocab_size=131072)
+DIMS_SMALL = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=512, mamba_num_heads=8, mamba_head_dim=32, n_groups=2, ssm_state_size=16,
+                  conv_kernel=4, chunk_size=16, vocab_size=4096)
+GOAL_QUANTIZE_S = 120
+
+
+def make_config(small: bool) -> dict:
+    cfg = tiny_config("dense", hybrid_override_pattern="M-M*-M-" if small else PATTERN_8B,
+                      **(DIMS_SMALL if small else DIMS_8B))
+    cfg.update(torch_dtype="bfloat16", residual_in_fp32=False, use_bias=False, mlp_bias=False)
+    return cfg
+
+
+def draw(name: str, shape, g: torch.Generator, device) -> torch.Tensor:
+    """A stable random network: Mamba decay in range, norms near 1, linears N(0, 1/fan_in)."""
+    def uniform(lo, hi):
+        return torch.empty(shape, device=device).uniform_(lo, hi, generator=g)
+
+    if name.endswith("A_log"):
+        return torch.log(uniform(1.0, 16.0))
+    if name.endswith(".D"):
+        return uniform(0.5, 1.5)
+    if name.endswith("dt_bias"):
+        dt = torch.exp(uniform(math.log(1e-3), math.log(1e-1)))
+        return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
+    noise = torch.randn(shape, generator=g, device=device)
+    if "norm" in name:
+        return 1.0 + 0.1 * noise
+    if name.endswith("bias"):
+        return 0.02 * noise
+    if name.endswith("embeddings.weight"):
+        return noise
+    return noise / math.sqrt(shape[-1]) * (4.0 if name == "lm_head.weight" else 1.0)
+
+
+def write_source(directory: Path, small: bool, device) -> int:
+    cfg = make_config(small)
+    spec = parse_config(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    planned = [PlannedTensor(n, torch.bfloat16, s) for n, s in spec.hf_shapes().items()]
+    writer = ShardedWriter(directory, planned, 5_000_000_000, {"format": "pt"})
+    g = torch.Generator(device=device).manual_seed(0)
+    for p in planned:
+        writer.write(p.name, draw(p.name, p.shape, g, device).to(torch.bfloat16).cpu())
+    writer.close()
+    return sum(p.nbytes for p in planned)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat: int):
+    times, out = [], None
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def decode_tok_s(model, ids, new: int, device, repeat: int) -> float:
+    model.generate(ids, max_new_tokens=new)  # warm-up: kernels compiled, decode graph captured
+    t_one, _ = timed(lambda: model.generate(ids, max_new_tokens=1), device, repeat)
+    t_all, _ = timed(lambda: model.generate(ids, max_new_tokens=new), device, repeat)
+    return ids.shape[0] * (new - 1) / max(t_all - t_one, 1e-9)
+
+
+def decode_section(src: Path, out: Path, device, args) -> dict:
+    import nemoconv
+    from nemoconv.model import kernels
+
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab, (8, args.prompt), generator=g).to(device)
+    result, logits = {}, {}
+    for label, path in (("bf16", src), ("fp8", out)):
+        model = nemoconv.load_model(path, device=device, dtype=torch.bfloat16)
+        logits[label] = model(prompt[:1]).float().cpu()
+        result[label] = {"decode_b1_tok_s": round(decode_tok_s(model, prompt[:1], args.new, device, args.repeat), 1)}
+        if not args.small:
+            result[label]["decode_b8_tok_s"] = round(decode_tok_s(model, prompt, args.new, device, args.repeat), 1)
+        result[label]["kernels"] = kernels.backend(model.backbone.embeddings.weight)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ref, cand = logits["bf16"][0], logits["fp8"][0]
+    result["fp8_over_bf16_b1"] = round(result["fp8"]["decode_b1_tok_s"] / result["bf16"]["decode_b1_tok_s"], 3)
+    if "decode_b8_tok_s" in result["fp8"]:
+        result["fp8_over_bf16_b8"] = round(result["fp8"]["decode_b8_tok_s"] / result["bf16"]["decode_b8_tok_s"], 3)
+    result["logits_fp8_vs_bf16"] = {
+        "cosine_mean": round(torch.nn.functional.cosine_similarity(ref, cand, dim=-1).mean().item(), 5),
+        "top1_agreement": round((ref.argmax(-1) == cand.argmax(-1)).float().mean().item(), 4)}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="Tiny shapes on the CPU (smoke run).")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/nemoconv-qbench"))
+    ap.add_argument("--calib-samples", type=int, default=None, help="default 128 (8 with --small)")
+    ap.add_argument("--calib-seq-len", type=int, default=None, help="default 512 (64 with --small)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=None, help="decode tokens, default 128 (16 with --small)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--calibrator", default="auto", choices=["auto", "modelopt", "builtin"])
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="Also write the JSON here.")
+    args = ap.parse_args()
+    samples = args.calib_samples or (8 if args.small else 128)
+    seq_len = args.calib_seq_len or (64 if args.small else 512)
+    args.new = args.new or (16 if args.small else 128)
+    if args.small:
+        args.prompt = min(args.prompt, 32)
+    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+
+    from nemoconv.quant.calibrate import modelopt_status
+    from nemoconv.quantize import quantize
+
+    shutil.rmtree(args.dir, ignore_errors=True)
+    src, out = args.dir / "src", args.dir / "fp8"
+    t0 = time.perf_counter()
+    nbytes = write_source(src, args.small, device)
+    build_s = time.perf_counter() - t0
+    subprocess.run(["sync"], check=False)  # the write-back of the source is not quantize's cost
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = quantize(src, out, preset="default", calib_samples=samples, calib_seq_len=seq_len,
+                               device=device.type, calibrator=args.calibrator)
+    quantize_s = time.perf_counter() - t0
+    q = result["quantization"]
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "layout": "small" if args.small else "nemotron-h-8b",
+        "source_bytes": nbytes, "output_bytes": result["bytes_out"], "build_s": round(build_s, 1),
+        "quantize": {
+            "wall_s": round(quantize_s, 2), "timings_s": result["timings_s"], "goal_s": GOAL_QUANTIZE_S,
+            "goal_met": quantize_s <= GOAL_QUANTIZE_S,
+            "calibration_tokens": f"{samples} x {seq_len}", "calibrator": q["calibration"]["calibrator"],
+            "activation_dtype": q["calibration"]["dtype"], "quantized_linears": len(q["targets"]),
+            "exclude_modules": q["exclude_modules"],
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        },
+        "modelopt": modelopt_status()[1],
+    }
+    if not args.skip_decode:
+        report["decode"] = decode_section(src, out, device, args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
