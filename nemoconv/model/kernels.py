@@ -38,8 +38,12 @@ def _load_submodules():
     ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
     fused = importlib.import_module(__package__ + ".triton_ops")
+    # The forward functions under the autograd wrappers, where this mamba-ssm has them: inference needs no
+    # autograd bookkeeping, and in a long prefill the host's launch overhead is what the GPU waits for.
     return SimpleNamespace(chunk_scan=ssd.mamba_chunk_scan_combined, state_update=ssu.selective_state_update,
-                           rmsnorm=norm.rmsnorm_fn, fused=fused)
+                           rmsnorm=norm.rmsnorm_fn, fused=fused,
+                           chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None),
+                           layer_norm_fwd=getattr(norm, "_layer_norm_fwd", None))
 
 
 def _import_mamba_triton():
@@ -151,8 +155,17 @@ def relu2(x):
 def gated_rmsnorm(y, z, weight, eps, group_size):
     """RMSNorm(y · silu(z)) per group of `group_size` channels, times weight → y's dtype."""
     if _use_triton(y):
-        # rmsnorm_fn reads rows at any stride (z is a column slice of in_proj's output): no copies.
-        return triton_kernels().rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+        # The kernel reads rows at any stride (z is a column slice of in_proj's output): no copies.
+        tk = triton_kernels()
+        if tk.layer_norm_fwd is None:
+            return tk.rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+        shape = y.shape
+        y2, z2 = y.reshape(-1, shape[-1]), z.reshape(-1, shape[-1])
+        y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+        z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+        out, _, _ = tk.layer_norm_fwd(y2, weight.contiguous(), None, eps, z=z2, group_size=group_size,
+                                      norm_before_gate=False, is_rms_norm=True)
+        return out.reshape(shape)
     return reference.gated_rmsnorm(y, z, weight, eps, group_size)
 
 
@@ -187,11 +200,13 @@ def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_fin
     """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h] → y [b, s, h, p] (, state)."""
     if _use_triton(x):
         # dt arrives already softplus'd and clamped, so the kernel applies neither (its defaults).
-        out = triton_kernels().chunk_scan(
-            x, dt.float().contiguous(), A.float(), B, C, chunk_size, D=D.float(),
-            initial_states=initial_state.float().contiguous() if initial_state is not None else None,
-            return_final_states=return_final_state)
-        return out
+        tk = triton_kernels()
+        args = (x, dt.float().contiguous(), A.float(), B, C, chunk_size)
+        init = initial_state.float().contiguous() if initial_state is not None else None
+        if tk.chunk_scan_fwd is None:
+            return tk.chunk_scan(*args, D=D.float(), initial_states=init, return_final_states=return_final_state)
+        out, _, _, _, _, final_state, *_ = tk.chunk_scan_fwd(*args, D=D.float(), initial_states=init)
+        return (out, final_state) if return_final_state else out
     return reference.ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state)
 
 
