@@ -32,13 +32,8 @@ from nemoconv.demo_checkpoint import tiny_config  # noqa: E402
 from nemoconv.output import ShardedWriter  # noqa: E402
 from nemoconv.safetensors_io import PlannedTensor  # noqa: E402
 
-PATTERN_8B = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
-SHAPE_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                intermediate_size=21504, mamba_num_heads=128, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
-                conv_kernel=4, chunk_size=128, vocab_size=131072)
-SHAPE_SMALL = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                   intermediate_size=512, mamba_num_heads=8, mamba_head_dim=32, n_groups=2, ssm_state_size=16,
-                   conv_kernel=4, chunk_size=16, vocab_size=4096)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import PATTERN_8B, SHAPE_8B, SHAPE_SMALL  # noqa: E402
 
 
 def config(small: bool) -> dict:
