@@ -56,7 +56,9 @@ def skip_reason() -> str | None:
 @lru_cache(maxsize=None)
 def spec_and_tensors():
     spec = parse_config(tiny_config("moe", **CONFIG))
-    return spec, random_tensors(spec, seed=0)
+    # trained-like weights: experts share most of their weights, so a router choice that differs between
+    # devices at a near-tie (fp32 summation order) moves the output a little instead of re-routing the row
+    return spec, random_tensors(spec, seed=0, trained_like=True)
 
 
 def build(device: str, dtype: torch.dtype):
@@ -278,7 +280,7 @@ if pytest is not None:
         assert cpu["mean_abs_diff"] < 1e-4 and cpu["cosine"] > 0.99999 and cpu["top1_agreement"] >= 0.99, cpu
         cached = r["cached_vs_full_forward"]
         assert cached["mean_abs_diff"] < 1e-4 and cached["cosine"] > 0.99999, cached
-        assert r["greedy_equal"]
+        assert r["greedy_equal"], r
 
     def test_bf16_cuda_is_as_close_to_fp32_as_cpu_bf16():
         r = _run(torch.bfloat16)
