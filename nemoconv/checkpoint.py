@@ -16,7 +16,7 @@ import torch
 from .config import ModelSpec, load_config
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme, load_schemes
-from .safetensors_io import TensorEntry, TensorReader, read_header
+from .safetensors_io import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "nemoconv-manifest.json"
@@ -185,7 +185,3 @@ def detect_scheme(path: Path, entries: dict, shard_meta: dict[str, dict]) -> str
         what = "no known naming scheme" if not matches else f"several schemes ({', '.join(matches)})"
         raise NemoconvError(f"{path}: tensor names match {what}; pass --from hf|nemo|max")
     return matches[0]
-
-
-def read_tensor(reader: TensorReader, entry: TensorEntry, meta: bool) -> torch.Tensor:
-    return entry.meta() if meta else reader.read(entry)

@@ -13,8 +13,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .checkpoint import Checkpoint, natural_key
-from .config import ATTENTION, MOE, ModelSpec
+from .checkpoint import Checkpoint
+from .config import ModelSpec
 from .errors import NemoconvError
 from .mapping import Scheme, config_product, get_scheme
 from .safetensors_io import TensorEntry, TensorReader, dtype_name
@@ -391,18 +391,3 @@ def _read_ahead(items: Iterator[Item], depth: int) -> Iterator[Item]:
 
 def _resolved(item: Item, future) -> Item:
     return item if future is None else item.with_tensor(future.result())
-
-
-def expected_module_kinds(spec: ModelSpec) -> dict[str, str]:
-    """Linear modules of the main network by kind, in HF names (used by quantize and inspect)."""
-    kinds = {}
-    for i, code in enumerate(spec.layer_codes):
-        base = f"backbone.layers.{i}.mixer"
-        for name in spec.mixer_shapes(code):
-            if name.endswith(".weight") and not name.startswith(("norm.", "conv1d.")):
-                kinds[f"{base}.{name[:-len('.weight')]}"] = {ATTENTION: "attention", MOE: "moe"}.get(code, code)
-    return kinds
-
-
-def natural_sorted(names: Iterable[str]) -> list[str]:
-    return sorted(names, key=natural_key)
