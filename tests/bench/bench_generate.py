@@ -30,7 +30,6 @@ import gc
 import json
 import logging
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -45,7 +44,7 @@ from nemoconv.model import build_model, kernels  # noqa: E402
 from nemoconv.model.fp8 import FP8_MAX, Linear, quantize_fp8  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import PATTERN_8B, SHAPE_8B, SHAPE_SMALL  # noqa: E402
+from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, sync, timed  # noqa: E402
 TARGETS = {"prefill_tok_s": 35_000, "decode_b1_tok_s": 160, "decode_b8_tok_s": 1_000, "fp8_over_bf16_b1": 1.4}
 
 
@@ -168,20 +167,6 @@ def hf_kernel_report(hf) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeat: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def ceilings(device) -> dict:

@@ -23,7 +23,6 @@ import gc
 import json
 import math
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from nemoconv.output import ShardedWriter  # noqa: E402
 from nemoconv.safetensors_io import PlannedTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import PATTERN_8B, SHAPE_8B, SHAPE_SMALL  # noqa: E402
+from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, timed  # noqa: E402
 DIMS_8B, DIMS_SMALL = SHAPE_8B, SHAPE_SMALL
 GOAL_QUANTIZE_S = 120
 
@@ -86,20 +85,6 @@ def write_source(directory: Path, small: bool, device) -> int:
     return sum(p.nbytes for p in planned)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeat: int):
-    times, out = [], None
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def decode_tok_s(model, ids, new: int, device, repeat: int) -> float:

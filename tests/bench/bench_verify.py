@@ -33,7 +33,7 @@ from nemoconv.output import ShardedWriter  # noqa: E402
 from nemoconv.safetensors_io import PlannedTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import PATTERN_8B, SHAPE_8B, SHAPE_SMALL  # noqa: E402
+from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL  # noqa: E402
 
 
 def config(small: bool) -> dict:
