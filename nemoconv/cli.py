@@ -272,6 +272,9 @@ def verify(
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override the top-1 agreement threshold."),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Override the KL(ref‖cand) threshold."),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Override the max abs logit diff threshold."),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Also generate prompts sharing a long prefix "
+                                      "with prefix caching (memory and state modes); the tokens must equal "
+                                      "those without caching."),
 ):
     """Parity gate: run both checkpoints with the built-in model and compare logits and generations.
 
@@ -284,7 +287,7 @@ def verify(
                        profile=profile.value, report_path=report,
                        overrides={"min_cosine": min_cosine, "min_top1": min_top1, "max_kl": max_kl,
                                   "max_abs": max_abs},
-                       quiet=_state["quiet"])
+                       quiet=_state["quiet"], prefix_cache=prefix_cache)
     render_report(result, out if not _state["quiet"] else None)
     if not result.passed:
         raise VerificationFailed(result.failure_line())

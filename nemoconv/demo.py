@@ -49,11 +49,16 @@ def run_demo(directory: str | Path | None = None, kind: str = "moe", console=Non
     from .verify import verify
 
     for to in ("nemo", "max"):
+        # the max candidate is also generated with prefix caching (memory and state modes)
         report = verify(src, root / f"converted-{to}", num_prompts=2, seq_len=16, max_new_tokens=8, device="cpu",
-                        profile="auto", report_path=root / f"verify-{to}.json")
+                        profile="auto", report_path=root / f"verify-{to}.json", prefix_cache=to == "max")
         results["steps"].append({"step": f"verify hf vs {to}", "passed": report.passed})
+        extra = ""
+        if report.prefix_cache is not None:
+            st = report.prefix_cache["modes"]["state"]["stats"]
+            extra = f", prefix cache: same tokens, {st['tokens_skipped']} prompt tokens skipped in state mode"
         _say(console, f"verify hf vs {to:<4}: {'[green]PASS[/green]' if report.passed else '[red]FAIL[/red]'} "
-                      f"(profile {report.profile})")
+                      f"(profile {report.profile}{extra})")
         if not report.passed:
             raise VerificationFailed(report.failure_line())
 

@@ -100,6 +100,7 @@ class VerifyReport:
     settings: dict
     timings: dict
     notes: list[str] = field(default_factory=list)
+    prefix_cache: dict | None = None
 
     def failed_checks(self) -> list[dict]:
         return [c for c in self.checks if not c["passed"]]
@@ -128,10 +129,13 @@ class VerifyReport:
             "overall": self.overall, "prompts": self.prompts, "cache_consistency": self.cache,
             "reference": self.reference, "candidate": self.candidate, "device": self.device, "dtype": self.dtype,
             "settings": self.settings, "timings_s": self.timings, "notes": self.notes,
+            **({"prefix_cache": self.prefix_cache} if self.prefix_cache is not None else {}),
         })
 
 
 def _describe_check(c: dict) -> str:
+    if c["metric"] == "prefix_cache_identical":
+        return c["detail"]
     if c["metric"] == "greedy_divergent_prompts":
         return (f"greedy continuation diverged in {c['value']} prompt(s) ({c.get('detail', '')}); "
                 f"identical tokens required")
@@ -384,6 +388,7 @@ class ModelRun:
     cache: list[dict]                       # per prompt, cache consistency vs its full forward
     nonfinite: int = 0
     timings: dict = field(default_factory=dict)
+    prefix_cache: dict | None = None        # check_prefix_caching's result (--prefix-cache, candidate only)
 
 
 def _sync(device: torch.device) -> None:
@@ -419,8 +424,9 @@ def cached_greedy(model, ids: torch.Tensor, k: int, new_tokens: int) -> tuple[to
 
 
 def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: list[Prompt], seq_len: int,
-              new_tokens: int, extend_short: bool, progress=None) -> ModelRun:
-    """Load one checkpoint and run every prompt through the cached path and the full forward."""
+              new_tokens: int, extend_short: bool, progress=None, prefix_cache: bool = False) -> ModelRun:
+    """Load one checkpoint and run every prompt through the cached path and the full forward (and,
+    with prefix_cache, generate prompts sharing a long prefix with each prefix-caching mode)."""
     t0 = time.perf_counter()
     model = _load_model(path, device, dtype)
     _sync(device)
@@ -459,11 +465,32 @@ def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: lis
                 run.nonfinite += int((~torch.isfinite(full[r, :seq_len])).sum())
             if progress:
                 progress(len(batch))
+        if prefix_cache:
+            from .model.engine import check_prefix_caching
+
+            t0 = time.perf_counter()
+            # exact: bit-identical on the CPU; on CUDA within the exact profile's few ulps
+            rule = (lambda largest: _exact_cuda_tolerance(largest, dtype)) if device.type == "cuda" else None
+            run.prefix_cache = check_prefix_caching(model, shared_prefix_prompts(prompts, model.spec.chunk_size),
+                                                    max(new_tokens, 1), tolerance=rule)
+            _sync(device)
+            timings["prefix_cache"] = time.perf_counter() - t0
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     run.timings = timings
     return run
+
+
+def shared_prefix_prompts(prompts: list[Prompt], block: int, blocks: int = 8) -> list[list[int]]:
+    """Prompts for the prefix-cache check: one long prefix (the prompts' own tokens, repeated to
+    `blocks` KV blocks and a half, so it ends inside a block), then each prompt as its own suffix; the
+    first prompt comes twice (an exact repeat)."""
+    pool = [t for p in prompts for t in p.ids]
+    length = blocks * max(16, block) + max(16, block) // 2
+    prefix = (pool * (length // len(pool) + 1))[:length]
+    suffixes = [p.ids for p in prompts] + [prompts[0].ids]
+    return [prefix + s for s in suffixes]
 
 
 def _vocab_of(model) -> int:
@@ -547,7 +574,8 @@ def _evaluate(thresholds: dict, overall: dict, greedy: list[int | None], cache_r
 
 def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len: int = 64,
            max_new_tokens: int = 16, device="auto", dtype="auto", profile: str = "auto", report_path=None,
-           overrides: dict | None = None, quiet: bool = True, record: bool = True) -> VerifyReport:
+           overrides: dict | None = None, quiet: bool = True, record: bool = True,
+           prefix_cache: bool = False) -> VerifyReport:
     """Run both checkpoints on the same prompts and decide whether the candidate is faithful.
 
     prompts: a file (text lines, or JSONL with `text`/`input_ids`), or a list of texts / token-id
@@ -557,6 +585,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     Bad input (unreadable checkpoints, different networks, bad prompts) raises NemoconvError; a
     candidate that misses a threshold returns a report with `passed=False` (and writes it too).
     record: also write the report as CANDIDATE/nemoconv-verify.json and into its model card (local dirs).
+    prefix_cache: also generate prompts sharing a long prefix with the candidate under each prefix-caching
+    mode (memory, state) and require the tokens of caching off (`model.engine.check_prefix_caching`).
     """
     t_start = time.perf_counter()
     if not isinstance(num_prompts, int) or num_prompts < 1:
@@ -609,7 +639,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
             raise NemoconvError(f"{ref_ck.path}: the reference produces {ref_run.nonfinite} non-finite logits "
                                 f"in {dt}; it cannot serve as a reference")
         progress.phase("candidate")
-        cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.step)
+        cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.step,
+                             prefix_cache=prefix_cache)
         progress.phase("compare")
         t0 = time.perf_counter()
         overall_stats = LogitStats()
@@ -637,6 +668,10 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
                                       f"|reference logit| (CUDA GEMMs may sum in another order)")
     checks = _evaluate(thresholds, overall, greedy, cache["candidate"]["relative_max"], cache_tol,
                        cand_run.nonfinite, cache["reference"]["relative_max"])
+    if cand_run.prefix_cache is not None:
+        pc = cand_run.prefix_cache
+        checks.append({"metric": "prefix_cache_identical", "value": pc["passed"], "op": "==", "threshold": True,
+                       "threshold_name": "required", "passed": pc["passed"], "detail": pc["failure"] or ""})
     if short:
         notes.append(f"{len(short)} prompt(s) shorter than --seq-len {seq_len} were extended with the "
                      f"reference's greedy continuation")
@@ -653,6 +688,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         "metrics": t_metrics,
         "fingerprint_background": fingerprints[0]["seconds"] + fingerprints[1]["seconds"],
     }
+    if "prefix_cache" in cand_run.timings:
+        timings["prefix_cache"] = cand_run.timings["prefix_cache"]
     timings["total"] = time.perf_counter() - t_start
     timings = {k: round(v, 4) for k, v in timings.items()}
     report = VerifyReport(
@@ -661,6 +698,7 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         reference=_describe_ck(ref_ck, fingerprints[0]), candidate=_describe_ck(cand_ck, fingerprints[1]),
         device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         dtype=str(dt).removeprefix("torch."), settings=settings, timings=timings, notes=notes,
+        prefix_cache=cand_run.prefix_cache,
     )
     if report_path is not None:
         write_report(report, Path(report_path))
@@ -791,6 +829,13 @@ def render_report(report: VerifyReport, console) -> None:
                   f"{o['greedy_identical_prompts']}/{o['prompts']}", _short(report.cache["candidate"]["relative_max"]),
                   style="bold")
     console.print(table)
+    if report.prefix_cache is not None:
+        for mode, m in report.prefix_cache["modes"].items():
+            st = m["stats"]
+            console.print(f"prefix cache [cyan]{mode}[/cyan]: {'same tokens' if m['identical'] else 'DIFFERENT tokens'}"
+                          f" as without caching; {st['hits']}/{st['requests']} requests hit, "
+                          f"{st['kv_blocks_shared']} KV blocks shared ({st['kv_bytes_saved'] / 2**20:.1f} MiB), "
+                          f"{st['tokens_skipped']} prompt tokens skipped")
     for note in report.notes:
         console.print(f"[yellow]note[/yellow]: {note}")
     if report.passed:
@@ -807,6 +852,8 @@ def _short(x) -> str:
 
 
 def _describe_pass(c: dict) -> str:
+    if c["metric"] == "prefix_cache_identical":
+        return "prefix-cached generation identical"
     if c["metric"] == "greedy_divergent_prompts":
         return "greedy tokens identical"
     return f"{c['metric']} {_short(c['value'])} {'≥' if c['op'] == '>=' else '≤'} {_short(c['threshold'])}"

@@ -102,6 +102,14 @@ class HybridCache:
         slot = self.attention_slot[layer_idx]
         return self.kv[slot, 0], self.kv[slot, 1]
 
+    def attend_kv(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store keys/values [b, hk, s, d] of positions start… and return all so far: [b, hk, start + s, d]."""
+        keys, values = self.layer_kv(layer_idx)
+        end = start + k.shape[2]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
     def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv state [b, conv_dim, k-1] and SSM state [b, h, p, n] of a Mamba layer (views)."""
         slot = self.mamba_slot[layer_idx]

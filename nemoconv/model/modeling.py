@@ -210,11 +210,9 @@ class Attention(nn.Module):
         k = self.k_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, hk, s, d]
         v = self.v_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         if ctx.cache is not None:
-            keys, values = ctx.cache.layer_kv(self.layer_idx)                  # [b, hk, max_len, d]
-            end = ctx.start + s
-            keys[:, :, ctx.start:end] = k
-            values[:, :, ctx.start:end] = v
-            k, v = keys[:, :, :end], values[:, :, :end]                        # [b, hk, t, d]
+            # the cache stores the new keys/values and hands back every key/value so far (a
+            # HybridCache slices its contiguous buffer; a paged cache gathers its blocks)
+            k, v = ctx.cache.attend_kv(self.layer_idx, ctx.start, k, v)        # [b, hk, t, d]
         out = kernels.attention(q, k, v, ctx.attn_mask, ctx.causal)           # [b, hq, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 

@@ -1,0 +1,300 @@
+"""A small serving engine over the built-in model: paged KV blocks, Mamba state slots, prefix caching.
+
+    engine = PrefixCachingEngine(model, mode="state")          # or "memory", or "off"
+    result = engine.generate([prompt_ids, …], max_new_tokens=32)
+    result.tokens            # one list of new token ids per prompt (greedy)
+    result.stats.as_dict()   # hit rate, tokens skipped, KV blocks shared, bytes saved, warnings
+
+Requests run in waves of at most `max_batch`: each prompt is prefilled on its own (so it can reuse
+what earlier prompts left in the cache), then the wave decodes together, one token per row per step,
+rows at their own positions. The block pool and the state store persist between calls, so a later
+call reuses prefixes of an earlier one. Modes are explained in `prefix_cache`; with every mode the
+tokens are the ones caching off would give.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import NemoconvError
+from .modeling import NemotronHLM, _Pass
+from .paged import BlockPool, PagedBatch, SlotPool
+from .prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]                       # new tokens per prompt
+    stats: PrefixStats                            # this call only
+    ttft_s: list[float] = field(default_factory=list)      # per prompt: its prefill, to the first token's logits
+    logits: list[torch.Tensor] | None = None      # per prompt [new, vocab] float32 (return_logits=True)
+
+
+@dataclass
+class _Request:
+    tokens: list[int]
+    hashes: list[bytes]
+    slot: int
+    table: list[int] = field(default_factory=list)
+    shared: int = 0                               # leading blocks taken from the index
+
+
+class PrefixCachingEngine:
+    """Greedy generation for many prompts with hybrid-aware prefix caching (see the module docstring).
+
+    block_size   positions per KV block, and the spacing of Mamba state checkpoints (default: the
+                 model's SSM chunk size, so a restored state starts a chunk exactly where a full
+                 prefill would)
+    max_tokens   positions the block pool holds over all requests in flight (and cached prefixes)
+    max_batch    requests per wave (Mamba state slots)
+    state_budget_bytes  memory for saved Mamba states (default: 16 states)
+    aligned_prefill  run every prompt in segments ending at block boundaries. Then each block's keys,
+                 values and Mamba state come from the same computation (same tokens, same incoming
+                 state, same shapes) whichever request or mode produced them, so every mode gives
+                 bit-identical logits. Off by default: long segments prefill faster, and the modes then
+                 differ only by float rounding (a restored state is a bit copy, but the scan and GEMMs
+                 sum in another grouping than one long prefill would).
+    """
+
+    def __init__(self, model: NemotronHLM, mode: str = "state", block_size: int | None = None,
+                 max_tokens: int = 16384, max_batch: int = 8, state_budget_bytes: int | None = None,
+                 aligned_prefill: bool = False):
+        if mode not in MODES:
+            raise NemoconvError(f"unknown prefix-cache mode {mode!r} (use one of {', '.join(MODES)})")
+        spec = model.spec
+        self.model, self.mode = model, mode
+        self.block_size = block_size or max(16, spec.chunk_size)
+        self.pool = BlockPool(spec, -(-max_tokens // self.block_size), self.block_size, model.device, model.dtype)
+        self.slots = SlotPool(spec, max_batch, model.device, model.dtype)
+        budget = state_budget_bytes if state_budget_bytes is not None else 16 * self.slots.state_bytes
+        self.states = StateStore(budget if mode == "state" else 0)
+        self.max_batch = max_batch
+        self.aligned_prefill = aligned_prefill
+
+    # ---- public ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int = 16, eos_token_id: int | list[int] | None = None,
+                 return_logits: bool = False) -> Generation:
+        """Greedy continuation of each prompt (lists or 1-D tensors of token ids). Rows that produce an
+        EOS token stop there (their lists end with it)."""
+        prompts = [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise NemoconvError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise NemoconvError("max_new_tokens must be ≥ 1")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        stats = PrefixStats(mode=self.mode, block_size=self.block_size, state_budget_bytes=self.states.budget_bytes)
+        evicted0, rejected0 = self.states.evicted, self.states.rejected
+        hashes = [chain_hashes(p, self.block_size) for p in prompts]
+        seen: dict[bytes, int] = {}
+        for hs in hashes:
+            for h in set(hs):
+                seen[h] = seen.get(h, 0) + 1
+        if self.mode != "off" and not any(hashes):
+            stats.warn(f"no prompt fills one block of {self.block_size} tokens: nothing can be shared "
+                       "(use a smaller block_size)")
+        if self.mode == "state" and self.slots.state_bytes > self.states.budget_bytes:
+            stats.warn(f"one Mamba state checkpoint takes {self.slots.state_bytes} bytes but the state budget "
+                       f"is {self.states.budget_bytes}: state mode cannot skip any token")
+
+        tokens, ttft, logits = [], [], []
+        for first in range(0, len(prompts), self.max_batch):
+            wave = range(first, min(first + self.max_batch, len(prompts)))
+            requests = [_Request(prompts[i], hashes[i], slot) for slot, i in enumerate(wave)]
+            try:
+                out = self._run_wave(requests, seen, max_new_tokens, eos, stats, return_logits)
+            finally:
+                for r in requests:
+                    for block in r.table:
+                        self.pool.release(block)
+            for new, t, lg in zip(*out):
+                tokens.append(new)
+                ttft.append(t)
+                logits.append(lg)
+        stats.states_evicted = self.states.evicted - evicted0
+        stats.states_rejected = self.states.rejected - rejected0
+        stats.state_bytes_held = self.states.bytes
+        stats.peak_kv_blocks_in_use = self.pool.peak_in_use
+        return Generation(tokens, stats, ttft, logits if return_logits else None)
+
+    def clear(self) -> None:
+        """Forget every cached prefix (blocks and states), e.g. after the model's weights changed."""
+        self.pool.clear()
+        self.states.clear()
+
+    # ---- one wave ----------------------------------------------------------------------------
+    def _run_wave(self, requests: list[_Request], seen: dict[bytes, int], max_new: int, eos: set[int],
+                  stats: PrefixStats, return_logits: bool):
+        first_logits, ttft = [], []
+        for r in requests:
+            t0 = time.perf_counter()
+            first_logits.append(self._prefill(r, seen, max_new, stats))
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+            ttft.append(time.perf_counter() - t0)
+        last = torch.stack(first_logits)                                           # [b, vocab]
+        steps = [last] if return_logits else None
+        new = [[] for _ in requests]
+        done = [False] * len(requests)
+        lengths = [len(r.tokens) for r in requests]
+        for i in range(max_new):
+            picked = last.argmax(dim=-1).tolist()
+            for row, tok in enumerate(picked):
+                if not done[row]:
+                    new[row].append(tok)
+                    done[row] = tok in eos
+            if i + 1 == max_new or all(done):
+                break
+            fed = torch.tensor([[row[-1]] for row in new], dtype=torch.long, device=self.model.device)
+            positions = torch.tensor([[n + i] for n in lengths], dtype=torch.int64)   # each row's own position
+            last = self._forward(requests, fed, positions, decode=True)
+            if return_logits:
+                steps.append(last)
+        per_row = [torch.stack([s[row] for s in steps]) for row in range(len(requests))] if return_logits else \
+            [None] * len(requests)
+        return new, ttft, per_row
+
+    def _prefill(self, r: _Request, seen: dict[bytes, int], max_new: int, stats: PrefixStats) -> torch.Tensor:
+        """Fill one request's blocks and slot from its prompt (reusing what the mode allows) → the last
+        position's logits [vocab]."""
+        B, L, n = self.block_size, len(r.tokens), len(r.hashes)
+        # 1. Blocks: share the indexed prefix, allocate the rest (prompt and the decode steps to come).
+        if self.mode != "off":
+            while r.shared < n and (block := self.pool.lookup(r.hashes[r.shared])) is not None:
+                self.pool.share(block)
+                r.table.append(block)
+                r.shared += 1
+        need = -(-(L + max_new - 1) // B)
+        while len(r.table) < need:
+            r.table.append(self.pool.allocate())
+        stats.requests += 1
+        stats.prompt_tokens += L
+        stats.kv_blocks_shared += r.shared
+        stats.kv_blocks_allocated += need - r.shared
+        stats.kv_bytes_saved += r.shared * self.pool.block_bytes
+        stats.tokens_in_shared_blocks += r.shared * B
+
+        # 2. State: restore the deepest saved boundary inside the shared blocks (≥ 1 token must run).
+        skip = 0
+        if self.mode == "state":
+            for j in range(min(r.shared, (L - 1) // B), 0, -1):
+                state = self.states.get(r.hashes[j - 1])
+                if state is not None:
+                    self.slots.restore(r.slot, state)
+                    skip = j * B
+                    stats.states_restored += 1
+                    stats.tokens_skipped += skip
+                    break
+        if skip == 0:
+            self.slots.reset(r.slot)
+        if r.shared or skip:
+            stats.hits += 1
+
+        # 3. Where to save states: at branch points — boundaries after which fewer prompts of this call
+        # share the chain (some diverge in the next block), and the depth matched in the index — and at
+        # the last full block (a follow-up turn extends the prompt), and the last boundary before the
+        # prompt's end (a repeat of it must run ≥ 1 token). Run the prompt in segments ending there.
+        saves = set()
+        if self.mode == "state":
+            counts = [seen.get(h, 0) for h in r.hashes] + [0]
+            branches = {j + 1 for j in range(n) if counts[j] > 1 and counts[j + 1] < counts[j]}
+            branches = {j - 1 if j * B == L else j for j in branches}
+            saves = {j for j in branches | {r.shared, n, (L - 1) // B}
+                     if j * B > skip and r.hashes[j - 1] not in self.states}
+        cuts = set(range((skip // B + 1) * B, L, B)) if self.aligned_prefill else {j * B for j in saves}
+        ends = sorted(cuts | {L})
+        start, logits = skip, None
+        for end in ends:
+            ids = torch.tensor([r.tokens[start:end]], dtype=torch.long, device=self.model.device)
+            positions = torch.arange(start, end, dtype=torch.int64)[None]
+            logits = self._forward([r], ids, positions, decode=False, write_from=r.shared * B)
+            if end % B == 0 and end // B in saves:
+                if self.states.put(r.hashes[end // B - 1], self.slots.snapshot(r.slot)):
+                    stats.states_saved += 1
+            start = end
+
+        # 4. Index this prompt's full blocks for later requests (those it shared are indexed already).
+        for j in range(r.shared, n):
+            self.pool.register(r.hashes[j], r.table[j])
+        return logits[0]
+
+    def _forward(self, requests: list[_Request], ids: torch.Tensor, positions: torch.Tensor, decode: bool,
+                 write_from: int = 0) -> torch.Tensor:
+        """Run ids [b, s] at positions [b, s] (host) through the model on the requests' blocks and slots
+        → logits of each row's last new position [b, vocab] float32."""
+        model = self.model
+        first_slot = requests[0].slot
+        if [r.slot for r in requests] != list(range(first_slot, first_slot + len(requests))):
+            raise NemoconvError("internal: a forward pass needs consecutive state slots")
+        view = PagedBatch(self.pool, self.slots, first_slot, [r.table for r in requests], positions,
+                          [write_from] * len(requests))
+        start = int(positions[0, 0])
+        s = ids.shape[1]
+        t = view.positions.shape[1]
+        if decode:
+            # each row sees its own positions 0 … p (rows stand at different lengths)
+            key_pos = torch.arange(t)[None]
+            attn = (key_pos <= positions[:, -1:])[:, None, None].to(model.device)       # [b, 1, 1, t]
+            causal = False
+        elif start == 0:
+            attn, causal = None, True
+        else:
+            valid = torch.ones(len(requests), t, dtype=torch.bool, device=model.device)
+            attn, causal = model._attention_mask(valid, start, s), False            # [b, 1, s, t]
+        ctx = _Pass(cache=view, start=start, pad_mask=None, attn_mask=attn, causal=causal, decode=decode,
+                    fused=model._fused_ok())
+        hidden = model._run(ids, ctx)
+        return model._logits(hidden[:, -1])
+
+
+def check_prefix_caching(model: NemotronHLM, prompts: list[list[int]], max_new_tokens: int,
+                         block_size: int | None = None, tolerance=None) -> dict:
+    """Generate `prompts` (which should share a long prefix) with caching off, `memory` and `state`,
+    each on a fresh engine with block-aligned prefill, so that every mode computes every block the same
+    way: the modes must give the same tokens as off and the same logits (max |Δ| ≤ tolerance(max |logit|),
+    0 when tolerance is None), and `state` must have skipped prompt tokens (else it proved nothing).
+    → {"passed", "failure", "modes": {mode: {identical, first_divergence, max_abs_diff, stats, ttft_s}}, …}"""
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    kw = dict(block_size=block_size, max_tokens=len(prompts) * longest + 64, max_batch=min(8, len(prompts)),
+              aligned_prefill=True)
+    baseline = PrefixCachingEngine(model, mode="off", **kw).generate(prompts, max_new_tokens, return_logits=True)
+    largest = max(float(x.abs().max()) for x in baseline.logits)
+    limit = float(tolerance(largest)) if tolerance is not None else 0.0
+    out = {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "max_new_tokens": max_new_tokens,
+           "aligned_prefill": True, "max_abs_logit": largest, "max_abs_allowed": limit, "modes": {}, "failure": None}
+    for mode in ("memory", "state"):
+        got = PrefixCachingEngine(model, mode=mode, **kw).generate(prompts, max_new_tokens, return_logits=True)
+        diverge = [_first_difference(a, b) for a, b in zip(baseline.tokens, got.tokens)]
+        # logits are comparable while the tokens fed back agree: up to each row's first divergence
+        diff = max(float((a[:n] - b[:n]).abs().max()) if n else 0.0
+                   for a, b, d in zip(baseline.logits, got.logits, diverge)
+                   for n in [min(len(a), len(b)) if d is None else d + 1])
+        out["modes"][mode] = {"identical": all(d is None for d in diverge), "first_divergence": diverge,
+                              "max_abs_diff": diff, "stats": got.stats.as_dict(),
+                              "ttft_s": [round(t, 4) for t in got.ttft_s]}
+        if out["failure"] is not None:
+            continue
+        if any(d is not None for d in diverge):
+            row = next(i for i, d in enumerate(diverge) if d is not None)
+            out["failure"] = (f"prefix cache ({mode}): prompt {row} generates other tokens than without caching "
+                              f"from new token {diverge[row]}")
+        elif not diff <= limit:
+            out["failure"] = (f"prefix cache ({mode}): logits differ from caching off by {diff:.3g} "
+                              f"(allowed {limit:.3g})")
+    if out["failure"] is None and out["modes"]["state"]["stats"]["tokens_skipped"] == 0:
+        warnings = out["modes"]["state"]["stats"]["warnings"]
+        out["failure"] = ("prefix cache (state): no prompt token was skipped, so nothing was checked"
+                          + (f" ({warnings[0]})" if warnings else ""))
+    out["passed"] = out["failure"] is None
+    out["ttft_off_s"] = [round(t, 4) for t in baseline.ttft_s]
+    return out
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

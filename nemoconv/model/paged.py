@@ -1,0 +1,192 @@
+"""Paged decoding state for many requests: KV blocks for attention layers, state slots for Mamba layers.
+
+Unlike `HybridCache` (one contiguous buffer per batch), storage here is shared by requests that come
+and go, so that a prompt prefix computed once can be reused by later requests (`prefix_cache`):
+
+  BlockPool   keys/values of every attention layer in fixed-size blocks of `block_size` positions
+              k, v  [n_attention_layers, num_blocks, block_size, kv_heads, head_dim]   model dtype
+              A request owns a block table (position p lives in block table[p // B] at offset p % B).
+              Blocks are reference-counted; a full block of prompt tokens is indexed by the hash of its
+              token chain, so a later request with the same prefix can share it instead of filling a
+              new one. A block whose count drops to zero stays indexed (evictable, least recently used
+              first) until its storage is needed.
+  SlotPool    the conv and SSM state of every Mamba layer for `num_slots` requests (as MAX does)
+              conv  [n_mamba_layers, num_slots, conv_dim, conv_kernel - 1]              model dtype
+              ssm   [n_mamba_layers, num_slots, heads, head_dim, state]                 float32 default
+  PagedBatch  what one forward pass sees as its cache: `attend_kv` and `layer_mamba`, the interface
+              the model's layers call, over the rows' block tables and slots.
+
+Everything is allocated once, in the constructors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ..config import ATTENTION, MAMBA, ModelSpec
+from ..errors import NemoconvError
+from .cache import resolve_ssm_dtype
+
+
+class BlockPool:
+    """Reference-counted KV blocks with a prefix index (block-chain hash → block)."""
+
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, device, dtype: torch.dtype):
+        if num_blocks < 1 or block_size < 1:
+            raise NemoconvError(f"a block pool needs ≥ 1 block of ≥ 1 position, got {num_blocks} × {block_size}")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.layer_slot = {i: j for j, i in enumerate(i for i, c in enumerate(spec.layer_codes) if c == ATTENTION)}
+        shape = (len(self.layer_slot), num_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.refs = [0] * num_blocks
+        self.free = list(range(num_blocks - 1, -1, -1))   # never used, or evicted (pop from the end)
+        self.index: dict[bytes, int] = {}                 # chain hash → block holding those tokens
+        self.hash_of: dict[int, bytes] = {}               # indexed block → its hash
+        self.evictable: OrderedDict[int, None] = OrderedDict()   # indexed, unreferenced; oldest first
+        self.peak_in_use = 0
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block holds over all attention layers (keys and values)."""
+        per = self.k[:, 0].numel() * self.k.element_size()
+        return 2 * per
+
+    def in_use(self) -> int:
+        return self.num_blocks - len(self.free) - len(self.evictable)
+
+    def available(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def lookup(self, chain: bytes) -> int | None:
+        return self.index.get(chain)
+
+    def share(self, block: int) -> None:
+        """One more request reads this (indexed) block."""
+        if self.refs[block] == 0:
+            self.evictable.pop(block, None)
+        self.refs[block] += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use())
+
+    def allocate(self) -> int:
+        """A block for new tokens (reference count 1): a free one, else the least recently used
+        unreferenced indexed block, which leaves the index."""
+        if self.free:
+            block = self.free.pop()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.index[self.hash_of.pop(block)]
+        else:
+            raise NemoconvError(f"the KV block pool is exhausted ({self.num_blocks} blocks of {self.block_size} "
+                                "positions, all in use): allow more tokens in flight (max_tokens)")
+        self.refs[block] = 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use())
+        return block
+
+    def register(self, chain: bytes, block: int) -> None:
+        """Index a block that now holds a full block of prompt tokens (first writer wins)."""
+        if chain not in self.index and block not in self.hash_of:
+            self.index[chain] = block
+            self.hash_of[block] = chain
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None              # kept for later prefix hits until needed
+            else:
+                self.free.append(block)
+
+    def clear(self) -> None:
+        """Forget the index (every block must be unreferenced)."""
+        if any(self.refs):
+            raise NemoconvError("cannot clear a block pool while requests hold blocks")
+        self.index.clear()
+        self.hash_of.clear()
+        self.evictable.clear()
+        self.free = list(range(self.num_blocks - 1, -1, -1))
+
+
+class SlotPool:
+    """Conv and SSM state of every Mamba layer for up to `num_slots` requests at once."""
+
+    def __init__(self, spec: ModelSpec, num_slots: int, device, dtype: torch.dtype, ssm_dtype=None):
+        self.layer_slot = {i: j for j, i in enumerate(i for i, c in enumerate(spec.layer_codes) if c == MAMBA)}
+        n = len(self.layer_slot)
+        ssm_dtype = resolve_ssm_dtype(ssm_dtype if ssm_dtype is not None else spec.mamba_ssm_cache_dtype)
+        self.conv = torch.zeros(n, num_slots, spec.conv_dim, spec.conv_kernel - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(n, num_slots, spec.mamba_num_heads, spec.mamba_head_dim, spec.ssm_state_size,
+                               dtype=ssm_dtype, device=device)
+        self.num_slots = num_slots
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one request's Mamba state (all layers): what a state checkpoint costs."""
+        return (self.conv[:, 0].numel() * self.conv.element_size()
+                + self.ssm[:, 0].numel() * self.ssm.element_size())
+
+    def reset(self, slot: int) -> None:
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
+
+    def snapshot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv[:, slot].clone(), self.ssm[:, slot].clone()
+
+    def restore(self, slot: int, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.conv[:, slot].copy_(state[0])
+        self.ssm[:, slot].copy_(state[1])
+
+
+class PagedBatch:
+    """The cache one forward pass sees: rows `first_slot … first_slot + b - 1` of the slot pool (a
+    contiguous range, so the Mamba layers get views) and one block table per row.
+
+    new_positions [b, s] int64 (host): the position of each new token (a decode step has one per row,
+    and rows may stand at different positions). Positions below `write_from[r]` lie in shared blocks
+    that already hold the same keys/values: they are read, never written again.
+    `positions` [b, t] (device) is the flat KV index (block · B + offset) of positions 0 … t-1 of each
+    row, t = 1 + the largest new position; entries past a shorter row's end point at its own blocks
+    or block 0 and must be masked by the caller.
+    """
+
+    def __init__(self, pool: BlockPool, slots: SlotPool, first_slot: int, tables: list[list[int]],
+                 new_positions: torch.Tensor, write_from: list[int]):
+        self.pool, self.slots = pool, slots
+        self.batch = len(tables)
+        self.rows = slice(first_slot, first_slot + self.batch)
+        device = pool.k.device
+        B = pool.block_size
+        t = int(new_positions.max()) + 1
+        width = -(-t // B)
+        table = torch.tensor([row[:width] + [0] * (width - len(row[:width])) for row in tables], dtype=torch.int64)
+        pos = torch.arange(t)
+        positions = table[:, pos // B] * B + pos % B                               # [b, t]
+        write = new_positions >= torch.tensor(write_from, dtype=torch.int64)[:, None]   # [b, s]
+        self.positions = positions.to(device)
+        self.write_rows = write.reshape(-1).nonzero()[:, 0].to(device) if not bool(write.all()) else None
+        self.write_index = positions.gather(1, new_positions)[write].to(device)     # flat KV index per written token
+        self.any_write = bool(write.any())
+
+    def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.slots.layer_slot[layer_idx]
+        return self.slots.conv[j, self.rows], self.slots.ssm[j, self.rows]
+
+    def attend_kv(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the new keys/values [b, hk, s, d] (at `new_positions`; `start` is not used, rows may
+        differ) and gather every row's keys/values so far: [b, hk, t, d]."""
+        j = self.pool.layer_slot[layer_idx]
+        b, hk, _, d = k.shape
+        keys = self.pool.k[j].view(-1, hk, d)                                      # [blocks·B, hk, d]
+        values = self.pool.v[j].view(-1, hk, d)
+        if self.any_write:
+            for store, new in ((keys, k), (values, v)):
+                rows = new.transpose(1, 2).reshape(-1, hk, d)                      # [b·s, hk, d]
+                if self.write_rows is not None:
+                    rows = rows.index_select(0, self.write_rows)
+                store.index_copy_(0, self.write_index, rows)
+        t = self.positions.shape[1]
+        flat = self.positions.reshape(-1)
+        return (keys.index_select(0, flat).view(b, t, hk, d).transpose(1, 2),
+                values.index_select(0, flat).view(b, t, hk, d).transpose(1, 2))

@@ -1,0 +1,96 @@
+"""Time to first token with and without prefix caching, for requests sharing a long prefix.
+
+A random bf16 model with the Nemotron-H-8B layout (as in bench_generate) serves N requests that share
+a `--prefix`-token prefix (4096 by default) followed by `--suffix` unique tokens each, with the
+engine (nemoconv.model.engine) in each mode on a fresh engine:
+  off      every request prefills its whole prompt
+  memory   KV blocks of the prefix are shared (no new blocks), every token still runs
+  state    the first request saves the Mamba state where the prompts branch; the others restore it
+           and prefill only their suffix
+TTFT = one request's prefill, from the start to the first token's logits (device-synchronized).
+Each mode runs once untimed first (kernel compilation), then on a fresh engine, timed. Also reported:
+whether every mode generated the same tokens as off, the largest logit difference, and the
+prefix-cache metrics. Prints one JSON object.
+
+    python tests/bench/bench_prefix_cache.py [--prefix 4096 --suffix 256 --requests 4 --out r.json]
+    python tests/bench/bench_prefix_cache.py --small     # tiny shapes on the CPU: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import build_ours, config  # noqa: E402
+from nemoconv.config import parse_config  # noqa: E402
+from nemoconv.model.engine import PrefixCachingEngine  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--prefix", type=int, default=4096)
+    ap.add_argument("--suffix", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    if args.small:
+        args.prefix, args.suffix, args.new = min(args.prefix, 200), min(args.suffix, 24), min(args.new, 4)
+    cfg = config(args.small)
+    spec = parse_config(cfg)
+    model = build_ours(spec, device)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, spec.vocab_size, (args.prefix,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, spec.vocab_size, (args.suffix,), generator=g).tolist()
+               for _ in range(args.requests)]
+    kw = dict(block_size=args.block_size, max_tokens=args.requests * (args.prefix + args.suffix + args.new) + 512,
+              max_batch=args.requests)
+
+    res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "small": args.small,
+                 "shapes": {k: cfg[k] for k in ("hybrid_override_pattern", "hidden_size", "vocab_size")},
+                 "prefix_tokens": args.prefix, "suffix_tokens": args.suffix, "requests": args.requests,
+                 "new_tokens": args.new, "modes": {}}
+    runs = {}
+    for mode in ("off", "memory", "state"):
+        PrefixCachingEngine(model, mode=mode, **kw).generate(prompts, args.new)         # warm-up (compiles)
+        eng = PrefixCachingEngine(model, mode=mode, **kw)
+        run = eng.generate(prompts, args.new, return_logits=True)
+        runs[mode] = run
+        ttft = run.ttft_s
+        res["modes"][mode] = {
+            "ttft_ms": [round(t * 1e3, 2) for t in ttft],
+            "ttft_first_ms": round(ttft[0] * 1e3, 2),
+            "ttft_rest_median_ms": round(statistics.median(ttft[1:]) * 1e3, 2) if len(ttft) > 1 else None,
+            "block_size": eng.block_size,
+            "state_bytes_each": eng.slots.state_bytes,
+            "stats": run.stats.as_dict(),
+        }
+        if device.type == "cuda":
+            res["modes"][mode]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        del eng
+    off = runs["off"]
+    for mode in ("memory", "state"):
+        r = res["modes"][mode]
+        r["same_tokens_as_off"] = runs[mode].tokens == off.tokens
+        r["max_abs_logit_diff_vs_off"] = max(float((a - b).abs().max()) for a, b in zip(runs[mode].logits, off.logits))
+    rest = lambda m: res["modes"][m]["ttft_rest_median_ms"]  # noqa: E731
+    if rest("off") and rest("state"):
+        res["ttft_speedup_state_vs_off"] = round(rest("off") / rest("state"), 2)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
