@@ -150,10 +150,12 @@ def test_exact_repeat_runs_at_least_one_token():
     prompt = ids(4 * B, 5)                            # a whole number of blocks
     eng = engine(model, "state")
     base = engine(model, "off").generate([prompt], 3, return_logits=True)
-    eng.generate([prompt], 3)
+    eng.generate([prompt], 3)                         # saves at its end (64): a repeat cannot use it
+    second = eng.generate([prompt], 3)                # matched in full: saves at 48 for the next repeat
     again = eng.generate([prompt], 3, return_logits=True)
+    assert second.stats.tokens_skipped == 0
     assert again.stats.tokens_skipped == 3 * B         # the last block runs: its last token gives the logits
-    assert again.tokens == base.tokens
+    assert again.tokens == base.tokens == second.tokens
 
 
 def test_follow_up_turn_extends_a_cached_conversation():

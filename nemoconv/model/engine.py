@@ -193,17 +193,17 @@ class PrefixCachingEngine:
         if r.shared or skip:
             stats.hits += 1
 
-        # 3. Where to save states: at branch points — boundaries after which fewer prompts of this call
-        # share the chain (some diverge in the next block), and the depth matched in the index — and at
-        # the last full block (a follow-up turn extends the prompt), and the last boundary before the
-        # prompt's end (a repeat of it must run ≥ 1 token). Run the prompt in segments ending there.
+        # 3. Where to save states. At branch points, boundaries known to be shared: those after which
+        # fewer prompts of this call share the chain (some diverge in the next block), and the depth
+        # matched in the index. One of them at the very end of the prompt moves back a block (a repeat
+        # must run ≥ 1 token). And at the last full block, for a follow-up turn that extends the prompt.
+        # Each save splits the prefill into one more segment.
         saves = set()
         if self.mode == "state":
             counts = [seen.get(h, 0) for h in r.hashes] + [0]
-            branches = {j + 1 for j in range(n) if counts[j] > 1 and counts[j + 1] < counts[j]}
+            branches = {j + 1 for j in range(n) if counts[j] > 1 and counts[j + 1] < counts[j]} | {r.shared}
             branches = {j - 1 if j * B == L else j for j in branches}
-            saves = {j for j in branches | {r.shared, n, (L - 1) // B}
-                     if j * B > skip and r.hashes[j - 1] not in self.states}
+            saves = {j for j in branches | {n} if j * B > skip and r.hashes[j - 1] not in self.states}
         cuts = set(range((skip // B + 1) * B, L, B)) if self.aligned_prefill else {j * B for j in saves}
         ends = sorted(cuts | {L})
         start, logits = skip, None
