@@ -8,13 +8,16 @@
     tokens = model.generate(input_ids, max_new_tokens=16)           # [b, s + 16], greedy by default
 
 Modules: `modeling` (layers and the LM), `cache` (HybridCache), `kernels` (Triton / reference
-dispatch), `reference` (torch definitions of the sequence ops), `fp8` (FP8 linears), `loading`.
+dispatch), `reference` (torch definitions of the sequence ops), `fp8` (FP8 linears), `loading`,
+`paged` (KV blocks and Mamba state slots), `prefix_cache` (hashing, state store, metrics) and
+`engine` (PrefixCachingEngine: many requests, prefix caching).
 """
 
 from .cache import HybridCache
+from .engine import PrefixCachingEngine
 from .fp8 import Linear, fp8_linear, fp8_linear_emulated, quantize_fp8
 from .loading import build_model, canonical_name, load_model
 from .modeling import NemotronHLM
 
-__all__ = ["HybridCache", "Linear", "NemotronHLM", "build_model", "canonical_name", "fp8_linear",
+__all__ = ["HybridCache", "Linear", "NemotronHLM", "PrefixCachingEngine", "build_model", "canonical_name", "fp8_linear",
            "fp8_linear_emulated", "load_model", "quantize_fp8"]
