@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from .config import ModelSpec, load_config
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme, load_schemes
-from .safetensors_io import TensorEntry, read_header
+from .safetensors_io import FP8_NAMES, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "nemoconv-manifest.json"
@@ -59,13 +57,13 @@ class Checkpoint:
     def dtype_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for e in self.entries.values():
-            key = str(e.dtype).removeprefix("torch.")
+            key = e.dtype_name
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items()))
 
     def quantization(self) -> dict | None:
         """How the checkpoint is quantized: from config/hf_quant_config and the tensors themselves."""
-        fp8 = [n for n, e in self.entries.items() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+        fp8 = [n for n, e in self.entries.items() if e.dtype_name in FP8_NAMES]
         qcfg = self.config.get("quantization_config")
         side = self.path / "hf_quant_config.json"
         hf_quant = None
@@ -87,7 +85,7 @@ class Checkpoint:
         }
 
     def iter_tensors(self, to: str = "hf", meta: bool = False, prefetch: int = 4
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
+                     ) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
         """Stream `(name, tensor)` in scheme `to`, converting on the fly (one tensor or group at a time);
         the next `prefetch` tensors are read on threads meanwhile."""
         from .pipeline import stream_converted

@@ -10,8 +10,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from . import __version__
 from .errors import NemoconvError, VerificationFailed
@@ -82,6 +80,8 @@ class _NullProgress:
 
 class _ByteProgress:
     def __init__(self, description: str):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
         self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
         self.description = description
@@ -109,6 +109,8 @@ def inspect(
     from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Naming scheme of SRC (auto-detected)."),
 ):
     """Show a checkpoint's scheme, layer layout, dimensions, parameters, dtypes, quantization and shards."""
+    from rich.table import Table
+
     from .inspect import human_bytes, human_count, inspect_checkpoint
 
     info = inspect_checkpoint(src, scheme=from_.value)

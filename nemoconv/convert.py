@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from . import __version__
 from .card import write_card
 from .checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
@@ -18,7 +16,7 @@ from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output
 from .pipeline import Journal, stream_converted
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
 
-_DTYPE_OPTIONS = {"keep": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_OPTIONS = {"keep": None, "bfloat16": "bfloat16", "float32": "float32"}
 # Never read or carried: pickled weights can execute code on load.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Written anew: the index and manifest describe the new tensors, config.json gets renamed exclusion lists,
@@ -28,11 +26,11 @@ _REWRITTEN = {INDEX_NAME, MANIFEST_NAME, "config.json", "README.md", "nemoconv-v
 Progress = Callable[[int, int], None]
 
 
-def plan_conversion(ck: Checkpoint, to: str, dtype: torch.dtype | None) -> tuple[list[dict], Journal]:
+def plan_conversion(ck: Checkpoint, to: str, dtype: str | None) -> tuple[list[dict], Journal]:
     """Run the whole stream on meta tensors: every check and every lossy step, no data read."""
     journal = Journal()
     tensors = []
-    for item in stream_converted(ck, to=to, meta=True, dtype=dtype, journal=journal):
+    for item in stream_converted(ck, to=to, meta=True, dtype=dtype, journal=journal, host=True):
         entry = {"name": item.name, "dtype": dtype_name(item.tensor.dtype), "shape": list(item.tensor.shape),
                  "sources": list(item.sources)}
         if item.cast_from:
@@ -131,8 +129,7 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         "tensors_in": len(ck.entries),
         "tensors_out": len(tensors),
         "bytes_in": ck.total_bytes,
-        "bytes_out": sum(PlannedTensor(t["name"], _torch_dtype(t["dtype"]), tuple(t["shape"])).nbytes
-                         for t in tensors),
+        "bytes_out": sum(PlannedTensor(t["name"], t["dtype"], tuple(t["shape"])).nbytes for t in tensors),
         "files_carried": [p.name for p in carried],
         "files_not_carried": skipped,
         "tensors": tensors,
@@ -142,13 +139,13 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         return manifest
     if Path(out).expanduser().absolute() == ck.path.absolute():
         raise NemoconvError(f"{out}: output is the source directory")
-    planned = [PlannedTensor(t["name"], _torch_dtype(t["dtype"]), tuple(t["shape"])) for t in tensors]
+    planned = [PlannedTensor(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors]
     with atomic_output(out, overwrite) as tmp:
         writer = BackgroundWriter(ShardedWriter(tmp, planned, shard_limit,
                                                 {"format": "pt", "nemoconv_scheme": to}))
         done = 0
         try:
-            with TensorReader() as reader:
+            with TensorReader(host=True) as reader:  # numpy bits: convert never imports torch
                 for item in stream_converted(ck, to=to, dtype=_DTYPE_OPTIONS[dtype], reader=reader, lazy=True):
                     writer.write(item.name, item.tensor, item.entry)
                     done += item.tensor.numel() * item.tensor.element_size()
@@ -165,7 +162,3 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         write_json(tmp / MANIFEST_NAME, manifest)
         write_card(tmp, ck.path, manifest, title=f"{Path(str(src)).name} ({to} scheme)")
     return manifest
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)

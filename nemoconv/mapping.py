@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from .errors import NemoconvError
+from .safetensors_io import dtype_name
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
 _DEFAULT_PATTERNS = {"i": r"\d+", "j": r"\d+", "k": r"\d+", "rest": r".+", "prefix": r".+", "layer": r".+"}
@@ -83,8 +82,8 @@ class Fuse:
 @dataclass(frozen=True)
 class Cast:
     hf: Template
-    dtype: torch.dtype
-    only_from: torch.dtype | None = None  # cast only tensors stored in this dtype
+    dtype: str  # a dtype name (`float32`)
+    only_from: str | None = None  # cast only tensors stored in this dtype
 
 
 @dataclass(frozen=True)
@@ -129,10 +128,11 @@ class Scheme:
                 return rule.hf.format(fields)
         return None
 
-    def cast_for(self, hf_name: str, stored: torch.dtype | None = None) -> torch.dtype | None:
+    def cast_for(self, hf_name: str, stored=None) -> str | None:
+        """The dtype name this scheme stores `hf_name` in (`stored`: its current dtype, a name or torch dtype)."""
         for rule in self.casts:
             if rule.hf.match(hf_name) is not None:
-                if rule.only_from is not None and stored is not None and stored != rule.only_from:
+                if rule.only_from is not None and stored is not None and dtype_name(stored) != rule.only_from:
                     return None
                 return rule.dtype
         return None
@@ -151,7 +151,7 @@ class Scheme:
         return renamed[: -len(".weight")]
 
 
-_DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_BY_NAME = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _template(text, where: str) -> Template:

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from .errors import NemoconvError
 from .safetensors_io import PlannedTensor, ShardFileWriter
 
@@ -149,7 +147,7 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(p.nbytes for p in planned)
 
-    def write(self, name: str, tensor: torch.Tensor, entry=None) -> None:
+    def write(self, name: str, tensor, entry=None) -> None:
         while self._left == 0:
             self._open_next()
         self._writer.write(name, tensor, entry)
@@ -178,37 +176,59 @@ class ShardedWriter:
 
 class BackgroundWriter:
     """Runs a ShardedWriter on a thread, so the disk writes of one tensor overlap the reading and
-    transposing of the next (both release the GIL). One tensor in flight keeps memory bounded."""
+    transposing of the next (both release the GIL). Memory stays bounded: tensors wait in the queue only
+    while less than `max_queued_bytes` of data (the one being written included) is pending, plus one."""
 
-    def __init__(self, writer: ShardedWriter):
-        import queue
+    def __init__(self, writer: ShardedWriter, max_queued_bytes: int = 128 << 20):
         import threading
+        from collections import deque
 
         self.writer = writer
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._limit = max_queued_bytes
+        self._jobs: deque = deque()
+        self._pending = 0  # bytes held by queued jobs
+        self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nemoconv-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job = self._jobs[0]
             if job is None:
                 return
             if self._error is None:
                 try:
-                    self.writer.write(*job)
+                    self.writer.write(*job[:3])
                 except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                     self._error = exc
+            with self._cond:
+                self._jobs.popleft()
+                self._pending -= job[3]
+                self._cond.notify_all()
 
-    def write(self, name: str, tensor: torch.Tensor, entry=None) -> None:
+    def write(self, name: str, tensor, entry=None) -> None:
         if self._error is not None:
             self._finish()
-        self._queue.put((name, tensor, entry))
+        size = 0 if entry is not None else tensor.numel() * tensor.element_size()  # copied file to file: no RAM
+        with self._cond:
+            while self._jobs and self._pending + size > self._limit and self._error is None:
+                self._cond.wait()
+            self._jobs.append((name, tensor, entry, size))
+            self._pending += size
+            self._cond.notify_all()
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._jobs.append(None)
+            self._cond.notify_all()
+        self._thread.join()
 
     def _finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._stop()
         if self._error is not None:
             raise self._error
 
@@ -218,8 +238,7 @@ class BackgroundWriter:
 
     def abort(self) -> None:
         if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+            self._stop()
 
 
 def write_json(path: Path, data) -> None:

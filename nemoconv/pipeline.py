@@ -11,35 +11,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
-import torch
-
 from .checkpoint import Checkpoint
 from .config import ModelSpec
 from .errors import NemoconvError
 from .mapping import Scheme, config_product, get_scheme
-from .safetensors_io import TensorEntry, TensorReader, dtype_name
+from .safetensors_io import FP8_NAMES, FLOAT_NAMES, HostTensor, TensorEntry, TensorReader, bits_dtype, dtype_name
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
+# no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,
+# _unstack_all, _convert_dtype) look at which; every mapping decision is made once, by dtype name.
+FP8_DTYPES = FP8_NAMES  # names; compare with dtype_name(t.dtype)
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale", "weight_scale_2", "output_scale")
 
 
 @dataclass
 class Item:
     name: str
-    tensor: torch.Tensor  # the data, or a meta tensor (shape and dtype) while `entry` is still unread
+    tensor: object  # torch.Tensor or HostTensor: the data, or a meta tensor while `entry` is still unread
     sources: tuple[str, ...]
     cast_from: dict | None = None  # {"dtype": original, "by": "scheme"|"dtype"} when this stream cast it
     entry: TensorEntry | None = None  # bytes still on disk: read only if a transform needs them
     reader: TensorReader | None = None
 
-    def data(self) -> torch.Tensor:
+    def data(self):
         """The values (read now if still on disk); a meta tensor while planning."""
         if self.entry is not None and self.reader is not None:
             return self.reader.read(self.entry)
         return self.tensor
 
-    def with_tensor(self, tensor: torch.Tensor, **changes) -> "Item":
+    def with_tensor(self, tensor, **changes) -> "Item":
         return replace(self, tensor=tensor, entry=None, reader=None, **changes)
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.tensor.dtype)
 
 
 @dataclass
@@ -52,62 +57,209 @@ class Journal:
         self.lossy.append({"tensor": tensor, "step": step, "detail": detail})
 
 
-def is_lossless_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    if src == dst:
-        return True
-    widening = {
-        torch.bfloat16: {torch.float32, torch.float64},
-        torch.float16: {torch.float32, torch.float64},
-        torch.float32: {torch.float64},
-        torch.float8_e4m3fn: {torch.float16, torch.bfloat16, torch.float32, torch.float64},
-        torch.float8_e5m2: {torch.float16, torch.bfloat16, torch.float32, torch.float64},
-    }
-    return dst in widening.get(src, set())
+_WIDENING = {
+    "bfloat16": {"float32", "float64"},
+    "float16": {"float32", "float64"},
+    "float32": {"float64"},
+    "float8_e4m3fn": {"float16", "bfloat16", "float32", "float64"},
+    "float8_e5m2": {"float16", "bfloat16", "float32", "float64"},
+}
 
 
-def _cat(parts: list[torch.Tensor], axis: int) -> torch.Tensor:
-    if parts[0].is_meta:  # planning: shapes only (torch.cat on meta pulls in the slow prims machinery)
-        shape = list(parts[0].shape)
+def is_lossless_cast(src, dst) -> bool:
+    src, dst = dtype_name(src), dtype_name(dst)
+    return src == dst or dst in _WIDENING.get(src, set())
+
+
+# ---- primitives: the only code that knows torch tensors from HostTensors ---------------------------------
+
+
+def _is_host(t) -> bool:
+    return isinstance(t, HostTensor)
+
+
+_POOL = None
+
+
+def _pool():
+    """Two worker threads for the bit moves of expert merges and splits (numpy releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nemoconv-move")
+    return _POOL
+
+
+def _parallel(fn, count: int) -> list:
+    """fn(0..count-1) on the two workers (in order), or inline for small jobs."""
+    if count < 4:
+        return [fn(j) for j in range(count)]
+    return list(_pool().map(fn, range(count)))
+
+
+def _meta_like(t, shape):
+    if _is_host(t):
+        return HostTensor(t.dtype, shape)
+    import torch
+
+    return torch.empty(shape, dtype=t.dtype, device="meta")
+
+
+def _cat(parts: list, axis: int):
+    first = parts[0]
+    if first.is_meta:  # planning: shapes only (torch.cat on meta pulls in the slow prims machinery)
+        shape = list(first.shape)
         shape[axis] = sum(p.shape[axis] for p in parts)
-        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+        return _meta_like(first, shape)
+    if _is_host(first):
+        import numpy as np
+
+        return HostTensor.of(first.dtype, np.concatenate([p.bits for p in parts], axis=axis))
+    import torch
+
     return torch.cat(parts, dim=axis)
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def _split_along(t, sizes: list[int], axis: int) -> list:
+    """Contiguous pieces of `t` along `axis`."""
+    if t.is_meta:
+        shapes = []
+        for n in sizes:
+            shape = list(t.shape)
+            shape[axis] = n
+            shapes.append(shape)
+        return [_meta_like(t, s) for s in shapes]
+    if _is_host(t):
+        import numpy as np
+
+        bounds = [sum(sizes[:k]) for k in range(1, len(sizes))]
+        return [HostTensor.of(t.dtype, np.ascontiguousarray(p)) for p in np.split(t.bits, bounds, axis=axis)]
+    import torch
+
+    return [p.contiguous() for p in torch.split(t, sizes, dim=axis)]
 
 
-def _stack(parts: list[torch.Tensor], transpose: bool) -> torch.Tensor:
+_SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _stack(parts: list, transpose: bool):
     """[E] tensors of [a, b] → [E, b, a] when transposing (expert merge), else [E, a, b].
 
-    Copies raw bits through a same-size integer view: exact for every dtype (fp8 included), and torch's
-    integer transpose copy is several times faster than its bf16 one on CPU."""
-    first = parts[0]
+    Copies raw bits through a same-size integer view: exact for every dtype (fp8 included), and an integer
+    transpose copy is several times faster than a bf16 one on CPU. Parts may be Items still on disk: each
+    worker then reads its expert and moves it, so reads and transposes run on both cores."""
+    first = parts[0].tensor if isinstance(parts[0], Item) else parts[0]
     shape = (len(parts), *(first.shape[::-1] if transpose else first.shape))
-    if first.is_meta:
-        return torch.empty(shape, dtype=first.dtype, device="meta")
-    bits = _SAME_SIZE_INT[first.element_size()]
+    if first.is_meta and not (isinstance(parts[0], Item) and parts[0].reader is not None):
+        return _meta_like(first, shape)
+    if _is_host(first):
+        import numpy as np
+
+        out = np.empty(shape, dtype=bits_dtype(first.element_size()))
+
+        def move(j: int) -> None:
+            p = parts[j].data() if isinstance(parts[j], Item) else parts[j]
+            if transpose:
+                _transpose_into(p.bits, out[j])
+            else:
+                out[j] = p.bits
+
+        _parallel(move, len(parts))
+        return HostTensor.of(first.dtype, out)
+    import torch
+
+    parts = [p.data() if isinstance(p, Item) else p for p in parts]
+    bits = getattr(torch, _SAME_SIZE_INT[first.element_size()])
     out = torch.empty(shape, dtype=bits)
     for j, p in enumerate(parts):
         out[j].copy_(p.view(bits).T if transpose else p.view(bits))
     return out.view(first.dtype)
 
 
-def _unstack(t: torch.Tensor, j: int, transpose: bool) -> torch.Tensor:
+def _unstack_all(item: Item, count: int, transpose: bool) -> list:
+    """The [E] experts of a merged [E, a, b] tensor, each [b, a] when transposing, else [a, b]. A host tensor
+    still on disk is read expert by expert, by the same workers that move the bits."""
+    t = item.tensor
+    if t.is_meta and (item.entry is None or item.reader is None):
+        return [_meta_like(t, t.shape[1:][::-1] if transpose else t.shape[1:]) for _ in range(count)]
+    if _is_host(t):
+        import numpy as np
+
+        entry, reader = item.entry, item.reader
+        slab = entry.nbytes // count if entry is not None else 0
+
+        def piece(j: int) -> HostTensor:
+            if entry is not None and reader is not None:
+                src = reader.read(replace(entry, shape=t.shape[1:], start=entry.start + j * slab, nbytes=slab)).bits
+            else:
+                src = t.bits[j]
+            if not transpose:
+                return HostTensor.of(t.dtype, np.ascontiguousarray(src))
+            out = np.empty(t.shape[1:][::-1], dtype=src.dtype)
+            _transpose_into(src, out)
+            return HostTensor.of(t.dtype, out)
+
+        return _parallel(piece, count)
+    import torch
+
+    t = item.data()
+    bits = getattr(torch, _SAME_SIZE_INT[t.element_size()])
+    return [(t[j].view(bits).T if transpose else t[j].view(bits)).contiguous().view(t.dtype) for j in range(count)]
+
+
+def _transpose_into(a, out) -> None:
+    """out[...] = a.T for 2-D bit arrays, fast: a copy with a 2-byte element per strided access runs at
+    ~0.7 GB/s, so move 16-byte runs of a row first (`a` as [R, C/k] units of k elements → [C/k, R]), then
+    spread each run's k elements over k output rows with short, cache-friendly strides (~3x faster)."""
+    import numpy as np
+
+    rows, cols = a.shape
+    k = 16 // a.itemsize
+    if k > 1 and cols % k == 0 and a.flags.c_contiguous and out.flags.c_contiguous and a.size:
+        runs = np.ascontiguousarray(a.view(np.dtype("V16")).T)  # [C/k, R] runs of k elements
+        out.reshape(cols // k, k, rows)[...] = runs.view(a.dtype).reshape(cols // k, rows, k).transpose(0, 2, 1)
+    else:
+        out[...] = a.T
+
+
+def _convert_dtype(t, dtype: str):
+    """`t` cast to the dtype named `dtype`, with torch's rounding (a meta tensor stays meta)."""
+    if not _is_host(t):
+        return t.to(_torch_dtype(dtype))
     if t.is_meta:
-        return torch.empty(t.shape[1:][::-1] if transpose else t.shape[1:], dtype=t.dtype, device="meta")
-    bits = _SAME_SIZE_INT[t.element_size()]
-    piece = t[j].view(bits)
-    return (piece.T if transpose else piece).contiguous().view(t.dtype)
+        return HostTensor(dtype, t.shape)
+    import numpy as np
+
+    # The casts the schemes make, done on the bits exactly as torch does them: bf16 → fp32 is a shift, and
+    # fp32 → bf16 of values that fit (an earlier widening undone) drops zero bits.
+    if t.dtype == "bfloat16" and dtype == "float32":
+        return HostTensor.of(dtype, t.bits.astype(np.uint32) << 16)
+    if t.dtype == "float32" and dtype == "bfloat16" and not (t.bits & 0xFFFF).any():
+        return HostTensor.of(dtype, (t.bits >> 16).astype(np.uint16))
+    # Anything else (a rounding cast) goes through torch, so both streams round alike.
+    import torch
+
+    src = torch.from_numpy(t.bits.view(np.dtype(_SAME_SIZE_INT[t.element_size()]))).view(_torch_dtype(t.dtype))
+    out = src.to(_torch_dtype(dtype)).contiguous()
+    bits = out.view(getattr(torch, _SAME_SIZE_INT[out.element_size()])).numpy().view(bits_dtype(out.element_size()))
+    return HostTensor.of(dtype, bits)
 
 
-def _cast(item: Item, dtype: torch.dtype, by: str, journal: Journal, why: str) -> Item:
-    src = item.tensor.dtype
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _cast(item: Item, dtype: str, by: str, journal: Journal, why: str) -> Item:
+    src = item.dtype
     if src == dtype:
         return item
     # A restore undoes an earlier widening cast, so the values fit the original dtype exactly.
     if by != "restore" and not is_lossless_cast(src, dtype):
-        journal.lossy_step(item.name, "cast", f"{dtype_name(src)} → {dtype_name(dtype)} ({why})")
-    return item.with_tensor(item.data().to(dtype), cast_from={"dtype": dtype_name(src), "by": by})
+        journal.lossy_step(item.name, "cast", f"{src} → {dtype} ({why})")
+    return item.with_tensor(_convert_dtype(item.data(), dtype), cast_from={"dtype": src, "by": by})
 
 
 # ---- stage 1: read ------------------------------------------------------------------------------
@@ -126,7 +278,8 @@ def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Ite
         if normalized in seen:
             raise NemoconvError(f"{ck.path}: tensors {seen[normalized]!r} and {name!r} are the same tensor under two spellings")
         seen[normalized] = name
-        yield Item(normalized, entry.meta(), (name,), entry=entry, reader=None if meta else reader)
+        shape_only = entry.host_meta() if reader.host else entry.meta()
+        yield Item(normalized, shape_only, (name,), entry=entry, reader=None if meta else reader)
 
 
 # ---- stage 2: source scheme → hf -----------------------------------------------------------------
@@ -144,7 +297,7 @@ def _restore_dtypes(ck: Checkpoint) -> dict[str, str]:
 
 def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[str, str], journal: Journal
           ) -> Iterator[Item]:
-    dtypes = {dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+    dtypes = ("float32", "bfloat16", "float16", "float64")
     for item in items:
         hf_name = scheme.to_hf(item.name)
         if hf_name is None:
@@ -153,7 +306,7 @@ def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[
         pieces = _split(hf_name, item, scheme, spec)
         for piece in pieces:
             if original is not None and original in dtypes and scheme.cast_for(hf_name) is not None:
-                piece = _cast(piece, dtypes[original], "restore", journal, "restoring the source dtype")
+                piece = _cast(piece, original, "restore", journal, "restoring the source dtype")
                 piece.cast_from = None
             yield piece
 
@@ -169,9 +322,9 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             raise NemoconvError(
                 f"{item.name}: merged experts have shape {list(t.shape)}, config implies {count} experts"
             )
-        t = item.data()
-        return [Item(merge.hf.format({**fields, "j": str(j)}), _unstack(t, j, merge.transpose), item.sources)
-                for j in range(count)]
+        pieces = _unstack_all(item, count, merge.transpose)
+        return [Item(merge.hf.format({**fields, "j": str(j)}), piece, item.sources)
+                for j, piece in enumerate(pieces)]
     for fuse in scheme.fuses:
         fields = fuse.to.match(hf_name)
         if fields is None:
@@ -181,8 +334,8 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             raise NemoconvError(
                 f"{item.name}: fused tensor has {t.shape[fuse.axis]} rows, config implies {sum(sizes)} ({sizes})"
             )
-        return [Item(tpl.format(fields), piece.contiguous(), item.sources)
-                for tpl, piece in zip(fuse.hf, torch.split(item.data(), sizes, dim=fuse.axis))]
+        return [Item(tpl.format(fields), piece, item.sources)
+                for tpl, piece in zip(fuse.hf, _split_along(item.data(), sizes, fuse.axis))]
     return [replace(item, name=hf_name)]
 
 
@@ -222,7 +375,7 @@ class NetworkCheck:
                 f"tensor {item.sources[0]!r} has shape {list(shape)} but config.json implies {list(want)}"
                 + (f" for {name}" if item.sources[0] != name else "")
             )
-        if item.tensor.dtype in FP8_DTYPES:
+        if item.dtype in FP8_NAMES:
             self.fp8_weights.add(name)
 
     def _check_scale(self, item: Item) -> None:
@@ -258,8 +411,9 @@ class NetworkCheck:
 class FromHF:
     """Groups, casts and renames canonical tensors into the target scheme; leftovers are an error."""
 
-    def __init__(self, scheme: Scheme, spec: ModelSpec, journal: Journal, dtype: torch.dtype | None):
-        self.scheme, self.spec, self.journal, self.dtype = scheme, spec, journal, dtype
+    def __init__(self, scheme: Scheme, spec: ModelSpec, journal: Journal, dtype=None):
+        self.scheme, self.spec, self.journal = scheme, spec, journal
+        self.dtype = dtype_name(dtype) if dtype is not None else None  # a name or a torch dtype
         self.merge_buffers: dict[tuple, dict[int, Item]] = {}
         self.fuse_buffers: dict[tuple, dict[int, Item]] = {}
 
@@ -282,7 +436,7 @@ class FromHF:
             fields = merge.hf.match(item.name)
             if fields is None:
                 continue
-            if item.tensor.dtype in FP8_DTYPES and not self.scheme.fp8_experts:
+            if item.dtype in FP8_NAMES and not self.scheme.fp8_experts:
                 raise NemoconvError(
                     f"the {self.scheme.name} scheme cannot hold FP8 routed experts ({item.name}); "
                     f"convert the bf16 checkpoint, or quantize without MoE experts"
@@ -294,8 +448,7 @@ class FromHF:
             count = config_product(merge.count, self.spec)
             if len(buf) == count:
                 del self.merge_buffers[key]
-                parts = [buf[x].data() for x in range(count)]
-                merged = Item(merge.to.format(fields), _stack(parts, merge.transpose),
+                merged = Item(merge.to.format(fields), _stack([buf[x] for x in range(count)], merge.transpose),
                               tuple(s for x in range(count) for s in buf[x].sources))
                 yield self._finish(merged)
             return
@@ -316,11 +469,11 @@ class FromHF:
 
     def _fuse(self, fuse, fields: dict, group: list[Item]) -> Iterator[Item]:
         parts, companions = group[: len(fuse.hf)], group[len(fuse.hf):]
-        if fuse.unless_quantized and any(p.tensor.dtype in FP8_DTYPES for p in group):
+        if fuse.unless_quantized and any(p.dtype in FP8_NAMES for p in group):
             for p in group:  # FP8 projections stay separate, with their scales
                 yield self._finish(p)
             return
-        if len({p.tensor.dtype for p in parts}) != 1:
+        if len({p.dtype for p in parts}) != 1:
             raise NemoconvError(f"cannot fuse {[p.name for p in parts]}: their dtypes differ")
         yield self._finish(Item(fuse.to.format(fields), _cat([p.data() for p in parts], fuse.axis),
                                 tuple(s for p in parts for s in p.sources)))
@@ -329,11 +482,10 @@ class FromHF:
 
     def _finish(self, item: Item) -> Item:
         is_scale = item.name.rpartition(".")[2] in SCALE_SUFFIXES
-        if self.dtype is not None and item.tensor.is_floating_point() and not is_scale \
-                and item.tensor.dtype not in FP8_DTYPES:
+        if self.dtype is not None and item.dtype in FLOAT_NAMES and not is_scale and item.dtype not in FP8_NAMES:
             item = _cast(item, self.dtype, "dtype", self.journal, "--dtype")
-        forced = self.scheme.cast_for(item.name, item.tensor.dtype)
-        if forced is not None and item.tensor.dtype not in FP8_DTYPES:
+        forced = self.scheme.cast_for(item.name, item.dtype)
+        if forced is not None and item.dtype not in FP8_NAMES:
             item = _cast(item, forced, "scheme", self.journal, f"the {self.scheme.name} scheme stores it so")
         new_name = self.scheme.to_scheme(item.name)
         if new_name is None:
@@ -344,18 +496,20 @@ class FromHF:
 # ---- the whole stream --------------------------------------------------------------------------------
 
 
-def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype: torch.dtype | None = None,
+def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype=None,
                      journal: Journal | None = None, reader: TensorReader | None = None,
-                     lazy: bool = False, prefetch: int = 0) -> Iterator[Item]:
+                     lazy: bool = False, prefetch: int = 0, host: bool = False) -> Iterator[Item]:
     """Every tensor of `ck` in scheme `to`, checked against the config on the way through `hf`.
 
     `meta`: shapes and dtypes only (the plan). `lazy`: tensors that pass through unchanged keep pointing at
     their bytes on disk (`item.entry`), for a writer that copies file to file. `prefetch`: read up to that
-    many of the next unchanged tensors on threads while the consumer handles the current one."""
+    many of the next unchanged tensors on threads while the consumer handles the current one.
+    `dtype`: cast floating-point weights (a name or torch dtype). `host`: HostTensors instead of torch tensors
+    (no torch import; a given `reader` decides this)."""
     journal = journal if journal is not None else Journal()
     target = get_scheme(to)
     own_reader = reader is None
-    reader = reader or TensorReader()
+    reader = reader or TensorReader(host=host)
     try:
         items = read_items(ck, reader, meta)
         items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal)

@@ -19,31 +19,95 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import NemoconvError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# No torch at import time: `nemoconv convert` never needs it (DTypes are names; data is raw bits in numpy
+# arrays, see HostTensor). Callers that want torch tensors (model loading, quantize) get them from
+# TensorReader() and TensorEntry.dtype/.meta(), which import torch on first use.
+
+# safetensors dtype → (our name, the same as torch's without `torch.`, bytes per element)
+_ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ST_NAME: dict[str, str] = {name: st for st, (name, _) in _ST_DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: size for name, size in _ST_DTYPES.values()}
+FLOAT_NAMES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+FP8_NAMES = frozenset({"float8_e4m3fn", "float8_e5m2"})
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """Short, stable dtype spelling used in manifests and reports (`bfloat16`, `float8_e4m3fn`, …)."""
+def dtype_name(dtype) -> str:
+    """Short, stable dtype spelling used in manifests and reports (`bfloat16`, `float8_e4m3fn`, …), for a
+    torch dtype or a name."""
     return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(dtype):
+    """The torch dtype for a name (or a torch dtype); imports torch."""
+    import torch
+
+    return getattr(torch, dtype_name(dtype))
+
+
+class HostTensor:
+    """A tensor without torch: a dtype name, a shape and (unless meta) the raw bits as a C-contiguous numpy
+    array of the same-size unsigned integer type. Exact for every dtype (bf16 and fp8 included), and the
+    stream's rearrangements (stack, transpose, split, concatenate) are plain bit moves.
+
+    It answers the few Tensor questions the stream asks (`dtype`, `shape`, `is_meta`, `dim()`, `numel()`,
+    `element_size()`, `is_floating_point()`), so the same stages run on it and on torch tensors."""
+
+    __slots__ = ("dtype", "shape", "bits")
+
+    def __init__(self, dtype: str, shape, bits=None):
+        self.dtype = dtype
+        self.shape = tuple(int(d) for d in shape)
+        self.bits = bits
+
+    @classmethod
+    def of(cls, dtype: str, bits) -> "HostTensor":
+        return cls(dtype, bits.shape, bits)
+
+    @property
+    def is_meta(self) -> bool:
+        return self.bits is None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    def is_floating_point(self) -> bool:
+        return self.dtype in FLOAT_NAMES
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.element_size()
+
+    def __repr__(self):
+        return f"HostTensor({self.dtype}, {list(self.shape)}{', meta' if self.is_meta else ''})"
+
+
+def bits_dtype(itemsize: int):
+    """The numpy unsigned integer type of `itemsize` bytes (imports numpy)."""
+    import numpy as np
+
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
 
 
 @dataclass(frozen=True)
@@ -52,13 +116,24 @@ class TensorEntry:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
 
-    def meta(self) -> torch.Tensor:
+    @property
+    def dtype(self):
+        """The torch dtype (imports torch)."""
+        return torch_dtype(self.dtype_name)
+
+    def meta(self):
+        """A torch meta tensor of this shape and dtype (imports torch)."""
+        import torch
+
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    def host_meta(self) -> HostTensor:
+        return HostTensor(self.dtype_name, self.shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
@@ -87,12 +162,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     spans = []
     for name, info in header.items():
         try:
-            dtype = DTYPES[info["dtype"]]
+            dtype, itemsize = _ST_DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise NemoconvError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * itemsize
         if end - begin != nbytes or begin < 0:
             raise NemoconvError(f"{path}: corrupt entry {name!r} (byte range does not match its shape and dtype)")
         if data_start + end > size:
@@ -110,9 +185,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
 
 class TensorReader:
     """Reads tensors with positional reads (`pread`): one open handle per shard, safe to share between
-    threads, so several tensors can be read at once."""
+    threads, so several tensors can be read at once. `host=True`: HostTensors (numpy, no torch)."""
 
-    def __init__(self):
+    def __init__(self, host: bool = False):
+        self.host = host
         self._handles: dict[Path, int] = {}
         self._lock = threading.Lock()
 
@@ -123,18 +199,30 @@ class TensorReader:
                 fd = self._handles[path] = os.open(path, os.O_RDONLY)
             return fd
 
-    def read(self, entry: TensorEntry) -> torch.Tensor:
+    def read(self, entry: TensorEntry):
+        """The tensor's values: a torch tensor, or a HostTensor for a host reader."""
+        if self.host:
+            import numpy as np
+
+            bits = np.empty(entry.shape, dtype=bits_dtype(ITEMSIZE[entry.dtype_name]))
+            self.read_into(entry, memoryview(bits.reshape(-1)).cast("B"))
+            return HostTensor(entry.dtype_name, entry.shape, bits)
+        import torch
+
         out = torch.empty(entry.shape, dtype=entry.dtype)
         if entry.nbytes:
-            fd = self._fd(entry.file)
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            got = 0
-            while got < entry.nbytes:
-                n = os.preadv(fd, [view[got:got + (1 << 30)]], entry.start + got)
-                if not n:
-                    raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
-                got += n
+            self.read_into(entry, memoryview(out.view(-1).view(torch.uint8).numpy()))
         return out
+
+    def read_into(self, entry: TensorEntry, view: memoryview) -> None:
+        """Read `entry`'s bytes into a writable byte buffer of exactly its size."""
+        fd = self._fd(entry.file)
+        got = 0
+        while got < entry.nbytes:
+            n = os.preadv(fd, [view[got:got + (1 << 30)]], entry.start + got)
+            if not n:
+                raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
+            got += n
 
     def close(self):
         with self._lock:
@@ -152,16 +240,19 @@ class TensorReader:
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    dtype: torch.dtype
+    dtype: object  # a dtype name, or a torch dtype
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * ITEMSIZE[dtype_name(self.dtype)]
 
 
 class ShardFileWriter:
-    """Writes one safetensors file whose tensor list is known up front; tensors then arrive in that order."""
+    """Writes one safetensors file whose tensor list is known up front; tensors then arrive in that order.
+
+    Written data is handed to the disk as it goes (`sync_file_range(WRITE)`, asynchronous, no waiting), so
+    the device writes while we convert instead of all at once when the page cache is finally flushed."""
 
     def __init__(self, path: Path, planned: list[PlannedTensor], metadata: dict[str, str]):
         self.path = path
@@ -170,28 +261,49 @@ class ShardFileWriter:
         header: dict[str, object] = {"__metadata__": dict(metadata)}
         offset = 0
         for p in planned:
-            header[p.name] = {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape),
+            header[p.name] = {"dtype": ST_NAME[dtype_name(p.dtype)], "shape": list(p.shape),
                               "data_offsets": [offset, offset + p.nbytes]}
             offset += p.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self._file = open(path, "wb", buffering=0)
-        _write_all(self._file, memoryview(struct.pack("<Q", len(blob)) + blob))
+        self._pos = 0
+        self._flushed = 0
+        self._write(memoryview(struct.pack("<Q", len(blob)) + blob))
 
-    def write(self, name: str, tensor: torch.Tensor, entry: TensorEntry | None = None) -> None:
-        """Append the next planned tensor: its values, or (`entry`) its unchanged bytes copied from a source
-        file inside the kernel, as `cp` does."""
+    def write(self, name: str, tensor, entry: TensorEntry | None = None) -> None:
+        """Append the next planned tensor: its values (a torch tensor or a HostTensor), or (`entry`) its
+        unchanged bytes copied from a source file inside the kernel, as `cp` does."""
         expected = self._planned[self._next]
-        if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+        if name != expected.name or dtype_name(tensor.dtype) != dtype_name(expected.dtype) \
+                or tuple(tensor.shape) != expected.shape:
             raise RuntimeError(
                 f"internal error: writer expected {expected} but got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
         self._next += 1
         if entry is not None:
-            _copy_range(entry, self._file)
+            self._pos += _copy_range(entry, self._file)
+        elif isinstance(tensor, HostTensor):
+            if tensor.bits is not None and tensor.bits.size:
+                import numpy as np
+
+                self._write(memoryview(np.ascontiguousarray(tensor.bits).reshape(-1)).cast("B"))
         elif tensor.numel():
+            import torch
+
             data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-            _write_all(self._file, memoryview(data))
+            self._write(memoryview(data))
+        self._start_writeback()
+
+    def _write(self, view: memoryview) -> None:
+        _write_all(self._file, view)
+        self._pos += len(view)
+
+    def _start_writeback(self, final: bool = False) -> None:
+        # whole 64 MiB steps, asynchronously: the kernel starts writing while we go on
+        if self._pos - self._flushed >= _WRITEBACK_STEP or (final and self._pos > self._flushed):
+            start_writeback(self._file.fileno(), self._flushed, self._pos - self._flushed)
+            self._flushed = self._pos
 
     @property
     def complete(self) -> bool:
@@ -200,7 +312,33 @@ class ShardFileWriter:
     def close(self) -> None:
         # No fsync: like cp, we leave durability to the page cache; atomicity (no partial output after a
         # failure or a kill) comes from writing into a temporary directory that is renamed when complete.
+        self._start_writeback(final=True)
         self._file.close()
+
+
+_WRITEBACK_STEP = 64 << 20
+_sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a file range to disk now, without waiting (Linux sync_file_range
+    with SYNC_FILE_RANGE_WRITE); a no-op where that is not available. Never raises: durability is not
+    promised, this only spreads the device's work over the conversion."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        if os.environ.get("NEMOCONV_NO_WRITEBACK") != "1":
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_file_range = fn
+            except (OSError, AttributeError):
+                pass
+    if _sync_file_range:
+        _sync_file_range(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def _write_all(f, view: memoryview) -> None:
@@ -209,7 +347,7 @@ def _write_all(f, view: memoryview) -> None:
         view = view[n:]
 
 
-def _copy_range(entry: TensorEntry, dst) -> None:
+def _copy_range(entry: TensorEntry, dst) -> int:
     """Copy `entry`'s bytes to the end of `dst` without passing them through Python (copy_file_range)."""
     with open(entry.file, "rb", buffering=0) as src:
         offset, left = entry.start, entry.nbytes
@@ -220,7 +358,7 @@ def _copy_range(entry: TensorEntry, dst) -> None:
                     raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
                 offset += n
                 left -= n
-            return
+            return entry.nbytes
         except (AttributeError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
                                                                errno.EOPNOTSUPP, errno.EBADF):
@@ -232,10 +370,12 @@ def _copy_range(entry: TensorEntry, dst) -> None:
                 raise NemoconvError(f"{entry.file}: truncated while reading {entry.name!r}")
             _write_all(dst, memoryview(chunk))
             left -= len(chunk)
+        return entry.nbytes
 
 
-def write_single_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Small helper for tests and the demo: write a whole dict as one file, deterministically ordered."""
+def write_single_file(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Small helper for tests and the demo: write a whole dict of torch tensors as one file, deterministically
+    ordered."""
     path = Path(path)
     planned = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     tmp = path.with_name(path.name + ".partial")

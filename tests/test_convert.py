@@ -247,3 +247,86 @@ def test_biases_that_transformers_writes_are_accepted(hf_dir, tmp_path):
         nemoconv.convert(src, tmp_path / to, to=to)
         nemoconv.convert(tmp_path / to, tmp_path / f"{to}-back", to="hf")
         assert_same_tensors(load_all(src), load_all(tmp_path / f"{to}-back"))
+
+
+# ---- the torch-free convert path (issue 2: start-up) ---------------------------------------------------
+
+
+def test_convert_command_never_imports_torch(tiny_dir, tmp_path):
+    """`nemoconv convert` moves bits with numpy: importing torch alone would cost ~1.5 s of start-up."""
+    import subprocess
+
+    src = tiny_dir("moe", torch.bfloat16)
+    code = (
+        "import sys\n"
+        "from nemoconv.cli import main\n"
+        f"rc = main(['--quiet', 'convert', {str(src)!r}, {str(tmp_path / 'nemo')!r}, '--to', 'nemo'])\n"
+        f"rc |= main(['--quiet', 'convert', {str(tmp_path / 'nemo')!r}, {str(tmp_path / 'max')!r}, '--to', 'max'])\n"
+        "assert rc == 0, rc\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'huggingface_hub', 'rich.table') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    assert_same_tensors(load_all(tmp_path / "max"), load_all(_converted(src, tmp_path / "direct", "max")))
+
+
+def _converted(src, out, to):
+    nemoconv.convert(src, out, to=to)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("to", ["hf", "nemo", "max"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_host_and_torch_streams_agree_bit_for_bit(hf_dir, tmp_path, kind, to, dtype):
+    """One stream, two array kinds: numpy bits (convert) and torch tensors (model loading, quantize)."""
+    from nemoconv.pipeline import stream_converted
+
+    src = hf_dir(kind, dtype)
+    if to != "hf":  # and back: splits, unfusions and restores
+        src = _converted(src, tmp_path / to, to)
+    ck = nemoconv.open_checkpoint(src)
+    target = "hf" if to != "hf" else "nemo"
+    for cast in (None, "bfloat16", "float32"):
+        host = list(stream_converted(ck, to=target, dtype=cast, host=True))
+        ref = list(stream_converted(ck, to=target, dtype=cast))
+        assert [i.name for i in host] == [i.name for i in ref]
+        for h, r in zip(host, ref):
+            assert h.tensor.dtype == str(r.tensor.dtype).removeprefix("torch."), h.name
+            assert h.tensor.shape == tuple(r.tensor.shape), h.name
+            assert h.tensor.bits.tobytes() == r.tensor.contiguous().view(torch.uint8).numpy().tobytes(), h.name
+
+
+@pytest.mark.parametrize("pair", [("float32", "bfloat16"), ("bfloat16", "float32"), ("float32", "float16"),
+                                  ("float16", "bfloat16"), ("bfloat16", "float16")])
+def test_host_casts_round_like_torch(pair):
+    """Every cast, NaN, infinities, ties and subnormals included, gives torch's bits."""
+    from nemoconv.pipeline import _convert_dtype
+    from nemoconv.safetensors_io import HostTensor
+
+    src, dst = (getattr(torch, p) for p in pair)
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(4099, generator=g) * 100, torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3.0e38, 1.00390625, 1.01171875])])
+    x = values.to(src)
+    bits_t = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    host = HostTensor(pair[0], x.shape, x.view(bits_t).numpy().view(f"u{x.element_size()}"))
+    got = _convert_dtype(host, pair[1])
+    want = x.to(dst)
+    assert got.dtype == pair[1]
+    assert got.bits.tobytes() == want.view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(64, 48), (5, 7), (3, 32), (32, 3), (1, 16), (0, 16)])
+def test_fast_transpose_is_a_transpose(itemsize, shape):
+    import numpy as np
+
+    from nemoconv.pipeline import _transpose_into
+
+    a = np.arange(int(np.prod(shape)), dtype=f"u{itemsize}").reshape(shape)
+    out = np.empty(shape[::-1], dtype=a.dtype)
+    _transpose_into(a, out)
+    assert (out == a.T).all()

@@ -6,7 +6,9 @@ own streaming writer), then runs, each in a fresh process measured by /usr/bin/t
   kernel-side copies), and nemo → hf (expert split).
 Every timed command ends with `sync` and starts after an untimed `sync`, so each pays for writing its own
 output to disk and none is slowed by the previous one's writeback (without this the numbers swing by 3x on
-a VM disk). Python + torch start-up (~1.4 s here) is inside the nemoconv times.
+a VM disk). Python start-up (~0.25 s with typer and rich; `convert` never imports torch) is inside the
+nemoconv times; a larger --gb shows how it amortizes. Runs are interleaved (cp, then each conversion, per
+round) and medians reported, because the disk is noisy.
 Targets (issue 2): peak RSS ≤ 40% of the checkpoint, time ≤ 1.5x cp.  Prints JSON.
 
     python tests/bench/bench_convert.py [--gb 1.6] [--dir /tmp/nemoconv-bench] [--repeat 2]
