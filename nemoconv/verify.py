@@ -398,8 +398,11 @@ def _sync(device: torch.device) -> None:
 
 def _load_model(path: Path, device: torch.device, dtype: torch.dtype):
     from . import load_model
+    from .model import warmup
 
-    return load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype)
+    warmup.wait_all()  # kernel warm-up hook (see verify()): done before the model runs anything
+    return model
 
 
 def cached_greedy(model, ids: torch.Tensor, k: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -626,6 +629,16 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     else:
         prompt_list, prompt_origin = read_prompt_file(prompts, tok.tokenizer, vocab), str(prompts)
     prompt_list, short = fit_prompts(prompt_list, seq_len)
+
+    # ---- kernel warm-up hook (nemoconv.model.warmup): on CUDA, compile the GPU kernels for these shapes on a
+    # background thread while the reference loads; _load_model waits for it before the model runs. ----
+    from .model import warmup
+    k_steps = min(TEACHER_FORCED_STEPS, seq_len - 1)
+    rows = max(1, LOGITS_BATCH_BYTES // ((seq_len + max_new_tokens) * 4 * max(1, vocab)))  # as in run_model
+    warmup.start(ref_ck.spec, dev, dt, fp8=_fp8_count(cand_ck) > 0, batch=min(len(prompt_list), rows),
+                 prefill=seq_len - k_steps, steps=k_steps + max_new_tokens,
+                 forward=seq_len + max(max_new_tokens - 1, 0))
+    # ---- end of the warm-up hook ----
 
     stop = threading.Event()  # set on an error, so the hashing threads end early
     with ThreadPoolExecutor(max_workers=2) as pool, _Progress(quiet, len(prompt_list)) as progress, \

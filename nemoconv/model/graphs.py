@@ -69,3 +69,63 @@ class StaticDecoder:
         self.graph.replay()
         self.replays += 1
         return self.logits, True
+
+
+class PrefillGraphs:
+    """CUDA graphs of whole prefills into one cache, one per (rows, length, start position, masking).
+
+    A prefill's launches depend only on those (and on the model state and the cache's storage, both in
+    the key), so the same prompt length into the same cache — a benchmark, a server's length buckets,
+    `generate` called again with its kept cache — can replay one graph instead of issuing ~600 launches
+    from the host, whose speed then no longer limits the GPU. As with decode, the first prefill of a key
+    runs eagerly (it compiles and autotunes the Triton kernels), the second is captured and replayed,
+    later ones replay. Inputs (token ids, padding mask) are copied into static buffers; the output is the
+    graph's static logits buffer, which the next replay overwrites (callers copy it). Only prefills of at
+    most MAX_TOKENS rows × positions are captured (a graph keeps its activations' memory), at most
+    MAX_GRAPHS per cache (the oldest is dropped).
+    """
+
+    MAX_TOKENS = 8192
+    MAX_GRAPHS = 2
+
+    def __init__(self):
+        self.entries: dict = {}          # key → [tokens, pad, graph, logits] (graph None: seen once, eager)
+        self.failed: set = set()
+        self.captures = 0
+        self.replays = 0
+        self.error = ""
+
+    def run(self, key: tuple, run, tokens: torch.Tensor, pad: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+        """`run(tokens, pad)` → logits, eagerly or from this key's graph. Returns (logits, whether they are
+        the graph's static buffer)."""
+        if key in self.failed:
+            return run(tokens, pad), False
+        entry = self.entries.get(key)
+        if entry is None:
+            while len(self.entries) >= self.MAX_GRAPHS:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[key] = [None, None, None, None]
+            return run(tokens, pad), False
+        if entry[2] is None:
+            static_tokens = tokens.clone()
+            static_pad = pad.clone() if pad is not None else None
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            try:
+                with torch.cuda.graph(graph):
+                    logits = run(static_tokens, static_pad)
+            except Exception as exc:       # never try this key again; run it eagerly
+                self.failed.add(key)
+                self.entries.pop(key, None)
+                self.error = f"{type(exc).__name__}: {exc}"
+                torch.cuda.synchronize()
+                return run(tokens, pad), False
+            entry[:] = [static_tokens, static_pad, graph, logits]
+            self.captures += 1
+        else:
+            entry[0].copy_(tokens)
+            if pad is not None:
+                entry[1].copy_(pad)
+        entry[2].replay()
+        self.replays += 1
+        return entry[3], True

@@ -13,12 +13,21 @@ None of the CUDA paths synchronises with the host.
 
 If mamba-ssm (or Triton) is missing, CUDA tensors fall back to the reference with a one-time warning.
 Setting NEMOCONV_KERNELS=reference forces the reference everywhere (to compare the two on one GPU).
+
+Autotuning. mamba-ssm's SSD kernels are `@triton.autotune`d: on the first call for a key (chunk size,
+head and state sizes, dtypes) every config of the kernel is compiled and timed (42 configs over the
+5 forward kernels), most of a cold `verify`'s start-up. On Hopper (sm90) the choices autotune makes for
+known Nemotron-H shapes are recorded below (`SM90_AUTOTUNE`) and put into each autotuner's cache
+beforehand, so those keys compile one config and time none; any other key, and every other GPU, is
+autotuned as before. NEMOCONV_AUTOTUNE=full turns the recorded choices off; NEMOCONV_AUTOTUNE_TABLE=
+file.json adds choices of your own (the format `autotune_choices()` returns, recorded on your GPU).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -44,6 +53,85 @@ def _load_submodules():
                            rmsnorm=norm.rmsnorm_fn, fused=fused,
                            chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None),
                            layer_norm_fwd=getattr(norm, "_layer_norm_fwd", None))
+
+
+# Autotune choices of mamba-ssm's SSD forward kernels on sm90 (H100 80GB HBM3, triton 3.6, mamba-ssm 2.3.2),
+# as `autotune_choices()` reported them after a cold `verify` of a Nemotron-H-8B-shaped bf16 pair
+# (tests/bench/bench_verify.py; the keys hold chunk size, head/state sizes, h·p and dtypes, not lengths):
+# kernel → [[autotune key, str(triton.Config)], …]. A config no longer in the kernel's list is ignored.
+SM90_AUTOTUNE: dict[str, list] = {
+    '_chunk_cumsum_fwd_kernel': [
+        [[128, 128, 'torch.float32', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE_H: 1, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
+    ],
+    '_chunk_state_fwd_kernel': [
+        [[64, 128, 128, 'torch.bfloat16', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE_M: 64, BLOCK_SIZE_N: 128, BLOCK_SIZE_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None'],
+    ],
+    '_state_passing_fwd_kernel': [
+        [[8192, 'torch.float32', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE: 2048, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
+        [[8192, 'torch.float32', 'torch.bfloat16', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE: 2048, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
+    ],
+    '_bmm_chunk_fwd_kernel': [
+        [[128, 128, False, 'torch.bfloat16', 'torch.bfloat16', 'torch.float32'], 'BLOCK_SIZE_M: 128, BLOCK_SIZE_N: 32, BLOCK_SIZE_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None'],
+    ],
+    '_chunk_scan_fwd_kernel': [
+        [[128, 64, 128, True, 'torch.float32', 'torch.bfloat16', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.bfloat16', 'torch.bfloat16', 'torch.float32'], 'BLOCK_SIZE_M: 64, BLOCK_SIZE_N: 64, BLOCK_SIZE_K: 32, num_warps: 2, num_ctas: 1, num_stages: 4, maxnreg: None'],
+    ],
+}
+
+_SSD_MODULES = ("ssd_chunk_state", "ssd_state_passing", "ssd_bmm", "ssd_chunk_scan", "ssd_combined")
+
+
+def _autotuners():
+    """(kernel name, triton Autotuner) of mamba-ssm's SSD modules."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = set()
+    for mod_name in _SSD_MODULES:
+        mod = sys.modules.get("mamba_ssm.ops.triton." + mod_name)
+        for obj in list(vars(mod).values()) if mod is not None else ():
+            if isinstance(obj, Autotuner) and id(obj) not in seen:
+                seen.add(id(obj))
+                yield getattr(obj.base_fn, "__name__", "?"), obj
+
+
+def _jsonable(key) -> list:
+    return [k if isinstance(k, (bool, int, float, str)) or k is None else str(k) for k in key]
+
+
+def autotune_choices() -> dict[str, list]:
+    """What mamba-ssm's autotuners chose so far in this process: kernel → [[key, str(config)], …]."""
+    out: dict[str, list] = {}
+    for name, tuner in _autotuners():
+        for key, config in tuner.cache.items():
+            out.setdefault(name, []).append([_jsonable(key), str(config)])
+    return out
+
+
+def _seed_autotune() -> dict:
+    """Put the recorded sm90 choices (and NEMOCONV_AUTOTUNE_TABLE's) into the autotuners' caches."""
+    mode = os.environ.get("NEMOCONV_AUTOTUNE", "table")
+    table: dict[str, list] = {}
+    try:
+        if mode != "full" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+            table = {k: list(v) for k, v in SM90_AUTOTUNE.items()}
+    except Exception:  # noqa: BLE001 - no usable device: nothing to seed
+        table = {}
+    extra = os.environ.get("NEMOCONV_AUTOTUNE_TABLE")
+    if extra and mode != "full":
+        for k, v in json.loads(open(extra).read()).items():
+            table.setdefault(k, []).extend(v)
+    seeded = 0
+    for name, tuner in _autotuners():
+        by_str = {str(c): c for c in tuner.configs}
+        for key, config in table.get(name, ()):
+            c = by_str.get(config)
+            if c is not None and len(tuner.configs) > 1:
+                tuner.cache.setdefault(tuple(key), c)
+                seeded += 1
+    return {"mode": mode, "seeded": seeded}
+
+
+_autotune_state: dict = {}
 
 
 def _import_mamba_triton():
@@ -74,6 +162,11 @@ def triton_kernels():
         except Exception as exc:  # ImportError, or triton failing to initialise
             _triton = False
             _triton_error[0] = f"{type(exc).__name__}: {exc}"
+        if _triton:
+            try:
+                _autotune_state.update(_seed_autotune())
+            except Exception as exc:  # noqa: BLE001 - a bad table only costs autotuning time
+                _autotune_state["error"] = f"{type(exc).__name__}: {exc}"
     return _triton or None
 
 

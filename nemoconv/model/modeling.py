@@ -611,15 +611,49 @@ class NemotronHLM(nn.Module):
             raise NemoconvError(f"batch of {b} rows but the cache was made for {cache.batch_size}")
         pad = self._pad_mask(attention_mask, input_ids.shape, input_ids.device)
         start = cache.reserve(s, pad)
-        if start == 0 and not cache.has_padding:
-            attn, causal = None, True
+        causal = start == 0 and not cache.has_padding
+        fused = self._fused_ok()
+
+        def run(tokens: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+            # The mask is built here from cache.valid, so that a captured graph rebuilds it at each replay.
+            attn = None if causal else self._attention_mask(cache.valid[:, :start + s], start, s)
+            ctx = _Pass(cache=cache, start=start, pad_mask=pad_mask, attn_mask=attn, causal=causal, decode=False,
+                        fused=fused)
+            hidden = self._run(tokens, ctx)
+            return self._logits(hidden[:, -1] if last_only else hidden)
+
+        key = self._prefill_graph_key(input_ids, pad, cache, start, causal, last_only, fused)
+        if key is None:
+            logits = run(input_ids, pad)
         else:
-            attn, causal = self._attention_mask(cache.valid[:, :start + s], start, s), False
-        ctx = _Pass(cache=cache, start=start, pad_mask=pad, attn_mask=attn, causal=causal, decode=False,
-                    fused=self._fused_ok())
-        hidden = self._run(input_ids, ctx)
+            graphs = cache.__dict__.get("_prefill_graphs")
+            if graphs is None:
+                from .graphs import PrefillGraphs
+
+                graphs = cache.__dict__["_prefill_graphs"] = PrefillGraphs()
+            logits, static = graphs.run(key, run, input_ids, pad)
+            if static:
+                logits = logits.clone()
         cache.advance(s)
-        return self._logits(hidden[:, -1] if last_only else hidden)
+        return logits
+
+    def _prefill_graph_key(self, input_ids, pad, cache: HybridCache, start: int, causal: bool, last_only: bool,
+                           fused: bool) -> tuple | None:
+        """What a prefill's CUDA graph depends on, or None where it must run eagerly: graphs off, hooks, the
+        full logits asked for (their buffer would be large), too many tokens, MoE layers (their routing
+        reads expert counts on the host), or a cache whose storage is not known to stay in place."""
+        from .graphs import PrefillGraphs
+
+        if not (last_only and self._static_ok()) or input_ids.numel() > PrefillGraphs.MAX_TOKENS:
+            return None
+        if any(layer.code == MOE for layer in self.backbone.layers):
+            return None
+        signature = self._graph_signature(fused)
+        storage = tuple(getattr(cache, name, None) for name in ("kv", "conv", "ssm", "valid"))
+        if signature is None or any(not isinstance(t, torch.Tensor) for t in storage):
+            return None
+        return (tuple(input_ids.shape), input_ids.dtype, start, causal, pad is not None,
+                tuple(t.data_ptr() for t in storage), signature)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:

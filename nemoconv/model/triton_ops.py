@@ -4,7 +4,8 @@ Each one replaces a chain of tiny torch ops that costs one launch and one pass o
   rmsnorm        [residual += delta;] y = weight · x / rms(x)          (1 launch instead of ~7)
   relu2          relu(x)²                                                (1 instead of 2)
   conv_silu      causal depthwise conv + SiLU over a sequence, reading the strided xBC slice of
-                 in_proj's output and the cached left context directly  (1 instead of ~8)
+                 in_proj's output and the cached left context directly, then the context
+                 refreshed in a second small launch                    (2 instead of ~10)
   conv_step      one decode step of the conv (state shifted in place) + SiLU, and in the same launch
                  the step size softplus(dt + dt_bias) clamped, and A = -exp(A_log)   (1 instead of ~12)
   quantize_fp8   x / scale, saturated, rounded to e4m3, rows zero-padded  (1 instead of 5)
@@ -161,6 +162,31 @@ def _conv_seq_kernel(X, W, BIAS, STATE, Y, S, C,
              mask=(t < S)[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _conv_state_kernel(X, STATE, S, C, stride_xb, stride_xt, stride_sb, stride_sc, stride_sk,
+                       K1: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """conv_state [b, c, k-1] ← the last k-1 inputs of the sequence x [b, s, c], reaching back into the
+    old state when s < k-1 (in place: every load comes before the barrier, every store after it)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    j = tl.arange(0, BK)                                         # slot of the new state
+    cmask = c < C
+    slot = j < K1
+    src = S - K1 + j                                             # input position that lands in slot j
+    from_x = slot & (src >= 0)
+    from_old = slot & (src < 0)                                  # old slot j + S
+    vx = tl.load(X + b * stride_xb + src[:, None] * stride_xt + c[None, :],
+                 mask=from_x[:, None] & cmask[None, :], other=0.0)
+    state = STATE + b * stride_sb + c[None, :] * stride_sc
+    vs = tl.load(state + (j[:, None] + S) * stride_sk, mask=from_old[:, None] & cmask[None, :], other=0.0)
+    v = tl.where(from_x[:, None], vx.to(STATE.dtype.element_ty), vs)
+    tl.debug_barrier()
+    tl.store(state + j[:, None] * stride_sk, v, mask=slot[:, None] & cmask[None, :])
+
+
+CONV_TILE = (16, 256, 4)      # (positions, channels, warps) per program of the sequence conv
+
+
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               conv_state: torch.Tensor | None) -> torch.Tensor:
     """x [b, s, c] (channels contiguous, rows any stride), weight [c, k] → silu(conv) [b, s, c] contiguous.
@@ -174,18 +200,20 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     y = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
-    bt, bc = 16, 256
+    bt, bc, warps = CONV_TILE
     st = conv_state if conv_state is not None else y
     _conv_seq_kernel[(b, triton.cdiv(s, bt), triton.cdiv(c, bc))](
         x, weight, bias if bias is not None else weight, st, y, s, c,
         x.stride(0), x.stride(1), weight.stride(0),
         st.stride(0) if conv_state is not None else 0, st.stride(1) if conv_state is not None else 0,
         st.stride(2) if conv_state is not None else 0, y.stride(0), y.stride(1),
-        K=k, HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, BT=bt, BC=bc, num_warps=4)
-    if conv_state is not None:
-        # The new context: the last k-1 inputs, reaching back into the old context when s < k-1.
-        window = torch.cat([conv_state, x.transpose(1, 2)[:, :, max(0, s - (k - 1)):].to(conv_state.dtype)], dim=-1)
-        conv_state.copy_(window[:, :, window.shape[-1] - (k - 1):])
+        K=k, HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, BT=bt, BC=bc, num_warps=warps)
+    if conv_state is not None and k > 1:
+        # The new context: the last k-1 inputs, reaching back into the old context when s < k-1
+        # (after the conv, which read the old one: same stream).
+        _conv_state_kernel[(b, triton.cdiv(c, 256))](
+            x, conv_state, s, c, x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1),
+            conv_state.stride(2), K1=k - 1, BK=triton.next_power_of_2(k - 1), BC=256, num_warps=4)
     return y
 
 

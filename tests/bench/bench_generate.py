@@ -7,7 +7,9 @@ weight tensors (transformers' module parameters are the built-in model's tensors
 serves both; only A_log, D and dt_bias, float32 in ours, get bfloat16 copies, as transformers would
 load them). Then, each after a warm-up, timed with CUDA synchronisation, median of repeats:
   prefill      tokens/s of one 2048-token prompt into the cache, last position's logits only
-               (transformers: forward(use_cache=True, logits_to_keep=1))
+               (transformers: forward(use_cache=True, logits_to_keep=1)). Ours prefills into a kept cache,
+               so from the third run on it replays the prefill's CUDA graph (all its kernels, none of
+               the host's launches); prefill_eager_tok_s is the same with graphs off
   decode       greedy tokens/s after a 128-token prompt, batch 1 and 8: (generate(128 new) −
                generate(1 new)) / 127 steps (transformers: generate(do_sample=False))
   fp8 decode   batch 1, after quantizing the built-in model's Mamba in/out_proj and MLP up/down_proj
@@ -197,16 +199,30 @@ def bytes_per_decode_step(model) -> int:
     return total
 
 
-def ours_prefill(model, ids, device, repeat) -> float:
+def ours_prefill(model, ids, device, repeat, graphs: bool = True) -> float:
+    """Prefill into a kept cache, as generate does. With graphs (the default), the first run is eager,
+    the second is captured as a CUDA graph, and the timed ones replay it (every kernel of the prefill
+    runs; only the host's launches are saved); graphs=False times the eager path."""
     cache = model.new_cache(ids.shape[0], ids.shape[1])
+    saved = model.cuda_graphs
+    model.cuda_graphs = graphs and saved
 
     def run():
         cache.reset()
         return model.prefill(ids, cache, last_only=True)
-    run()
-    run()
-    t, _ = timed(run, device, repeat)
+    try:
+        run()
+        run()
+        t, _ = timed(run, device, repeat)
+    finally:
+        model.cuda_graphs = saved
+    graphs = cache.__dict__.get("_prefill_graphs")
+    if graphs is not None:
+        PREFILL_GRAPHS.update(captures=graphs.captures, replays=graphs.replays, error=graphs.error)
     return ids.numel() / t
+
+
+PREFILL_GRAPHS: dict = {}
 
 
 def hf_prefill(hf, ids, device, repeat) -> float:
@@ -292,20 +308,27 @@ def profile_prefill(model, ids, device, path: Path | None) -> dict:
         return {}
     from torch.profiler import ProfilerActivity, profile
 
-    cache = model.new_cache(ids.shape[0], ids.shape[1])
-    model.prefill(ids, cache, last_only=True)
-    cache.reset()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    # Eager (graphs off): one row per kernel launch; the host's own time shows as Self CPU.
+    saved = model.cuda_graphs
+    model.cuda_graphs = False
+    try:
+        cache = model.new_cache(ids.shape[0], ids.shape[1])
         model.prefill(ids, cache, last_only=True)
+        cache.reset()
         sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.prefill(ids, cache, last_only=True)
+            sync(device)
+    finally:
+        model.cuda_graphs = saved
     avg = prof.key_averages()
     with open(path / "profile_prefill.txt", "a") as f:
-        f.write(f"==== prefill of {ids.shape[1]} tokens, b{ids.shape[0]} ====\n"
+        f.write(f"==== prefill of {ids.shape[1]} tokens, b{ids.shape[0]}, eager ====\n"
                 f"{avg.table(sort_by='self_device_time_total', row_limit=40)}\n")
     events = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     return {"device_us": round(total, 1), "kernels": sum(e.count for e in events),
+            "host_cpu_us": round(sum(e.self_cpu_time_total for e in avg), 1),
             "top": [(e.key[:60], round(e.self_device_time_total, 1), e.count)
                     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
 
@@ -404,6 +427,8 @@ def main() -> None:
     ours: dict = {}
     res["nemoconv"] = ours
     ours["prefill_tok_s"] = section("ours_prefill", lambda: ours_prefill(model, ids_prefill, device, args.repeat))
+    ours["prefill_eager_tok_s"] = section("ours_prefill_eager", lambda: ours_prefill(model, ids_prefill, device,
+                                                                                     args.repeat, graphs=False))
     outs_ours = {}
     for b in (1, 8):
         r = section(f"ours_decode_b{b}", lambda b=b: decode_rate(ours_generate(model), ids[b], args.new, device,
@@ -416,6 +441,7 @@ def main() -> None:
     if decoder is not None:
         d = decoder.static_decoder()
         res["graph_stats_b1"] = {"captures": d.captures, "replays": d.replays, "error": d.error}
+    res["prefill_graph_stats"] = dict(PREFILL_GRAPHS) or None
     res["profile_bf16"] = section("profile_bf16", lambda: profile_decode(model, ids[1], device, args.profile_dir))
     res["profile_prefill"] = section("profile_prefill",
                                      lambda: profile_prefill(model, ids_prefill, device, args.profile_dir))

@@ -89,6 +89,10 @@ def main() -> None:
         r["max_abs_first_logit_diff_vs_off"] = max(float((a[0] - b[0]).abs().max())
                                                    for a, b in zip(runs[mode].logits, off.logits))
     res["max_abs_first_logit"] = max(float(a[0].abs().max()) for a in off.logits)
+    # is the model itself repeatable? caching off, twice, on fresh engines
+    again = PrefixCachingEngine(model, mode="off", **kw).generate(prompts, args.new, return_logits=True)
+    res["off_repeat"] = {"same_tokens": again.tokens == off.tokens,
+                         "bit_identical": all(torch.equal(a, b) for a, b in zip(again.logits, off.logits))}
     # block-aligned prefill: every mode computes every block the same way, so logits must be bit-identical
     aligned = {m: PrefixCachingEngine(model, mode=m, aligned_prefill=True, **kw).generate(prompts, args.new,
                                                                                         return_logits=True)
@@ -98,6 +102,14 @@ def main() -> None:
         and all(torch.equal(a, b) for a, b in zip(aligned[m].logits, aligned["off"].logits))
         for m in ("memory", "state")}
     res["aligned_prefill_ttft_ms"] = {m: [round(t * 1e3, 2) for t in aligned[m].ttft_s] for m in aligned}
+    res["aligned_prefill_detail"] = {
+        m: {"first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                 for a, b in zip(aligned[m].tokens, aligned["off"].tokens)],
+            "first_logit_bitwise": [bool(torch.equal(a[0], b[0])) for a, b in zip(aligned[m].logits,
+                                                                                aligned["off"].logits)],
+            "max_abs_first_logit_diff": max(float((a[0] - b[0]).abs().max())
+                                            for a, b in zip(aligned[m].logits, aligned["off"].logits))}
+        for m in ("memory", "state")}
     rest = lambda m: res["modes"][m]["ttft_rest_median_ms"]  # noqa: E731
     if rest("off") and rest("state"):
         res["ttft_speedup_state_vs_off"] = round(rest("off") / rest("state"), 2)

@@ -133,6 +133,10 @@ def main() -> None:
         "fingerprint_mode": sorted(k for k in report.candidate["fingerprint"] if k.startswith("sha256")),
         "report": str(work / "report.json"),
     })
+    from nemoconv.model import kernels, warmup
+    out["kernel_warmup"] = warmup.last.as_dict() if warmup.last is not None else None
+    out["autotune_seeding"] = dict(kernels._autotune_state) or None
+    out["autotune_choices"] = kernels.autotune_choices() if torch.cuda.is_available() else {}
     if torch.cuda.is_available():
         out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(out, indent=2))
