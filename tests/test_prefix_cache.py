@@ -305,3 +305,10 @@ def test_verify_prefix_cache_flag_gates_and_reports(tiny_dir, tmp_path, capsys, 
     monkeypatch.setattr(paged.SlotPool, "restore", lambda self, slot, state: self.reset(slot))
     code, out, err = run_cli(["verify", src, tmp_path / "max", *fast, "--prefix-cache"], capsys)
     assert code == 1 and "prefix cache (state)" in err
+
+
+def test_check_prefix_caching_sizes_its_pool_for_partial_blocks():
+    """Prompts that end inside a block need a whole block each: the check must not run out of blocks."""
+    model = tiny_model("dense")
+    prompts = [ids(65, 0) + ids(3 + i, 1 + i) for i in range(5)]
+    assert check_prefix_caching(model, prompts, 16, block_size=64)["passed"]

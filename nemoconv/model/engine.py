@@ -254,24 +254,25 @@ def check_prefix_caching(model: NemotronHLM, prompts: list[list[int]], max_new_t
                          block_size: int | None = None, tolerance=None) -> dict:
     """Generate `prompts` (which should share a long prefix) with caching off, `memory` and `state`,
     each on a fresh engine with block-aligned prefill, so that every mode computes every block the same
-    way: the modes must give the same tokens as off and the same logits (max |Δ| ≤ tolerance(max |logit|),
-    0 when tolerance is None), and `state` must have skipped prompt tokens (else it proved nothing).
+    way: the modes must give the same tokens as off and the same first-token logits (max |Δ| ≤
+    tolerance(max |logit|), 0 when tolerance is None), and `state` must have skipped prompt tokens (else
+    it proved nothing).
     → {"passed", "failure", "modes": {mode: {identical, first_divergence, max_abs_diff, stats, ttft_s}}, …}"""
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    kw = dict(block_size=block_size, max_tokens=len(prompts) * longest + 64, max_batch=min(8, len(prompts)),
-              aligned_prefill=True)
+    B = block_size or max(16, model.spec.chunk_size)
+    room = sum(-(-(len(p) + max_new_tokens) // B) * B for p in prompts)      # every prompt's blocks, unshared
+    kw = dict(block_size=B, max_tokens=room, max_batch=min(8, len(prompts)), aligned_prefill=True)
     baseline = PrefixCachingEngine(model, mode="off", **kw).generate(prompts, max_new_tokens, return_logits=True)
-    largest = max(float(x.abs().max()) for x in baseline.logits)
+    largest = max(float(x[0].abs().max()) for x in baseline.logits)
     limit = float(tolerance(largest)) if tolerance is not None else 0.0
     out = {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "max_new_tokens": max_new_tokens,
            "aligned_prefill": True, "max_abs_logit": largest, "max_abs_allowed": limit, "modes": {}, "failure": None}
     for mode in ("memory", "state"):
         got = PrefixCachingEngine(model, mode=mode, **kw).generate(prompts, max_new_tokens, return_logits=True)
         diverge = [_first_difference(a, b) for a, b in zip(baseline.tokens, got.tokens)]
-        # logits are comparable while the tokens fed back agree: up to each row's first divergence
-        diff = max(float((a[:n] - b[:n]).abs().max()) if n else 0.0
-                   for a, b, d in zip(baseline.logits, got.logits, diverge)
-                   for n in [min(len(a), len(b)) if d is None else d + 1])
+        # the prefill's logits (first new token) carry everything the cache reused; decode steps are only
+        # compared by their tokens, since a GPU's batched decode need not be bitwise repeatable (two runs
+        # of caching off differed by ~2 bf16 ulps on an H100)
+        diff = max(float((a[0] - b[0]).abs().max()) for a, b in zip(baseline.logits, got.logits))
         out["modes"][mode] = {"identical": all(d is None for d in diverge), "first_divergence": diverge,
                               "max_abs_diff": diff, "stats": got.stats.as_dict(),
                               "ttft_s": [round(t, 4) for t in got.ttft_s]}

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import reference
 
@@ -328,6 +329,12 @@ def attention(q, k, v, mask, causal):
             # would fall back to its unfused math path).
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if mask is not None and os.environ.get("NEMOCONV_SDPA_MASKED", "efficient") == "efficient":
+            # With a mask, torch 2.11 may pick cuDNN's attention, whose results on an H100 were not bitwise
+            # repeatable run to run (decode logits of two identical runs differed by ~2 bf16 ulps and flipped
+            # a near-tie token); the memory-efficient kernel is. NEMOCONV_SDPA_MASKED=auto lets torch choose.
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
     return reference.attention(q, k, v, mask, causal)

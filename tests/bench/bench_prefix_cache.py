@@ -92,7 +92,8 @@ def main() -> None:
     # is the model itself repeatable? caching off, twice, on fresh engines
     again = PrefixCachingEngine(model, mode="off", **kw).generate(prompts, args.new, return_logits=True)
     res["off_repeat"] = {"same_tokens": again.tokens == off.tokens,
-                         "bit_identical": all(torch.equal(a, b) for a, b in zip(again.logits, off.logits))}
+                         "bit_identical": all(torch.equal(a, b) for a, b in zip(again.logits, off.logits)),
+                         "max_abs_logit_diff": max(float((a - b).abs().max()) for a, b in zip(again.logits, off.logits))}
     # block-aligned prefill: every mode computes every block the same way, so logits must be bit-identical
     aligned = {m: PrefixCachingEngine(model, mode=m, aligned_prefill=True, **kw).generate(prompts, args.new,
                                                                                         return_logits=True)

@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--prefix-cache", action="store_true", help="Also run verify's prefix-cache check.")
     args = ap.parse_args()
     work = args.dir or Path(f"/tmp/nemoconv-bench-verify{'-small' if args.small else ''}")
     ref, cand = work / "ref-hf", work / "cand-max"
@@ -113,7 +114,8 @@ def main() -> None:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     report = nemoconv.verify(ref, cand, num_prompts=args.num_prompts, seq_len=args.seq_len,
-                             max_new_tokens=args.max_new_tokens, device=args.device, report_path=work / "report.json")
+                             max_new_tokens=args.max_new_tokens, device=args.device, report_path=work / "report.json",
+                             prefix_cache=args.prefix_cache)
     wall = time.perf_counter() - t0
     out.update({
         "verify_wall_s": round(wall, 2),
@@ -136,6 +138,11 @@ def main() -> None:
     from nemoconv.model import kernels, warmup
     out["kernel_warmup"] = warmup.last.as_dict() if warmup.last is not None else None
     out["autotune_seeding"] = dict(kernels._autotune_state) or None
+    if report.prefix_cache is not None:
+        pc = report.prefix_cache
+        out["prefix_cache"] = {"passed": pc["passed"], "failure": pc["failure"], "max_abs_allowed": pc["max_abs_allowed"],
+                               **{m: {k: v[k] for k in ("identical", "first_divergence", "max_abs_diff")}
+                                  | {"tokens_skipped": v["stats"]["tokens_skipped"]} for m, v in pc["modes"].items()}}
     out["autotune_choices"] = kernels.autotune_choices() if torch.cuda.is_available() else {}
     if torch.cuda.is_available():
         out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
