@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import NemoconvError
+from ..metrics import first_divergence
 from .modeling import NemotronHLM, _Pass
 from .paged import BlockPool, PagedBatch, SlotPool
 from .prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
@@ -268,7 +269,7 @@ def check_prefix_caching(model: NemotronHLM, prompts: list[list[int]], max_new_t
            "aligned_prefill": True, "max_abs_logit": largest, "max_abs_allowed": limit, "modes": {}, "failure": None}
     for mode in ("memory", "state"):
         got = PrefixCachingEngine(model, mode=mode, **kw).generate(prompts, max_new_tokens, return_logits=True)
-        diverge = [_first_difference(a, b) for a, b in zip(baseline.tokens, got.tokens)]
+        diverge = [first_divergence(a, b) for a, b in zip(baseline.tokens, got.tokens)]
         # the prefill's logits (first new token) carry everything the cache reused; decode steps are only
         # compared by their tokens, since a GPU's batched decode need not be bitwise repeatable (two runs
         # of caching off differed by ~2 bf16 ulps on an H100)
@@ -292,10 +293,3 @@ def check_prefix_caching(model: NemotronHLM, prompts: list[list[int]], max_new_t
     out["passed"] = out["failure"] is None
     out["ttft_off_s"] = [round(t, 4) for t in baseline.ttft_s]
     return out
-
-
-def _first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))

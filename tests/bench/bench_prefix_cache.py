@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import build_ours, config  # noqa: E402
 from nemoconv.config import parse_config  # noqa: E402
+from nemoconv.metrics import first_divergence  # noqa: E402
 from nemoconv.model.engine import PrefixCachingEngine  # noqa: E402
 
 
@@ -83,8 +84,7 @@ def main() -> None:
     for mode in ("memory", "state"):
         r = res["modes"][mode]
         r["same_tokens_as_off"] = runs[mode].tokens == off.tokens
-        r["first_divergence_vs_off"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                                        for a, b in zip(runs[mode].tokens, off.tokens)]
+        r["first_divergence_vs_off"] = [first_divergence(a, b) for a, b in zip(runs[mode].tokens, off.tokens)]
         # the first token's logits (the prefill's output), where the modes differ only by rounding
         r["max_abs_first_logit_diff_vs_off"] = max(float((a[0] - b[0]).abs().max())
                                                    for a, b in zip(runs[mode].logits, off.logits))
@@ -104,8 +104,7 @@ def main() -> None:
         for m in ("memory", "state")}
     res["aligned_prefill_ttft_ms"] = {m: [round(t * 1e3, 2) for t in aligned[m].ttft_s] for m in aligned}
     res["aligned_prefill_detail"] = {
-        m: {"first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                                 for a, b in zip(aligned[m].tokens, aligned["off"].tokens)],
+        m: {"first_divergence": [first_divergence(a, b) for a, b in zip(aligned[m].tokens, aligned["off"].tokens)],
             "first_logit_bitwise": [bool(torch.equal(a[0], b[0])) for a, b in zip(aligned[m].logits,
                                                                                 aligned["off"].logits)],
             "max_abs_first_logit_diff": max(float((a[0] - b[0]).abs().max())
