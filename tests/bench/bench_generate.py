@@ -31,7 +31,6 @@ import functools
 import gc
 import json
 import logging
-import math
 import sys
 import time
 import traceback
@@ -46,7 +45,7 @@ from nemoconv.model import build_model, kernels  # noqa: E402
 from nemoconv.model.fp8 import FP8_MAX, Linear, quantize_fp8  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, sync, timed  # noqa: E402
+from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, random_tensor, sync, timed  # noqa: E402
 TARGETS = {"prefill_tok_s": 35_000, "decode_b1_tok_s": 160, "decode_b8_tok_s": 1_000, "fp8_over_bf16_b1": 1.4}
 
 
@@ -56,28 +55,6 @@ def config(small: bool) -> dict:
     cfg.update(torch_dtype="bfloat16", residual_in_fp32=False, use_bias=False, mlp_bias=False,
                attention_bias=False, layer_norm_epsilon=1e-5)
     return cfg
-
-
-def random_tensor(name: str, shape, g: torch.Generator, device) -> torch.Tensor:
-    """Realistic magnitudes, drawn on `device`: stable Mamba (A_log in log[1,16], dt in [1e-3, 1e-1]),
-    D ~ 1, norms ~ 1, linear weights ~ N(0, 1/fan_in); a peaked lm_head, like a trained model's."""
-    kw = {"generator": g, "device": device, "dtype": torch.float32}
-    uniform = lambda lo, hi: torch.empty(shape, device=device).uniform_(lo, hi, generator=g)  # noqa: E731
-    if name.endswith("A_log"):
-        return torch.log(uniform(1.0, 16.0))
-    if name.endswith(".D"):
-        return uniform(0.5, 1.5)
-    if name.endswith("dt_bias"):
-        dt = torch.exp(uniform(math.log(1e-3), math.log(1e-1)))
-        return dt + torch.log(-torch.expm1(-dt))                       # inverse softplus
-    if "norm" in name:
-        return 1.0 + 0.1 * torch.randn(shape, **kw)
-    if name.endswith("bias"):
-        return 0.02 * torch.randn(shape, **kw)
-    if name.endswith("embeddings.weight"):
-        return torch.randn(shape, **kw)
-    t = torch.randn(shape, **kw) / math.sqrt(shape[-1])
-    return t * 4.0 if name == "lm_head.weight" else t
 
 
 def build_ours(spec, device):

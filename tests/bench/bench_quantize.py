@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from nemoconv.output import ShardedWriter  # noqa: E402
 from nemoconv.safetensors_io import PlannedTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, timed  # noqa: E402
+from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, random_tensor, timed  # noqa: E402
 DIMS_8B, DIMS_SMALL = SHAPE_8B, SHAPE_SMALL
 GOAL_QUANTIZE_S = 120
 
@@ -49,28 +48,6 @@ def make_config(small: bool) -> dict:
     return cfg
 
 
-def draw(name: str, shape, g: torch.Generator, device) -> torch.Tensor:
-    """A stable random network: Mamba decay in range, norms near 1, linears N(0, 1/fan_in)."""
-    def uniform(lo, hi):
-        return torch.empty(shape, device=device).uniform_(lo, hi, generator=g)
-
-    if name.endswith("A_log"):
-        return torch.log(uniform(1.0, 16.0))
-    if name.endswith(".D"):
-        return uniform(0.5, 1.5)
-    if name.endswith("dt_bias"):
-        dt = torch.exp(uniform(math.log(1e-3), math.log(1e-1)))
-        return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
-    noise = torch.randn(shape, generator=g, device=device)
-    if "norm" in name:
-        return 1.0 + 0.1 * noise
-    if name.endswith("bias"):
-        return 0.02 * noise
-    if name.endswith("embeddings.weight"):
-        return noise
-    return noise / math.sqrt(shape[-1]) * (4.0 if name == "lm_head.weight" else 1.0)
-
-
 def write_source(directory: Path, small: bool, device) -> int:
     cfg = make_config(small)
     spec = parse_config(cfg)
@@ -80,7 +57,7 @@ def write_source(directory: Path, small: bool, device) -> int:
     writer = ShardedWriter(directory, planned, 5_000_000_000, {"format": "pt"})
     g = torch.Generator(device=device).manual_seed(0)
     for p in planned:
-        writer.write(p.name, draw(p.name, p.shape, g, device).to(torch.bfloat16).cpu())
+        writer.write(p.name, random_tensor(p.name, p.shape, g, device).to(torch.bfloat16).cpu())
     writer.close()
     return sum(p.nbytes for p in planned)
 

@@ -30,3 +30,31 @@ def timed(fn, device, repeat: int):
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def random_tensor(name: str, shape, g, device):
+    """A stable random network, drawn on `device` in float32: Mamba decay in range (A_log in log[1, 16],
+    dt in [1e-3, 1e-1]), D ~ 1, norms near 1, linear weights N(0, 1/fan_in), and a peaked lm_head like a
+    trained model's."""
+    import math
+
+    import torch
+
+    def uniform(lo, hi):
+        return torch.empty(shape, device=device).uniform_(lo, hi, generator=g)
+
+    if name.endswith("A_log"):
+        return torch.log(uniform(1.0, 16.0))
+    if name.endswith(".D"):
+        return uniform(0.5, 1.5)
+    if name.endswith("dt_bias"):
+        dt = torch.exp(uniform(math.log(1e-3), math.log(1e-1)))
+        return dt + torch.log(-torch.expm1(-dt))                       # softplus⁻¹(dt)
+    noise = torch.randn(shape, generator=g, device=device)
+    if "norm" in name:
+        return 1.0 + 0.1 * noise
+    if name.endswith("bias"):
+        return 0.02 * noise
+    if name.endswith("embeddings.weight"):
+        return noise
+    return noise / math.sqrt(shape[-1]) * (4.0 if name == "lm_head.weight" else 1.0)

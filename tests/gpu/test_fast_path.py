@@ -34,6 +34,9 @@ from nemoconv.demo_checkpoint import random_tensors, tiny_config  # noqa: E402
 from nemoconv.model import build_model, kernels  # noqa: E402
 from nemoconv.model.fp8 import quantize_fp8  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_cuda_model import skip_reason  # noqa: E402  (one definition of when GPU checks can run)
+
 MODELS = {
     # dense, like Nemotron-H-8B: Mamba, MLP and attention layers
     "dense": dict(hybrid_override_pattern="M-M*-M-M-", vocab_size=1024, hidden_size=512,
@@ -50,12 +53,6 @@ PROMPT, NEW = 70, 24
 DEVICE = "cuda"
 
 
-def skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if kernels.triton_kernels() is None:
-        return "mamba-ssm's Triton kernels are not importable: " + kernels._triton_error[0]
-    return None
 
 
 @contextlib.contextmanager
