@@ -107,28 +107,9 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@triton.jit
-def _relu2_fp8_kernel(X, SCALE, Q, M, N, stride_x, stride_q, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cmask = cols < N
-    x = tl.maximum(tl.load(X + row * stride_x + cols, mask=cmask & (row < M), other=0.0).to(tl.float32), 0.0)
-    sq = (x * x).to(X.dtype.element_ty).to(tl.float32)          # relu² rounded as relu2() returns it
-    q = tl.math.div_rn(sq, tl.load(SCALE).to(tl.float32))
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cmask)
-
-
 def relu2_fp8(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
     """quantize_fp8(relu2(x2), scale) in one launch: x2 [m, n] → fp8 [rows, n], zero rows past m."""
-    m, n = x2.shape
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    q = torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=x2.device)
-    block = min(2048, triton.next_power_of_2(n))
-    _relu2_fp8_kernel[(rows, triton.cdiv(n, block))](x2, scale, q, m, n, x2.stride(0), q.stride(0),
-                                                     BLOCK=block, num_warps=4)
-    return q
+    return _quantize_fp8(x2, scale, rows, relu2=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,26 +274,32 @@ def conv_step(xbc: torch.Tensor, dt: torch.Tensor, weight: torch.Tensor, bias: t
 # FP8 activation quantization (per-tensor static scale), rows zero-padded for cuBLASLt
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _quantize_fp8_kernel(X, SCALE, Y, M, N, stride_x, stride_y, BLOCK: tl.constexpr):
+def _quantize_fp8_kernel(X, SCALE, Y, M, N, stride_x, stride_y, RELU2: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=cmask & (row < M), other=0.0).to(tl.float32)
-    s = tl.load(SCALE).to(tl.float32)
-    q = tl.math.div_rn(x, s)                                     # IEEE division, as torch's x / scale
+    if RELU2:
+        x = tl.maximum(x, 0.0)
+        x = (x * x).to(X.dtype.element_ty).to(tl.float32)      # relu² rounded as relu2() returns it
+    q = tl.math.div_rn(x, tl.load(SCALE).to(tl.float32))         # IEEE division, as torch's x / scale
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     tl.store(Y + row * stride_y + cols, q.to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cmask)
 
 
 def quantize_fp8(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
     """x2 [m, n] → fp8 [rows, n] (rows ≥ m; the extra rows are zeros) = e4m3(clamp(x / scale, ±448))."""
+    return _quantize_fp8(x2, scale, rows, relu2=False)
+
+
+def _quantize_fp8(x2: torch.Tensor, scale: torch.Tensor, rows: int, relu2: bool) -> torch.Tensor:
     m, n = x2.shape
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=x2.device)
     block = min(2048, triton.next_power_of_2(n))
     _quantize_fp8_kernel[(rows, triton.cdiv(n, block))](x2, scale, y, m, n, x2.stride(0), y.stride(0),
-                                                         BLOCK=block, num_warps=4)
+                                                         RELU2=relu2, BLOCK=block, num_warps=4)
     return y
 
 
