@@ -485,12 +485,16 @@ def run_model(path: Path, device: torch.device, dtype: torch.dtype, prompts: lis
     return run
 
 
-def shared_prefix_prompts(prompts: list[Prompt], block: int, blocks: int = 8) -> list[list[int]]:
-    """Prompts for the prefix-cache check: one long prefix (the prompts' own tokens, repeated to
-    `blocks` KV blocks and a half, so it ends inside a block), then each prompt as its own suffix; the
-    first prompt comes twice (an exact repeat)."""
+def shared_prefix_prompts(prompts: list[Prompt], block: int) -> list[list[int]]:
+    """Prompts for the prefix-cache check: one long prefix (the prompts' own tokens, repeated to one
+    prefill chunk of the engine, where the first Mamba state checkpoint lies, and half a KV block more,
+    so it ends inside a block), then each prompt as its own suffix; the first prompt comes twice (an
+    exact repeat)."""
+    from .model.engine import resolve_prefill_chunk
+
+    block = max(16, block)
     pool = [t for p in prompts for t in p.ids]
-    length = blocks * max(16, block) + max(16, block) // 2
+    length = resolve_prefill_chunk(None, block) + block // 2
     prefix = (pool * (length // len(pool) + 1))[:length]
     suffixes = [p.ids for p in prompts] + [prompts[0].ids]
     return [prefix + s for s in suffixes]
@@ -845,8 +849,9 @@ def render_report(report: VerifyReport, console) -> None:
     if report.prefix_cache is not None:
         for mode, m in report.prefix_cache["modes"].items():
             st = m["stats"]
+            bits = "bit-identical" if m["first_logits_bitwise"] else f"within {m['max_abs_diff']:.3g}"
             console.print(f"prefix cache [cyan]{mode}[/cyan]: {'same tokens' if m['identical'] else 'DIFFERENT tokens'}"
-                          f" as without caching; {st['hits']}/{st['requests']} requests hit, "
+                          f" as without caching, first-token logits {bits}; {st['hits']}/{st['requests']} requests hit, "
                           f"{st['kv_blocks_shared']} KV blocks shared ({st['kv_bytes_saved'] / 2**20:.1f} MiB), "
                           f"{st['tokens_skipped']} prompt tokens skipped")
     for note in report.notes:

@@ -30,6 +30,7 @@ def ids(n: int, seed: int) -> list[int]:
 
 def engine(model, mode, **kw):
     kw.setdefault("block_size", B)
+    kw.setdefault("prefill_chunk", B)                 # checkpoints at every block boundary, unless a test says
     kw.setdefault("max_tokens", 4096)
     kw.setdefault("max_batch", 4)
     return PrefixCachingEngine(model, mode=mode, **kw)
@@ -46,11 +47,12 @@ def same_logits(a, b) -> bool:
 
 # ---- outputs identical to no caching --------------------------------------------------------
 @pytest.mark.parametrize("kind", ["dense", "moe", "latent"])
-def test_every_mode_gives_bit_identical_logits_with_block_aligned_prefill(kind):
+@pytest.mark.parametrize("chunk", [B, 3 * B])
+def test_every_mode_gives_bit_identical_logits(kind, chunk):
     model = tiny_model(kind)
     prompts = shared_prompts()
     prompts.append(prompts[1])                        # an exact repeat
-    runs = {m: engine(model, m, max_batch=3, aligned_prefill=True).generate(prompts, 8, return_logits=True)
+    runs = {m: engine(model, m, max_batch=3, prefill_chunk=chunk).generate(prompts, 8, return_logits=True)
             for m in ("off", "memory", "state")}
     assert runs["state"].stats.tokens_skipped > 0 and runs["memory"].stats.kv_blocks_shared > 0
     for mode in ("memory", "state"):
@@ -59,25 +61,45 @@ def test_every_mode_gives_bit_identical_logits_with_block_aligned_prefill(kind):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "latent"])
-def test_default_prefill_same_tokens_and_logits_within_fp32_rounding(kind):
+def test_caching_off_is_the_plain_model(kind):
+    """The engine's segmented prefill over paged blocks gives the tokens of generate() on a contiguous
+    cache, row by row, and logits within float32 rounding of it."""
     model = tiny_model(kind)
     prompts = shared_prompts()
-    off = engine(model, "off").generate(prompts, 12, return_logits=True)
-    # caching off is the plain model: the same tokens as generate() on a contiguous cache, row by row
+    off = engine(model, "off", prefill_chunk=2 * B).generate(prompts, 12, return_logits=True)
     plain = [model.generate(torch.tensor([p]), max_new_tokens=12)[0, len(p):].tolist() for p in prompts]
     assert off.tokens == plain
-    for mode in ("memory", "state"):
-        got = engine(model, mode).generate(prompts, 12, return_logits=True)
-        assert got.tokens == off.tokens
-        for a, b in zip(got.logits, off.logits):
-            assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    for p, got in zip(prompts, off.logits):
+        whole = model.prefill(torch.tensor([p]), model.new_cache(1, len(p) + 1), last_only=True)[0]
+        assert ((got[0] - whole).abs().max() / whole.abs().max()).item() <= 1e-5
+
+
+def test_states_are_saved_only_at_multiples_of_the_prefill_chunk():
+    model = tiny_model("dense")
+    prompts = shared_prompts(prefix_len=70)           # the prompts branch after 4 blocks (64 tokens)
+    got = engine(model, "state", prefill_chunk=3 * B).generate(prompts, 4, return_logits=True)
+    s = got.stats
+    assert s.states_restored == 3 and s.tokens_skipped == 3 * 48     # the checkpoint below 64: 48
+    assert s.kv_blocks_shared == 3 * 3 and not s.warnings            # whole chunks only
+    off = engine(model, "off", prefill_chunk=3 * B).generate(prompts, 4, return_logits=True)
+    assert got.tokens == off.tokens and same_logits(got, off)
+
+
+def test_prefix_shorter_than_the_prefill_chunk_is_reported_not_skipped():
+    """vLLM's other pitfall: checkpoints so far apart that nothing is cached, silently."""
+    model = tiny_model("dense")
+    prompts = shared_prompts(prefix_len=40)           # 2 full blocks shared, checkpoints every 4
+    got = engine(model, "state", prefill_chunk=4 * B).generate(prompts, 4)
+    assert got.stats.tokens_skipped == 0 and got.stats.kv_blocks_shared == 0
+    assert any("shorter than prefill_chunk (64 tokens)" in w for w in got.stats.warnings)
+    assert got.tokens == engine(model, "off", prefill_chunk=4 * B).generate(prompts, 4).tokens
 
 
 def test_restored_state_is_a_bit_copy_of_a_segmented_prefill():
     """Skipping to a boundary gives exactly what prefilling the prefix, then the rest, gives."""
     model = tiny_model("dense")
-    prompt = ids(64, 0) + ids(15, 1)                  # no boundary after 64: one segment runs
-    eng = engine(model, "state")
+    prompt = ids(64, 0) + ids(15, 1)
+    eng = engine(model, "state", prefill_chunk=64)    # one segment to 64, one after it
     eng.generate([prompt[:64]], 2)                    # one 64-token segment: KV blocks and the state at 64
     got = eng.generate([prompt], 1, return_logits=True)
     assert got.stats.tokens_skipped == 64
@@ -184,7 +206,7 @@ def test_prefix_shorter_than_one_block_gets_no_hit():
 
 def test_no_prompt_filling_a_block_is_reported():
     model = tiny_model("dense")
-    got = engine(model, "state", block_size=64).generate([ids(20, 0), ids(20, 0)], 2)
+    got = engine(model, "state", block_size=64, prefill_chunk=64).generate([ids(20, 0), ids(20, 0)], 2)
     assert any("nothing can be shared" in w for w in got.stats.warnings)
 
 
@@ -257,6 +279,8 @@ def test_bad_arguments_are_clear_errors():
         PrefixCachingEngine(model, mode="radix")
     with pytest.raises(NemoconvError, match="at least one token"):
         engine(model, "state").generate([[]], 2)
+    with pytest.raises(NemoconvError, match="multiple of block_size"):
+        engine(model, "state", prefill_chunk=B + 1)
 
 
 def test_eos_stops_a_row():
@@ -271,8 +295,9 @@ def test_eos_stops_a_row():
 def test_check_prefix_caching_passes_and_catches_a_broken_restore(monkeypatch):
     model = tiny_model("moe")
     prompts = shared_prompts(prefix_len=150)
-    good = check_prefix_caching(model, prompts, 8, block_size=B)
+    good = check_prefix_caching(model, prompts, 8, block_size=B, prefill_chunk=4 * B)
     assert good["passed"] and good["modes"]["state"]["stats"]["tokens_skipped"] > 0
+    assert all(m["first_logits_bitwise"] and m["logits_bitwise"] for m in good["modes"].values())
 
     from nemoconv.model import paged
 
@@ -280,7 +305,7 @@ def test_check_prefix_caching_passes_and_catches_a_broken_restore(monkeypatch):
         self.conv[:, slot].copy_(state[0])
         self.ssm[:, slot].zero_()
     monkeypatch.setattr(paged.SlotPool, "restore", broken)
-    bad = check_prefix_caching(model, prompts, 8, block_size=B)
+    bad = check_prefix_caching(model, prompts, 8, block_size=B, prefill_chunk=4 * B)
     assert not bad["passed"] and "state" in bad["failure"]
 
 
@@ -311,4 +336,4 @@ def test_check_prefix_caching_sizes_its_pool_for_partial_blocks():
     """Prompts that end inside a block need a whole block each: the check must not run out of blocks."""
     model = tiny_model("dense")
     prompts = [ids(65, 0) + ids(3 + i, 1 + i) for i in range(5)]
-    assert check_prefix_caching(model, prompts, 16, block_size=64)["passed"]
+    assert check_prefix_caching(model, prompts, 16, block_size=64, prefill_chunk=64)["passed"]

@@ -72,60 +72,67 @@ class StaticDecoder:
 
 
 class PrefillGraphs:
-    """CUDA graphs of whole prefills into one cache, one per (rows, length, start position, masking).
+    """CUDA graphs of whole prefills (or prefill segments), one per key: whatever the launches depend on
+    (rows, length, start position, masking, the model state, the cache storage or slot).
 
-    A prefill's launches depend only on those (and on the model state and the cache's storage, both in
-    the key), so the same prompt length into the same cache — a benchmark, a server's length buckets,
-    `generate` called again with its kept cache — can replay one graph instead of issuing ~600 launches
-    from the host, whose speed then no longer limits the GPU. As with decode, the first prefill of a key
-    runs eagerly (it compiles and autotunes the Triton kernels), the second is captured and replayed,
-    later ones replay. Inputs (token ids, padding mask) are copied into static buffers; the output is the
-    graph's static logits buffer, which the next replay overwrites (callers copy it). Only prefills of at
-    most MAX_TOKENS rows × positions are captured (a graph keeps its activations' memory), at most
-    MAX_GRAPHS per cache (the oldest is dropped).
+    A prefill's launches depend only on its key, so the same prompt length into the same cache — a
+    benchmark, a server's length buckets, `generate` called again with its kept cache, the engine's
+    fixed-size prefill chunks — can replay one graph instead of issuing ~600 launches from the host,
+    whose speed then no longer limits the GPU. As with decode, the first prefill of a key runs eagerly
+    (it compiles and autotunes the Triton kernels) unless the caller says these shapes ran before
+    (`compiled`); the next one is captured and replayed, later ones replay. Inputs (token ids, padding
+    mask, index tensors; None stays None) are copied into static buffers; the output is the graph's
+    static logits buffer, which the next replay of any graph in the same pool may overwrite (callers
+    copy it). Only prefills of at most MAX_TOKENS rows × positions are captured (a graph keeps its
+    activations' memory, or shares `pool` with the others), at most `max_graphs`: then the oldest goes,
+    or, with `evict=False` (keys that recur in cycles, such as the chunks of long prompts, which would
+    evict each other before any replay), new keys run eagerly.
     """
 
     MAX_TOKENS = 8192
-    MAX_GRAPHS = 2
 
-    def __init__(self):
-        self.entries: dict = {}          # key → [tokens, pad, graph, logits] (graph None: seen once, eager)
+    def __init__(self, max_graphs: int = 2, pool=None, evict: bool = True):
+        self.max_graphs, self.evict = max_graphs, evict
+        self.pool = pool                 # a graph memory pool shared by these graphs (replayed one at a time)
+        self.entries: dict = {}          # key → [static inputs, graph, logits] (graph None: seen once, eager)
         self.failed: set = set()
         self.captures = 0
         self.replays = 0
         self.error = ""
 
-    def run(self, key: tuple, run, tokens: torch.Tensor, pad: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
-        """`run(tokens, pad)` → logits, eagerly or from this key's graph. Returns (logits, whether they are
+    def run(self, key: tuple, run, *inputs: torch.Tensor | None, compiled: bool = False) -> tuple[torch.Tensor, bool]:
+        """`run(*inputs)` → logits, eagerly or from this key's graph. Returns (logits, whether they are
         the graph's static buffer)."""
         if key in self.failed:
-            return run(tokens, pad), False
+            return run(*inputs), False
         entry = self.entries.get(key)
         if entry is None:
-            while len(self.entries) >= self.MAX_GRAPHS:
+            if len(self.entries) >= self.max_graphs and not self.evict:
+                return run(*inputs), False
+            while len(self.entries) >= self.max_graphs:
                 self.entries.pop(next(iter(self.entries)))
-            self.entries[key] = [None, None, None, None]
-            return run(tokens, pad), False
-        if entry[2] is None:
-            static_tokens = tokens.clone()
-            static_pad = pad.clone() if pad is not None else None
+            entry = self.entries[key] = [None, None, None]
+            if not compiled:
+                return run(*inputs), False
+        if entry[1] is None:
+            static = tuple(t.clone() if t is not None else None for t in inputs)
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
             try:
-                with torch.cuda.graph(graph):
-                    logits = run(static_tokens, static_pad)
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = run(*static)
             except Exception as exc:       # never try this key again; run it eagerly
                 self.failed.add(key)
                 self.entries.pop(key, None)
                 self.error = f"{type(exc).__name__}: {exc}"
                 torch.cuda.synchronize()
-                return run(tokens, pad), False
-            entry[:] = [static_tokens, static_pad, graph, logits]
+                return run(*inputs), False
+            entry[:] = [static, graph, logits]
             self.captures += 1
         else:
-            entry[0].copy_(tokens)
-            if pad is not None:
-                entry[1].copy_(pad)
-        entry[2].replay()
+            for buffer, t in zip(entry[0], inputs):
+                if t is not None:
+                    buffer.copy_(t)
+        entry[1].replay()
         self.replays += 1
-        return entry[3], True
+        return entry[2], True

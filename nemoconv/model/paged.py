@@ -21,6 +21,7 @@ Everything is allocated once, in the constructors.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -28,6 +29,15 @@ import torch
 from ..config import ATTENTION, MAMBA, ModelSpec
 from ..errors import NemoconvError
 from .cache import resolve_ssm_dtype
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, copied without waiting for the work already queued there
+    (pinned memory, asynchronous copy): a plain copy would make the host wait for the GPU at every
+    segment, instead of queueing the next segment's launches while the GPU computes."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class BlockPool:
@@ -164,10 +174,20 @@ class PagedBatch:
         pos = torch.arange(t)
         positions = table[:, pos // B] * B + pos % B                               # [b, t]
         write = new_positions >= torch.tensor(write_from, dtype=torch.int64)[:, None]   # [b, s]
-        self.positions = positions.to(device)
-        self.write_rows = write.reshape(-1).nonzero()[:, 0].to(device) if not bool(write.all()) else None
-        self.write_index = positions.gather(1, new_positions)[write].to(device)     # flat KV index per written token
+        self.positions = to_device(positions, device)
+        self.write_rows = to_device(write.reshape(-1).nonzero()[:, 0], device) if not bool(write.all()) else None
+        self.write_index = to_device(positions.gather(1, new_positions)[write], device)   # flat KV index per written token
         self.any_write = bool(write.any())
+
+    def index_tensors(self) -> tuple:
+        """The device tensors that differ between passes of the same shape (a CUDA graph's inputs)."""
+        return self.positions, self.write_index, self.write_rows
+
+    def with_index_tensors(self, positions, write_index, write_rows) -> "PagedBatch":
+        """This view reading and writing through other (same-shaped) index tensors."""
+        view = copy.copy(self)
+        view.positions, view.write_index, view.write_rows = positions, write_index, write_rows
+        return view
 
     def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.slots.layer_slot[layer_idx]

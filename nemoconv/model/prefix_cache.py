@@ -6,13 +6,18 @@ KV block. Two modes (the engine is in `engine`):
 
   memory   KV blocks of a matched prefix are shared (reference-counted, no new blocks); every prompt
            token still runs through the model, since the Mamba state must be rebuilt. Saves memory.
-  state    Mamba conv/SSM states are also saved at block boundaries; a request whose prefix matches
-           up to a saved boundary restores that state and skips those tokens entirely. Saves time.
+  state    Mamba conv/SSM states are also saved at checkpoints; a request whose prefix matches up to
+           a saved checkpoint restores that state and skips those tokens entirely. Saves time.
 
-Both are exact by construction: a block or a state is found only by the hash of the *whole* token
-chain up to its end (`chain_hashes`), so it is reused only after exactly the tokens that produced it.
+Both are exact by construction, in two senses. A block or a state is found only by the hash of the
+*whole* token chain up to its end (`chain_hashes`), so it is reused only after exactly the tokens that
+produced it. And it holds the very bits caching off would compute: the engine cuts every prefill, in
+every mode, at multiples of its `prefill_chunk`, checkpoints lie only there, and blocks are shared
+only in whole chunks, so the segment that produced a reused block or state is the same computation
+(same tokens, incoming state, shapes, kernels) as the one caching off runs. One long prefill and one
+resumed at a checkpoint would otherwise round their sums differently on a GPU.
 
-Where states are saved decides the hit rate. A state saved at the end of a prompt's last full block
+Where states are saved decides the hit rate (then each place moves down to a checkpoint). A state saved at the end of a prompt's last full block
 usually lies in tokens unique to that request and is never matched again (vLLM's "align" mode pitfall,
 hit rate silently 0%). So a state is saved at a request's *branch point* — the deepest block boundary
 it is known to share with another request (one in the same call, or one whose KV blocks are indexed)

@@ -141,7 +141,9 @@ def main() -> None:
     if report.prefix_cache is not None:
         pc = report.prefix_cache
         out["prefix_cache"] = {"passed": pc["passed"], "failure": pc["failure"], "max_abs_allowed": pc["max_abs_allowed"],
-                               **{m: {k: v[k] for k in ("identical", "first_divergence", "max_abs_diff")}
+                               "prefill_chunk": pc["prefill_chunk"], "prompt_tokens": pc["prompt_tokens"],
+                               **{m: {k: v[k] for k in ("identical", "first_logits_bitwise", "logits_bitwise",
+                                                        "first_divergence", "max_abs_diff", "ttft_s")}
                                   | {"tokens_skipped": v["stats"]["tokens_skipped"]} for m, v in pc["modes"].items()}}
     out["autotune_choices"] = kernels.autotune_choices() if torch.cuda.is_available() else {}
     if torch.cuda.is_available():

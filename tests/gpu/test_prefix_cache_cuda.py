@@ -3,12 +3,13 @@
 Run with pytest (skips without CUDA or without mamba-ssm's Triton kernels), or directly:
     python tests/gpu/test_prefix_cache_cuda.py      # prints a JSON summary
 Model: the small real-shaped hybrid of test_cuda_model (chunk 64, GQA, grouped-routing MoE), in
-bfloat16 and float32. Prompts share a 300-token prefix that ends inside a block.
-  aligned prefill   memory and state modes give bit-identical logits to caching off
-  default prefill   the same greedy tokens; bfloat16 logits within verify's exact profile (2 ulps at
-                    the largest |logit|), float32 within 1e-5 of the largest |logit| (the scan and
-                    GEMMs group their sums differently over segments: a few float32 ulps)
+bfloat16 and float32. Prompts share a 300-token prefix that ends inside a block (block 64).
+  prefill chunk 64 and 256: memory and state modes give the tokens of caching off and bit-identical
+                    first-token logits (every mode cuts its prefill at the same multiples of the chunk,
+                    so each segment is the same computation); decode logits are reported
   the engine with caching off gives the tokens of model.generate on a contiguous cache
+  CUDA graphs (test_fast_path's dense model, bf16 and FP8): whole prefill chunks replayed from graphs
+                    give the bits of the eager engine, in every mode
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_model import build, skip_reason  # noqa: E402
+from test_fast_path import build as build_dense  # noqa: E402
 from nemoconv.model.engine import PrefixCachingEngine  # noqa: E402
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
@@ -37,8 +39,8 @@ def prompts(vocab: int) -> list[list[int]]:
     return out + [out[0]]
 
 
-def run_modes(model, batch, aligned: bool) -> dict:
-    kw = dict(block_size=64, max_tokens=4096, max_batch=4, aligned_prefill=aligned)
+def run_modes(model, batch, chunk: int) -> dict:
+    kw = dict(block_size=64, max_tokens=4096, max_batch=4, prefill_chunk=chunk)
     return {m: PrefixCachingEngine(model, mode=m, **kw).generate(batch, NEW, return_logits=True)
             for m in ("off", "memory", "state")}
 
@@ -52,14 +54,15 @@ def measure(dtype) -> dict:
     model = build("cuda", dtype)
     batch = prompts(model.spec.vocab_size)
     out = {}
-    for aligned in (True, False):
-        runs = run_modes(model, batch, aligned)
+    for chunk in (64, 256):
+        runs = run_modes(model, batch, chunk)
         off = runs["off"]
         largest = max(float(x.abs().max()) for x in off.logits)
         for mode in ("memory", "state"):
             got = runs[mode]
-            out[f"{'aligned' if aligned else 'default'}_{mode}"] = {
+            out[f"chunk{chunk}_{mode}"] = {
                 "same_tokens": got.tokens == off.tokens,
+                "first_bitwise": all(torch.equal(a[0], b[0]) for a, b in zip(got.logits, off.logits)),
                 "bit_identical": all(torch.equal(a, b) for a, b in zip(got.logits, off.logits)),
                 "max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(got.logits, off.logits)),
                 "allowed": ulps(largest, dtype) if dtype == torch.bfloat16 else 1e-5 * largest,
@@ -69,14 +72,41 @@ def measure(dtype) -> dict:
     return out
 
 
+def graphs_vs_eager(fp8: bool) -> dict:
+    model = build_dense("dense", torch.bfloat16, fp8)
+    batch = prompts(model.spec.vocab_size)
+    kw = dict(block_size=64, max_tokens=8192, max_batch=4, prefill_chunk=64)
+    out = {}
+    model.cuda_graphs = False
+    eager = PrefixCachingEngine(model, mode="off", **kw).generate(batch, NEW, return_logits=True)
+    model.cuda_graphs = True
+    for mode in ("off", "memory", "state"):
+        eng = PrefixCachingEngine(model, mode=mode, **kw)
+        eng.generate(batch, NEW)                      # slot 0 runs each chunk eagerly, the others capture
+        eng.clear()
+        got = eng.generate(batch, NEW, return_logits=True)
+        out[mode] = {"same_tokens": got.tokens == eager.tokens,
+                     "bit_identical": all(torch.equal(a, b) for a, b in zip(got.logits, eager.logits)),
+                     "graphs": eng.graph_counts()}
+    return out
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prefill_chunk_graphs_give_the_eager_bits(fp8):
+    r = graphs_vs_eager(fp8)
+    for mode, d in r.items():
+        assert d["same_tokens"] and d["bit_identical"], r
+        assert d["graphs"]["replays"] > 0 and not d["graphs"]["error"], r
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefix_cache_on_cuda(dtype):
     r = measure(dtype)
-    for mode in ("memory", "state"):
-        assert r[f"aligned_{mode}"]["bit_identical"], r
-        d = r[f"default_{mode}"]
-        assert d["same_tokens"] and d["max_abs_diff"] <= d["allowed"], r
-    assert r["aligned_state"]["tokens_skipped"] > 0 and r["default_memory"]["kv_blocks_shared"] > 0
+    for chunk in (64, 256):
+        for mode in ("memory", "state"):
+            d = r[f"chunk{chunk}_{mode}"]
+            assert d["same_tokens"] and d["first_bitwise"] and d["max_abs_diff"] <= d["allowed"], r
+        assert r[f"chunk{chunk}_state"]["tokens_skipped"] > 0 and r[f"chunk{chunk}_memory"]["kv_blocks_shared"] > 0
     assert r["off_equals_generate"], r
 
 
@@ -84,4 +114,6 @@ if __name__ == "__main__":
     if skip_reason():
         print(json.dumps({"skipped": skip_reason()}))
         sys.exit(0)
-    print(json.dumps({str(dt): measure(dt) for dt in (torch.bfloat16, torch.float32)}, indent=1))
+    res = {str(dt): measure(dt) for dt in (torch.bfloat16, torch.float32)}
+    res["graphs_vs_eager"] = {"bf16": graphs_vs_eager(False), "fp8": graphs_vs_eager(True)}
+    print(json.dumps(res, indent=1))
