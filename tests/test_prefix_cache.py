@@ -337,3 +337,23 @@ def test_check_prefix_caching_sizes_its_pool_for_partial_blocks():
     model = tiny_model("dense")
     prompts = [ids(65, 0) + ids(3 + i, 1 + i) for i in range(5)]
     assert check_prefix_caching(model, prompts, 16, block_size=64, prefill_chunk=64)["passed"]
+
+
+def test_paged_decode_attention_reads_each_rows_blocks_up_to_its_position():
+    """The paged decode attention (CPU path: gathered blocks) against plain attention per row."""
+    from nemoconv.model import kernels
+
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, hk, hq, d = 12, 4, 2, 4, 8
+    keys, values = torch.randn(blocks * bs, hk, d, generator=g), torch.randn(blocks * bs, hk, d, generator=g)
+    q = torch.randn(2, hq, d, generator=g)
+    table = torch.tensor([[5, 2, 9, 0], [11, 7, 3, 1]])
+    pos = torch.tensor([6, 13])
+    got = kernels.paged_decode_attention(q, keys, values, table, pos, bs)
+    for row in range(2):
+        p = torch.arange(int(pos[row]) + 1)
+        flat = table[row, p // bs] * bs + p % bs
+        k = keys[flat].repeat_interleave(hq // hk, dim=1)
+        v = values[flat].repeat_interleave(hq // hk, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[row], k) * d ** -0.5, dim=-1)
+        assert torch.allclose(got[row], torch.einsum("hn,nhd->hd", w, v), atol=1e-5)

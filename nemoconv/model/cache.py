@@ -11,6 +11,7 @@ import torch
 
 from ..config import ATTENTION, MAMBA, ModelSpec
 from ..errors import NemoconvError
+from . import kernels
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,6 +110,15 @@ class HybridCache:
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
+
+    def decode_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      pos: torch.Tensor) -> torch.Tensor:
+        """A static-shape decode step's attention: store the new key/value [b, hk, 1, d] at position
+        pos (int64 [1] on the device) and attend q [b, hq, d] over the valid keys up to it → [b, hq, d]."""
+        keys, values = self.layer_kv(layer_idx)
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        return kernels.decode_attention(q, keys, values, self.valid, pos)
 
     def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv state [b, conv_dim, k-1] and SSM state [b, h, p, n] of a Mamba layer (views)."""

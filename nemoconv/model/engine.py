@@ -15,7 +15,8 @@ multiples of `prefill_chunk` and reuses state and keys/values only at those poin
 On CUDA (dense models), each whole prefill chunk runs from a CUDA graph per (state slot, chunk
 position) once its shapes ran eagerly: a chunk's ~600 kernel launches cost the host ~35 ms on the
 8B layout, about what the GPU needs for 1,500 tokens, so without graphs short chunks would leave the
-GPU waiting. A prompt's last, shorter segment runs eagerly.
+GPU waiting. A prompt's last, shorter segment runs eagerly. Decode steps have static shapes (paged
+attention reads positions and block tables from the device) and replay one graph per wave.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch
 
 from ..errors import NemoconvError
 from ..metrics import first_divergence
-from ..config import MOE
+from .graphs import PrefillGraphs
 from .modeling import NemotronHLM, _Pass
-from .paged import BlockPool, PagedBatch, SlotPool, to_device
+from .paged import BlockPool, PagedBatch, PagedStep, SlotPool, to_device
 from .prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
 
 DEFAULT_PREFILL_CHUNK = 1024
@@ -95,7 +96,9 @@ class PrefixCachingEngine:
         budget = state_budget_bytes if state_budget_bytes is not None else 16 * self.slots.state_bytes
         self.states = StateStore(budget if mode == "state" else 0)
         self.max_batch = max_batch
-        self._graphs = None                       # CUDA graphs of prefill segments (graphs.PrefillGraphs)
+        self._graphs = None                       # CUDA graphs of prefill chunks (graphs.PrefillGraphs)
+        self._step_graphs = None                  # CUDA graphs of decode steps, one per wave shape
+        self._pool_handle = None
         self._shapes_run: set = set()             # segment shapes run once (their kernels are compiled)
 
     # ---- public ------------------------------------------------------------------------------
@@ -151,10 +154,13 @@ class PrefixCachingEngine:
         self.states.clear()
 
     def graph_counts(self) -> dict:
-        """Prefill segments captured as CUDA graphs and replayed so far (and why a capture failed)."""
-        g = self._graphs
-        return {"captures": g.captures, "replays": g.replays, "kept": len(g.entries), "error": g.error} if g else \
-            {"captures": 0, "replays": 0, "kept": 0, "error": ""}
+        """Prefill chunks and decode steps captured as CUDA graphs and replayed so far (and why a capture
+        failed)."""
+        out = {}
+        for name, g in (("prefill", self._graphs), ("decode", self._step_graphs)):
+            out[name] = {"captures": g.captures, "replays": g.replays, "kept": len(g.entries), "error": g.error} \
+                if g else {"captures": 0, "replays": 0, "kept": 0, "error": ""}
+        return out
 
     # ---- one wave ----------------------------------------------------------------------------
     def _run_wave(self, requests: list[_Request], seen: dict[bytes, int], max_new: int, eos: set[int],
@@ -279,12 +285,14 @@ class PrefixCachingEngine:
         first_slot = requests[0].slot
         if [r.slot for r in requests] != list(range(first_slot, first_slot + len(requests))):
             raise NemoconvError("internal: a forward pass needs consecutive state slots")
+        fused = model._fused_ok()
+        if decode and model._static_ok():
+            return self._static_step(requests, ids, positions[:, -1].tolist(), fused)
         view = PagedBatch(self.pool, self.slots, first_slot, [r.table for r in requests], positions,
                           [write_from] * len(requests))
         start = int(positions[0, 0])
         b, s = ids.shape
         t = view.positions.shape[1]
-        fused = model._fused_ok()
         if decode:
             # each row sees its own positions 0 … p (rows stand at different lengths)
             key_pos = torch.arange(t)[None]
@@ -313,23 +321,42 @@ class PrefixCachingEngine:
         self._shapes_run.add(shape)
         return logits
 
-    def _graph_key(self, ids: torch.Tensor, fused: bool) -> tuple | None:
-        """The model state a prefill segment's CUDA graph depends on, or None where it runs eagerly
-        (as for the model's own prefill graphs: graphs off, hooks, MoE layers, too many tokens)."""
-        from .graphs import PrefillGraphs
-
+    def _static_step(self, requests: list[_Request], ids: torch.Tensor, positions: list[int], fused: bool):
+        """A decode step with static shapes (CUDA, Triton kernels): paged attention reads each row's
+        position from the device, so one CUDA graph per wave serves every step (the first step runs
+        eagerly, the second is captured). → logits [b, vocab] float32."""
         model = self.model
-        if not model._static_ok() or ids.numel() > PrefillGraphs.MAX_TOKENS:
-            return None
-        if any(layer.code == MOE for layer in model.backbone.layers):
-            return None
+        first_slot = requests[0].slot
+        table, pos, write = PagedStep.host_inputs(self.pool, [r.table for r in requests], positions)
+        inputs = [ids] + [to_device(t, model.device) for t in (table, pos, write)]
+
+        def step(ids, table, pos, write):
+            ctx = _Pass(cache=PagedStep(self.pool, self.slots, first_slot, table, write), start=0, pad_mask=None,
+                        attn_mask=None, causal=False, decode=True, pos=pos, fused=fused)
+            return model._logits(model._run(ids, ctx)[:, 0])
+
         signature = model._graph_signature(fused)
         if signature is None:
-            return None
-        if self._graphs is None:
-            self._graphs = PrefillGraphs(max_graphs=GRAPHS_PER_SLOT * self.max_batch,
-                                         pool=torch.cuda.graph_pool_handle(), evict=False)
+            return step(*inputs)
+        if self._step_graphs is None:
+            self._step_graphs = PrefillGraphs(max_graphs=4, pool=self._graph_pool())
+        logits, _ = self._step_graphs.run((first_slot, len(requests), signature), step, *inputs)
+        return logits.clone()                     # the graph's buffer: the next step overwrites it
+
+    def _graph_key(self, ids: torch.Tensor, fused: bool) -> tuple | None:
+        """The model state a prefill segment's CUDA graph depends on, or None where it runs eagerly (as
+        for the model's own prefill graphs)."""
+        signature = self.model._prefill_graph_signature(ids, fused)
+        if signature is not None and self._graphs is None:
+            self._graphs = PrefillGraphs(max_graphs=GRAPHS_PER_SLOT * self.max_batch, pool=self._graph_pool(),
+                                         evict=False)
         return signature
+
+    def _graph_pool(self):
+        """One memory pool for all of this engine's graphs (they run one at a time; outputs are copied)."""
+        if self._pool_handle is None:
+            self._pool_handle = torch.cuda.graph_pool_handle()
+        return self._pool_handle
 
 
 def check_prefix_caching(model: NemotronHLM, prompts: list[list[int]], max_new_tokens: int,

@@ -355,3 +355,18 @@ def decode_attention(q, keys, values, valid, pos):
     mask = valid[:, None, None, :end]
     out = attention(q[:, :, None], keys[:, :, :end], values[:, :, :end], mask, False)
     return out[:, :, 0]
+
+
+def paged_decode_attention(q, keys, values, table, pos, block: int):
+    """One query per row over its blocks of a paged pool: q [b, hq, d]; keys/values [blocks · block, hk, d]
+    (one layer, flat); table [b, W] int64 block ids; pos int64 [b] each row's position → [b, hq, d] (keys
+    0 … pos of each row). Static shapes on CUDA (Triton); elsewhere the blocks are gathered."""
+    if static_decode_ok(q):
+        return _fused().paged_decode_attention(q, keys, values, table, pos, block)
+    end = int(pos.max()) + 1
+    p = torch.arange(end, device=q.device)
+    rows = table[:, p // block] * block + p % block                               # [b, end]
+    k = keys[rows].transpose(1, 2)                                                # [b, hk, end, d]
+    v = values[rows].transpose(1, 2)
+    mask = (p[None, :] <= pos[:, None])[:, None, None]                           # [b, 1, 1, end]
+    return attention(q[:, :, None], k, v, mask, False)[:, :, 0]

@@ -40,7 +40,8 @@ class _Pass:
     attn_mask: torch.Tensor | None    # [b, 1, s, t] bool, True = may attend; None → see `causal`
     causal: bool                      # plain causal attention over s == t positions (no mask needed)
     decode: bool                      # a single-token step from the cache
-    pos: torch.Tensor | None = None   # int64 [1] on the device: this step's position (static-shape decode)
+    pos: torch.Tensor | None = None   # int64 on the device: this step's position (static-shape decode),
+                                      # [1] for a HybridCache, [b] (one per row) for a paged cache
     fused: bool = False               # CUDA structure: residual add fused into the next norm, MoE without sync
     prequant: tuple | None = None     # (normed hidden, its FP8 quantization for the mixer's first linear)
 
@@ -217,17 +218,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
     def _static_step(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
-        """One token per row with shapes independent of the position (CUDA graphs): the new key and
-        value go to position ctx.pos (a device tensor) and the query attends over the whole cache,
-        masked by `valid` up to that position."""
+        """One token per row with shapes independent of the position (CUDA graphs): the cache stores the
+        new key and value at ctx.pos (a device tensor) and attends the query over its keys up to there."""
         b = hidden.shape[0]
         q = self.q_proj(hidden).view(b, self.heads, self.head_dim)                        # [b, hq, d]
         k = self.k_proj(hidden).view(b, self.kv_heads, 1, self.head_dim)                  # [b, hk, 1, d]
         v = self.v_proj(hidden).view(b, self.kv_heads, 1, self.head_dim)
-        keys, values = ctx.cache.layer_kv(self.layer_idx)                      # [b, hk, max_len, d]
-        keys.index_copy_(2, ctx.pos, k)
-        values.index_copy_(2, ctx.pos, v)
-        out = kernels.decode_attention(q, keys, values, ctx.cache.valid, ctx.pos)           # [b, hq, d]
+        out = ctx.cache.decode_attend(self.layer_idx, q, k, v, ctx.pos)                   # [b, hq, d]
         return self.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
 
 
@@ -639,21 +636,27 @@ class NemotronHLM(nn.Module):
 
     def _prefill_graph_key(self, input_ids, pad, cache: HybridCache, start: int, causal: bool, last_only: bool,
                            fused: bool) -> tuple | None:
-        """What a prefill's CUDA graph depends on, or None where it must run eagerly: graphs off, hooks, the
-        full logits asked for (their buffer would be large), too many tokens, MoE layers (their routing
-        reads expert counts on the host), or a cache whose storage is not known to stay in place."""
-        from .graphs import PrefillGraphs
-
-        if not (last_only and self._static_ok()) or input_ids.numel() > PrefillGraphs.MAX_TOKENS:
-            return None
-        if any(layer.code == MOE for layer in self.backbone.layers):
-            return None
-        signature = self._graph_signature(fused)
+        """What a prefill's CUDA graph depends on, or None where it must run eagerly (see
+        `_prefill_graph_signature`; also: the full logits asked for, whose buffer would be large, or a
+        cache whose storage is not known to stay in place)."""
+        signature = self._prefill_graph_signature(input_ids, fused) if last_only else None
         storage = tuple(getattr(cache, name, None) for name in ("kv", "conv", "ssm", "valid"))
         if signature is None or any(not isinstance(t, torch.Tensor) for t in storage):
             return None
         return (tuple(input_ids.shape), input_ids.dtype, start, causal, pad is not None,
                 tuple(t.data_ptr() for t in storage), signature)
+
+    def _prefill_graph_signature(self, input_ids, fused: bool) -> tuple | None:
+        """The model state a prefill's CUDA graph depends on (`_graph_signature`), or None where prefills
+        run eagerly: graphs off, hooks, too many tokens, MoE layers (their routing reads expert counts
+        on the host)."""
+        from .graphs import PrefillGraphs
+
+        if not self._static_ok() or input_ids.numel() > PrefillGraphs.MAX_TOKENS:
+            return None
+        if any(layer.code == MOE for layer in self.backbone.layers):
+            return None
+        return self._graph_signature(fused)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:

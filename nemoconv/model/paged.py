@@ -15,6 +15,8 @@ and go, so that a prompt prefix computed once can be reused by later requests (`
               ssm   [n_mamba_layers, num_slots, heads, head_dim, state]                 float32 default
   PagedBatch  what one forward pass sees as its cache: `attend_kv` and `layer_mamba`, the interface
               the model's layers call, over the rows' block tables and slots.
+  PagedStep   the same for a decode step with static shapes (`decode_attend`), which a CUDA graph can
+              replay at every position.
 
 Everything is allocated once, in the constructors.
 """
@@ -28,6 +30,7 @@ import torch
 
 from ..config import ATTENTION, MAMBA, ModelSpec
 from ..errors import NemoconvError
+from . import kernels
 from .cache import resolve_ssm_dtype
 
 
@@ -149,7 +152,61 @@ class SlotPool:
         self.ssm[:, slot].copy_(state[1])
 
 
-class PagedBatch:
+class _PagedView:
+    """Rows `first_slot … first_slot + batch - 1` of the slot pool (a contiguous range, so the Mamba
+    layers get views) over a block pool."""
+
+    def __init__(self, pool: BlockPool, slots: SlotPool, first_slot: int, batch: int):
+        self.pool, self.slots = pool, slots
+        self.batch = batch
+        self.rows = slice(first_slot, first_slot + batch)
+
+    def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.slots.layer_slot[layer_idx]
+        return self.slots.conv[j, self.rows], self.slots.ssm[j, self.rows]
+
+    def layer_pool(self, layer_idx: int, hk: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An attention layer's keys and values, flat: [blocks · B, hk, d] each."""
+        j = self.pool.layer_slot[layer_idx]
+        return self.pool.k[j].view(-1, hk, d), self.pool.v[j].view(-1, hk, d)
+
+
+class PagedStep(_PagedView):
+    """A decode step with static shapes (a CUDA graph can replay it): one new token per row, each row at
+    its own position (`pos` [b] on the device, from the model's pass).
+
+    table        [b, W] int64 (device): each row's blocks, padded to a fixed width W (the pool's block
+                 count), so that the shapes never change
+    write_index  [b] int64 (device): the flat KV row of each row's new token
+    """
+
+    def __init__(self, pool: BlockPool, slots: SlotPool, first_slot: int, table: torch.Tensor,
+                 write_index: torch.Tensor):
+        super().__init__(pool, slots, first_slot, table.shape[0])
+        self.table, self.write_index = table, write_index
+
+    @staticmethod
+    def host_inputs(pool: BlockPool, tables: list[list[int]], positions: list[int]) -> tuple[torch.Tensor, ...]:
+        """(table [b, W], pos [b], write_index [b]) on the host for rows at `positions`."""
+        B = pool.block_size
+        table = torch.zeros(len(tables), pool.num_blocks, dtype=torch.int64)
+        for i, row in enumerate(tables):
+            table[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        write = table[torch.arange(len(tables)), pos // B] * B + pos % B
+        return table, pos, write
+
+    def decode_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      pos: torch.Tensor) -> torch.Tensor:
+        """Store each row's new key/value [b, hk, 1, d] and attend q [b, hq, d] over the row's keys up to
+        its position → [b, hq, d]."""
+        keys, values = self.layer_pool(layer_idx, k.shape[1], k.shape[3])
+        keys.index_copy_(0, self.write_index, k[:, :, 0])
+        values.index_copy_(0, self.write_index, v[:, :, 0])
+        return kernels.paged_decode_attention(q, keys, values, self.table, pos, self.pool.block_size)
+
+
+class PagedBatch(_PagedView):
     """The cache one forward pass sees: rows `first_slot … first_slot + b - 1` of the slot pool (a
     contiguous range, so the Mamba layers get views) and one block table per row.
 
@@ -163,9 +220,7 @@ class PagedBatch:
 
     def __init__(self, pool: BlockPool, slots: SlotPool, first_slot: int, tables: list[list[int]],
                  new_positions: torch.Tensor, write_from: list[int]):
-        self.pool, self.slots = pool, slots
-        self.batch = len(tables)
-        self.rows = slice(first_slot, first_slot + self.batch)
+        super().__init__(pool, slots, first_slot, len(tables))
         device = pool.k.device
         B = pool.block_size
         t = int(new_positions.max()) + 1
@@ -189,17 +244,11 @@ class PagedBatch:
         view.positions, view.write_index, view.write_rows = positions, write_index, write_rows
         return view
 
-    def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        j = self.slots.layer_slot[layer_idx]
-        return self.slots.conv[j, self.rows], self.slots.ssm[j, self.rows]
-
     def attend_kv(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new keys/values [b, hk, s, d] (at `new_positions`; `start` is not used, rows may
         differ) and gather every row's keys/values so far: [b, hk, t, d]."""
-        j = self.pool.layer_slot[layer_idx]
         b, hk, _, d = k.shape
-        keys = self.pool.k[j].view(-1, hk, d)                                      # [blocks·B, hk, d]
-        values = self.pool.v[j].view(-1, hk, d)
+        keys, values = self.layer_pool(layer_idx, hk, d)                           # [blocks·B, hk, d]
         if self.any_write:
             for store, new in ((keys, k), (values, v)):
                 rows = new.transpose(1, 2).reshape(-1, hk, d)                      # [b·s, hk, d]

@@ -358,14 +358,16 @@ def expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, out_fea
 # ---------------------------------------------------------------------------------------------
 # Decode attention: one query per row over the preallocated KV cache, grouped KV heads, no copies.
 # The number of keys read comes from a device tensor, so one compiled launch serves every position
-# (and a CUDA graph can replay it); keys with valid == False (left padding) are masked out.
+# (and a CUDA graph can replay it). Contiguous cache: keys with valid == False (left padding) are
+# masked out. Paged cache (PAGED): row b's position p lives at flat row table[b, p // BLOCK] · BLOCK
+# + p % BLOCK of the layer's block pool, and each row has its own position.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_attention_kernel(Q, K, V, VALID, POS, O, HK, scale,
+def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, HK, scale,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
-                             stride_vb, stride_vh, stride_vl, stride_valid, stride_ob, stride_oh,
+                             stride_vb, stride_vh, stride_vl, stride_valid, stride_tb, stride_ob, stride_oh,
                              REP: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, PAGED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     g = pid % HK
@@ -374,17 +376,26 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, O, HK, scale,
     rmask = r < REP
     heads = g * REP + r
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-    n = (tl.load(POS) + 1).to(tl.int32)                              # keys 0 … pos
+    if PAGED:
+        n = (tl.load(POS + b) + 1).to(tl.int32)                      # this row's keys 0 … pos
+    else:
+        n = (tl.load(POS) + 1).to(tl.int32)                          # keys 0 … pos
     m_i = tl.full((BR,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BR,), dtype=tl.float32)
     acc = tl.zeros((BR, D), dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
+    k_base = K + b * stride_kb + g * stride_kh                       # stride_kb = 0 for a pool
     v_base = V + b * stride_vb + g * stride_vh
     for start in range(0, n, BL):
         pos = start + tl.arange(0, BL)
         pmask = pos < n
-        ok = tl.load(VALID + b * stride_valid + pos, mask=pmask, other=0).to(tl.int1) & pmask
-        k = tl.load(k_base + pos[None, :] * stride_kl + d[:, None], mask=pmask[None, :], other=0.0)   # [D, BL]
+        if PAGED:
+            block = tl.load(TABLE + b * stride_tb + pos // BLOCK, mask=pmask, other=0)
+            row = block * BLOCK + pos % BLOCK
+            ok = pmask
+        else:
+            row = pos
+            ok = tl.load(VALID + b * stride_valid + pos, mask=pmask, other=0).to(tl.int1) & pmask
+        k = tl.load(k_base + row[None, :] * stride_kl + d[:, None], mask=pmask[None, :], other=0.0)   # [D, BL]
         s = tl.dot(q, k, input_precision=PRECISION) * scale                                        # [BR, BL]
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -392,7 +403,7 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, O, HK, scale,
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + pos[:, None] * stride_vl + d[None, :], mask=pmask[:, None], other=0.0)  # [BL, D]
+        v = tl.load(v_base + row[:, None] * stride_vl + d[None, :], mask=pmask[:, None], other=0.0)  # [BL, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -400,19 +411,34 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, O, HK, scale,
              mask=rmask[:, None])
 
 
+def _launch_decode_attention(q, keys, values, valid, pos, table, block: int, kv_strides: tuple) -> torch.Tensor:
+    b, hq, d = q.shape
+    hk = keys.shape[-2] if table is not None else keys.shape[1]
+    rep = hq // hk
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else None     # IEEE fp32 products for a float32 model
+    (kb, kh, kl), (vb, vh, vl) = kv_strides
+    _decode_attention_kernel[(b * hk,)](
+        q, keys, values, valid if valid is not None else pos, pos, table if table is not None else pos, out, hk,
+        d ** -0.5, q.stride(0), q.stride(1), kb, kh, kl, vb, vh, vl,
+        valid.stride(0) if valid is not None else 0, table.stride(0) if table is not None else 0,
+        out.stride(0), out.stride(1),
+        REP=rep, BR=max(16, triton.next_power_of_2(rep)), D=d, BL=64 if q.dtype != torch.float32 else 32,
+        PRECISION=precision, PAGED=table is not None, BLOCK=block, num_warps=4)
+    return out
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
                      pos: torch.Tensor) -> torch.Tensor:
     """q [b, hq, d]; keys/values [b, hk, max_len, d] (the cache); valid [b, max_len] bool; pos int64 [1]
     (this token's position: keys 0 … pos are attended) → [b, hq, d]."""
-    b, hq, d = q.shape
-    hk = keys.shape[1]
-    rep = hq // hk
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    precision = "ieee" if q.dtype == torch.float32 else None     # IEEE fp32 products for a float32 model
-    _decode_attention_kernel[(b * hk,)](
-        q, keys, values, valid, pos, out, hk, d ** -0.5,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), valid.stride(0), out.stride(0), out.stride(1),
-        REP=rep, BR=max(16, triton.next_power_of_2(rep)), D=d, BL=64 if q.dtype != torch.float32 else 32,
-        PRECISION=precision, num_warps=4)
-    return out
+    strides = ((keys.stride(0), keys.stride(1), keys.stride(2)), (values.stride(0), values.stride(1), values.stride(2)))
+    return _launch_decode_attention(q, keys, values, valid, pos, None, 1, strides)
+
+
+def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                           pos: torch.Tensor, block: int) -> torch.Tensor:
+    """q [b, hq, d]; keys/values [blocks · block, hk, d] (one layer's pool, flat); table [b, W] int64 (each
+    row's blocks); pos int64 [b] (each row's position: its keys 0 … pos are attended) → [b, hq, d]."""
+    strides = ((0, keys.stride(1), keys.stride(0)), (0, values.stride(1), values.stride(0)))
+    return _launch_decode_attention(q, keys, values, None, pos, table, block, strides)

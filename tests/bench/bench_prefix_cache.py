@@ -7,7 +7,8 @@ engine (nemoconv.model.engine) in each mode on a fresh engine:
   memory   KV blocks of the prefix are shared (no new blocks), every token still runs
   state    the first request saves the Mamba state where the prompts branch; the others restore it
            and prefill only their suffix
-TTFT = one request's prefill, from the start to the first token's logits (device-synchronized).
+TTFT = one request's prefill, from the start to the first token's logits (device-synchronized);
+decode_step_ms = the rest of the call (the wave's greedy decode, all rows together) per step.
 Each mode runs twice untimed first (kernel compilation, CUDA graph capture), then its caches are
 cleared and the same call is timed. Also reported: whether every mode gave the tokens and the
 logits (bit for bit) of off, the prefix-cache metrics, a sweep of the prefill chunk (TTFT off and
@@ -23,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,7 +63,8 @@ def main() -> None:
     prefix = torch.randint(3, spec.vocab_size, (args.prefix,), generator=g).tolist()
     prompts = [prefix + torch.randint(3, spec.vocab_size, (args.suffix,), generator=g).tolist()
                for _ in range(args.requests)]
-    kw = dict(block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_tokens=args.requests * (args.prefix + args.suffix + args.new) + 512,
+    per_request = -(-(args.prefix + args.suffix + args.new) // block) * block       # whole blocks
+    kw = dict(block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_tokens=args.requests * per_request,
               max_batch=args.requests)
 
     res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -78,7 +81,10 @@ def main() -> None:
         for _ in range(2):
             eng.generate(prompts, args.new)
             eng.clear()
-        return eng, eng.generate(prompts, args.new, return_logits=True)
+        t0 = time.perf_counter()
+        run = eng.generate(prompts, args.new, return_logits=True)
+        run.wall_s = time.perf_counter() - t0
+        return eng, run
 
     for mode in ("off", "memory", "state"):
         eng, run = timed(mode)
@@ -92,7 +98,9 @@ def main() -> None:
             "prefill_chunk": eng.prefill_chunk,
             "state_bytes_each": eng.slots.state_bytes,
             "stats": run.stats.as_dict(),
-            "prefill_graphs": eng.graph_counts(),
+            "graphs": eng.graph_counts(),
+            # the wave's decode: the call's time less its prefills, per step (all rows together)
+            "decode_step_ms": round((run.wall_s - sum(ttft)) / max(1, args.new - 1) * 1e3, 2),
         }
         if device.type == "cuda":
             res["modes"][mode]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

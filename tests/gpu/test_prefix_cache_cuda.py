@@ -8,8 +8,10 @@ bfloat16 and float32. Prompts share a 300-token prefix that ends inside a block 
                     first-token logits (every mode cuts its prefill at the same multiples of the chunk,
                     so each segment is the same computation); decode logits are reported
   the engine with caching off gives the tokens of model.generate on a contiguous cache
-  CUDA graphs (test_fast_path's dense model, bf16 and FP8): whole prefill chunks replayed from graphs
-                    give the bits of the eager engine, in every mode
+  CUDA graphs (test_fast_path's dense model, bf16 and FP8): whole prefill chunks and decode steps
+                    replayed from graphs give the bits of the eager engine, in every mode
+  paged decode attention (Triton, static shapes) matches gathered-block attention on rows at
+                    different positions
 """
 
 from __future__ import annotations
@@ -91,12 +93,45 @@ def graphs_vs_eager(fp8: bool) -> dict:
     return out
 
 
+def paged_attention_check(dtype) -> dict:
+    """The Triton paged decode attention against attention over each row's gathered keys (float64)."""
+    from nemoconv.model import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    blocks, B, hk, hq, d = 40, 16, 2, 8, 64
+    keys = torch.randn(blocks * B, hk, d, device="cuda", generator=g).to(dtype)
+    values = torch.randn(blocks * B, hk, d, device="cuda", generator=g).to(dtype)
+    q = torch.randn(3, hq, d, device="cuda", generator=g).to(dtype)
+    perm = torch.randperm(blocks, device="cuda", generator=g)
+    table = torch.stack([perm[:13], perm[13:26], perm[26:39]])                     # [3, 13] shuffled blocks
+    pos = torch.tensor([0, 100, 13 * B - 1], device="cuda")                        # rows at their own positions
+    got = kernels.paged_decode_attention(q, keys, values, table, pos, B).double()
+    worst = 0.0
+    for row in range(3):
+        n = int(pos[row]) + 1
+        p = torch.arange(n, device="cuda")
+        flat = table[row, p // B] * B + p % B
+        k = keys[flat].double().repeat_interleave(hq // hk, dim=1)                 # [n, hq, d]
+        v = values[flat].double().repeat_interleave(hq // hk, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[row].double(), k) * d ** -0.5, dim=-1)
+        want = torch.einsum("hn,nhd->hd", w, v)
+        worst = max(worst, float((got[row] - want).abs().max()))
+    return {"max_abs_err": worst, "allowed": 2e-2 if dtype == torch.bfloat16 else 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_decode_attention_matches_gathered_blocks(dtype):
+    r = paged_attention_check(dtype)
+    assert r["max_abs_err"] <= r["allowed"], r
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_prefill_chunk_graphs_give_the_eager_bits(fp8):
     r = graphs_vs_eager(fp8)
     for mode, d in r.items():
         assert d["same_tokens"] and d["bit_identical"], r
-        assert d["graphs"]["replays"] > 0 and not d["graphs"]["error"], r
+        for kind in ("prefill", "decode"):
+            assert d["graphs"][kind]["replays"] > 0 and not d["graphs"][kind]["error"], r
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -116,4 +151,5 @@ if __name__ == "__main__":
         sys.exit(0)
     res = {str(dt): measure(dt) for dt in (torch.bfloat16, torch.float32)}
     res["graphs_vs_eager"] = {"bf16": graphs_vs_eager(False), "fp8": graphs_vs_eager(True)}
+    res["paged_decode_attention"] = {str(dt): paged_attention_check(dt) for dt in (torch.bfloat16, torch.float32)}
     print(json.dumps(res, indent=1))
