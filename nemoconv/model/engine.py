@@ -97,6 +97,7 @@ class PrefixCachingEngine:
         self.states = StateStore(budget if mode == "state" else 0)
         self.max_batch = max_batch
         self._graphs = None                       # CUDA graphs of prefill chunks (graphs.PrefillGraphs)
+        self._graphs_signature = None             # the model state they were captured with
         self._step_graphs = None                  # CUDA graphs of decode steps, one per wave shape
         self._pool_handle = None
         self._shapes_run: set = set()             # segment shapes run once (their kernels are compiled)
@@ -345,9 +346,13 @@ class PrefixCachingEngine:
 
     def _graph_key(self, ids: torch.Tensor, fused: bool) -> tuple | None:
         """The model state a prefill segment's CUDA graph depends on, or None where it runs eagerly (as
-        for the model's own prefill graphs)."""
+        for the model's own prefill graphs). Graphs of an earlier model state are dropped: they would
+        only fill the (non-evicting) store."""
         signature = self.model._prefill_graph_signature(ids, fused)
+        if signature is not None and self._graphs is not None and signature != self._graphs_signature:
+            self._graphs = None
         if signature is not None and self._graphs is None:
+            self._graphs_signature = signature
             self._graphs = PrefillGraphs(max_graphs=GRAPHS_PER_SLOT * self.max_batch, pool=self._graph_pool(),
                                          evict=False)
         return signature
