@@ -70,13 +70,15 @@ class PrefixCachingEngine:
     block_size   positions per KV block (default: the model's SSM chunk size, so that checkpoints
                  start a scan chunk exactly where a longer prefill would)
     prefill_chunk  every prefill, in every mode, runs in segments that end on multiples of this many
-                 tokens (a multiple of block_size; default 1024 rounded up to one), and Mamba states
-                 are saved only there. So a restored state and the keys and values beside it are the
+                 tokens (a multiple of block_size; default 1024 rounded up to one); Mamba states are
+                 saved only there and KV blocks are shared only in whole chunks. So a restored state
+                 and the keys and values beside it are the
                  bits that caching off computes at that point, and the segments after it are the same
                  computations (same tokens, incoming state, shapes and kernels): every mode gives
                  bit-identical logits, on the GPU too, where one long prefill and a short one round
-                 their sums differently. The price: a shared prefix is skipped only up to its last
-                 multiple of prefill_chunk (a shorter one is reported in stats.warnings).
+                 their sums differently. The price: a shared prefix is reused (skipped or shared)
+                 only up to its last multiple of prefill_chunk (a shorter one is reported in
+                 stats.warnings).
     max_tokens   positions the block pool holds over all requests in flight (and cached prefixes)
     max_batch    requests per wave (Mamba state slots)
     state_budget_bytes  memory for saved Mamba states (default: 16 states)
