@@ -72,9 +72,9 @@ class PrefixCachingEngine:
     prefill_chunk  every prefill, in every mode, runs in segments that end on multiples of this many
                  tokens (a multiple of block_size; default 1024 rounded up to one); Mamba states are
                  saved only there and KV blocks are shared only in whole chunks. So a restored state
-                 and the keys and values beside it are the
-                 bits that caching off computes at that point, and the segments after it are the same
-                 computations (same tokens, incoming state, shapes and kernels): every mode gives
+                 and the keys and values beside it are the bits that caching off computes at that
+                 point, and the segments after it are the same computations (same tokens, incoming
+                 state, shapes and kernels): every mode gives
                  bit-identical logits, on the GPU too, where one long prefill and a short one round
                  their sums differently. The price: a shared prefix is reused (skipped or shared)
                  only up to its last multiple of prefill_chunk (a shorter one is reported in
