@@ -15,12 +15,12 @@ from .checkpoint import Checkpoint
 from .config import ModelSpec
 from .errors import NemoconvError
 from .mapping import Scheme, config_product, get_scheme
-from .safetensors_io import FP8_NAMES, FLOAT_NAMES, HostTensor, TensorEntry, TensorReader, bits_dtype, dtype_name
+from .safetensors_io import (FP8_NAMES, FLOAT_NAMES, HostTensor, TensorEntry, TensorReader, bits_dtype, dtype_name,
+                             torch_dtype)
 
 # The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
 # no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,
 # _unstack_all, _convert_dtype) look at which; every mapping decision is made once, by dtype name.
-FP8_DTYPES = FP8_NAMES  # names; compare with dtype_name(t.dtype)
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale", "weight_scale_2", "output_scale")
 
 
@@ -226,7 +226,7 @@ def _transpose_into(a, out) -> None:
 def _convert_dtype(t, dtype: str):
     """`t` cast to the dtype named `dtype`, with torch's rounding (a meta tensor stays meta)."""
     if not _is_host(t):
-        return t.to(_torch_dtype(dtype))
+        return t.to(torch_dtype(dtype))
     if t.is_meta:
         return HostTensor(dtype, t.shape)
     import numpy as np
@@ -240,16 +240,10 @@ def _convert_dtype(t, dtype: str):
     # Anything else (a rounding cast) goes through torch, so both streams round alike.
     import torch
 
-    src = torch.from_numpy(t.bits.view(np.dtype(_SAME_SIZE_INT[t.element_size()]))).view(_torch_dtype(t.dtype))
-    out = src.to(_torch_dtype(dtype)).contiguous()
+    src = torch.from_numpy(t.bits.view(np.dtype(_SAME_SIZE_INT[t.element_size()]))).view(torch_dtype(t.dtype))
+    out = src.to(torch_dtype(dtype)).contiguous()
     bits = out.view(getattr(torch, _SAME_SIZE_INT[out.element_size()])).numpy().view(bits_dtype(out.element_size()))
     return HostTensor.of(dtype, bits)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def _cast(item: Item, dtype: str, by: str, journal: Journal, why: str) -> Item:
