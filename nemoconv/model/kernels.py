@@ -363,9 +363,11 @@ def paged_decode_attention(q, keys, values, table, pos, block: int):
     0 … pos of each row). Static shapes on CUDA (Triton); elsewhere the blocks are gathered."""
     if static_decode_ok(q):
         return _fused().paged_decode_attention(q, keys, values, table, pos, block)
+    from .paged import flat_rows
+
     end = int(pos.max()) + 1
     p = torch.arange(end, device=q.device)
-    rows = table[:, p // block] * block + p % block                               # [b, end]
+    rows = flat_rows(table, p.expand(table.shape[0], end), block)                 # [b, end]
     k = keys[rows].transpose(1, 2)                                                # [b, hk, end, d]
     v = values[rows].transpose(1, 2)
     mask = (p[None, :] <= pos[:, None])[:, None, None]                           # [b, 1, 1, end]

@@ -43,6 +43,16 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def block_table(tables: list[list[int]], width: int) -> torch.Tensor:
+    """Each row's first `width` block ids, padded with block 0 → [b, width] int64 (host)."""
+    return torch.tensor([row[:width] + [0] * (width - len(row[:width])) for row in tables], dtype=torch.int64)
+
+
+def flat_rows(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The flat KV row (block · B + offset) of each row's positions: table [b, W], positions [b, n] → [b, n]."""
+    return table.gather(1, positions // block_size) * block_size + positions % block_size
+
+
 class BlockPool:
     """Reference-counted KV blocks with a prefix index (block-chain hash → block)."""
 
@@ -188,13 +198,9 @@ class PagedStep(_PagedView):
     @staticmethod
     def host_inputs(pool: BlockPool, tables: list[list[int]], positions: list[int]) -> tuple[torch.Tensor, ...]:
         """(table [b, W], pos [b], write_index [b]) on the host for rows at `positions`."""
-        B = pool.block_size
-        table = torch.zeros(len(tables), pool.num_blocks, dtype=torch.int64)
-        for i, row in enumerate(tables):
-            table[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+        table = block_table(tables, pool.num_blocks)
         pos = torch.tensor(positions, dtype=torch.int64)
-        write = table[torch.arange(len(tables)), pos // B] * B + pos % B
-        return table, pos, write
+        return table, pos, flat_rows(table, pos[:, None], pool.block_size)[:, 0]
 
     def decode_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       pos: torch.Tensor) -> torch.Tensor:
@@ -225,9 +231,8 @@ class PagedBatch(_PagedView):
         B = pool.block_size
         t = int(new_positions.max()) + 1
         width = -(-t // B)
-        table = torch.tensor([row[:width] + [0] * (width - len(row[:width])) for row in tables], dtype=torch.int64)
-        pos = torch.arange(t)
-        positions = table[:, pos // B] * B + pos % B                               # [b, t]
+        table = block_table(tables, width)
+        positions = flat_rows(table, torch.arange(t).expand(len(tables), t), B)    # [b, t]
         write = new_positions >= torch.tensor(write_from, dtype=torch.int64)[:, None]   # [b, s]
         self.positions = to_device(positions, device)
         self.write_rows = to_device(write.reshape(-1).nonzero()[:, 0], device) if not bool(write.all()) else None
