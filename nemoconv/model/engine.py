@@ -206,18 +206,15 @@ class PrefixCachingEngine:
         # other rows (the tokens after the match) may change their rounding, so a partly matched chunk
         # is computed again, as caching off would.
         per = self.prefill_chunk // B                                              # blocks per chunk
-        matched = 0
+        found = []                                                                 # indexed blocks of the prefix
         if self.mode != "off":
-            while matched < n and self.pool.lookup(r.hashes[matched]) is not None:
-                matched += 1
-            if 0 < matched < per:
-                stats.warn(f"prompts share prefixes shorter than prefill_chunk ({self.prefill_chunk} tokens): "
-                           "only whole chunks are shared or skipped (use a smaller prefill_chunk)")
-            for j in range(matched // per * per):
-                block = self.pool.lookup(r.hashes[j])
+            while len(found) < n and (block := self.pool.lookup(r.hashes[len(found)])) is not None:
+                found.append(block)
+            for block in found[:len(found) // per * per]:
                 self.pool.share(block)
                 r.table.append(block)
             r.shared = len(r.table)
+        matched = len(found)
         need = -(-(L + max_new - 1) // B)
         while len(r.table) < need:
             r.table.append(self.pool.allocate())
@@ -245,6 +242,9 @@ class PrefixCachingEngine:
         if r.shared or skip:
             stats.hits += 1
 
+        # A match (or, in state mode, a branch point) shorter than one chunk cannot be reused: say so.
+        short = 0 < matched < per
+
         # 3. Where to save states. At branch points, boundaries known to be shared: those after which
         # fewer prompts of this call share the chain (some diverge in the next block), and the depth
         # matched in the index. One of them at the very end of the prompt moves back a block (a repeat
@@ -255,11 +255,12 @@ class PrefixCachingEngine:
             counts = [seen.get(h, 0) for h in r.hashes] + [0]
             branches = {j + 1 for j in range(n) if counts[j] > 1 and counts[j + 1] < counts[j]} | {matched}
             branches = {j - 1 if j * B == L else j for j in branches}
-            if any(0 < j < per for j in branches):
-                stats.warn(f"prompts share prefixes shorter than prefill_chunk ({self.prefill_chunk} tokens): "
-                           "only whole chunks are shared or skipped (use a smaller prefill_chunk)")
+            short = short or any(0 < j < per for j in branches)
             saves = {j // per * per for j in branches | {n}}
             saves = {j for j in saves if j * B > skip and r.hashes[j - 1] not in self.states}
+        if short:
+            stats.warn(f"prompts share prefixes shorter than prefill_chunk ({self.prefill_chunk} tokens): "
+                       "only whole chunks are shared or skipped (use a smaller prefill_chunk)")
         ends = list(range(skip + self.prefill_chunk, L, self.prefill_chunk)) + [L]
         start, logits = skip, None
         for end in ends:
