@@ -275,8 +275,8 @@ def verify(
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Override the KL(ref‖cand) threshold."),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Override the max abs logit diff threshold."),
     prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Also generate prompts sharing a long prefix "
-                                      "with prefix caching (memory and state modes); the tokens must equal "
-                                      "those without caching."),
+                                      "with prefix caching (memory and state modes); the tokens and logits "
+                                      "must equal those without caching."),
 ):
     """Parity gate: run both checkpoints with the built-in model and compare logits and generations.
 

@@ -849,9 +849,9 @@ def render_report(report: VerifyReport, console) -> None:
     if report.prefix_cache is not None:
         for mode, m in report.prefix_cache["modes"].items():
             st = m["stats"]
-            bits = "bit-identical" if m["first_logits_bitwise"] else f"within {m['max_abs_diff']:.3g}"
+            bits = "bit-identical" if m["logits_bitwise"] else f"within {m['max_abs_diff']:.3g}"
             console.print(f"prefix cache [cyan]{mode}[/cyan]: {'same tokens' if m['identical'] else 'DIFFERENT tokens'}"
-                          f" as without caching, first-token logits {bits}; {st['hits']}/{st['requests']} requests hit, "
+                          f" as without caching, logits {bits}; {st['hits']}/{st['requests']} requests hit, "
                           f"{st['kv_blocks_shared']} KV blocks shared ({st['kv_bytes_saved'] / 2**20:.1f} MiB), "
                           f"{st['tokens_skipped']} prompt tokens skipped")
     for note in report.notes:
