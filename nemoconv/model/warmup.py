@@ -63,9 +63,11 @@ def _tensors(spec, device, dtype, fp8: bool):
     """Made-up weights of plausible magnitude, drawn on the device (no NaN/inf: routing must pick real experts)."""
     from .fp8 import FP8_MAX, quantize_fp8
 
+    from ..quant.targets import PRESETS, network_modules
+
     g = torch.Generator(device=device).manual_seed(0)
-    targets = {i: {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(c, ())
-               for i, c in enumerate(spec.layer_codes)} if fp8 else {}
+    # the linears quantize's default preset makes FP8 (Mamba in/out_proj, MLP up/down_proj)
+    targets = {m.name for m in network_modules(spec, set()) if m.kind in PRESETS["default"]} if fp8 else set()
     for name, shape in spec.hf_shapes().items():
         if name.endswith("A_log"):
             t = torch.zeros(shape, device=device).uniform_(0.0, 2.7, generator=g)
@@ -75,11 +77,9 @@ def _tensors(spec, device, dtype, fp8: bool):
             t = torch.zeros(shape, device=device)
         else:
             t = torch.randn(shape, device=device, generator=g) / math.sqrt(shape[-1])
-        parts = name.split(".")
-        if len(parts) > 4 and parts[1] == "layers" and parts[-2] in targets.get(int(parts[2]), ()) \
-                and parts[-1] == "weight":
+        prefix = name[: -len(".weight")]
+        if name.endswith(".weight") and prefix in targets:
             scale = (t.abs().amax() / FP8_MAX).clamp(min=1e-12)
-            prefix = name[: -len(".weight")]
             yield name, quantize_fp8(t, scale)
             yield prefix + ".weight_scale", scale.reshape(())
             yield prefix + ".input_scale", torch.tensor(0.02, device=device)

@@ -53,8 +53,6 @@ PROMPT, NEW = 70, 24
 DEVICE = "cuda"
 
 
-
-
 @contextlib.contextmanager
 def reference_kernels():
     old = os.environ.get("NEMOCONV_KERNELS")
