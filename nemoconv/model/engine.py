@@ -28,7 +28,7 @@ import torch
 
 from ..errors import NemoconvError
 from ..metrics import first_divergence
-from .graphs import PrefillGraphs
+from .graphs import GraphCache
 from .modeling import NemotronHLM, _Pass
 from .paged import BlockPool, PagedBatch, PagedStep, SlotPool, to_device
 from .prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
@@ -98,7 +98,7 @@ class PrefixCachingEngine:
         budget = state_budget_bytes if state_budget_bytes is not None else 16 * self.slots.state_bytes
         self.states = StateStore(budget if mode == "state" else 0)
         self.max_batch = max_batch
-        self._graphs = None                       # CUDA graphs of prefill chunks (graphs.PrefillGraphs)
+        self._graphs = None                       # CUDA graphs of prefill chunks (graphs.GraphCache)
         self._graphs_signature = None             # the model state they were captured with
         self._step_graphs = None                  # CUDA graphs of decode steps, one per wave shape
         self._pool_handle = None
@@ -343,7 +343,7 @@ class PrefixCachingEngine:
         if signature is None:
             return step(*inputs)
         if self._step_graphs is None:
-            self._step_graphs = PrefillGraphs(max_graphs=4, pool=self._graph_pool())
+            self._step_graphs = GraphCache(max_graphs=4, pool=self._graph_pool())
         logits, _ = self._step_graphs.run((first_slot, len(requests), signature), step, *inputs)
         return logits.clone()                     # the graph's buffer: the next step overwrites it
 
@@ -356,7 +356,7 @@ class PrefixCachingEngine:
             self._graphs = None
         if signature is not None and self._graphs is None:
             self._graphs_signature = signature
-            self._graphs = PrefillGraphs(max_graphs=GRAPHS_PER_SLOT * self.max_batch, pool=self._graph_pool(),
+            self._graphs = GraphCache(max_graphs=GRAPHS_PER_SLOT * self.max_batch, pool=self._graph_pool(),
                                          evict=False)
         return signature
 

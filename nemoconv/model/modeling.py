@@ -29,6 +29,10 @@ from .cache import HybridCache
 from . import fp8
 from .fp8 import Linear
 
+# Prefills of at most this many rows × positions are captured as CUDA graphs (a graph keeps its
+# activations' memory).
+PREFILL_GRAPH_MAX_TOKENS = 8192
+
 
 @dataclass
 class _Pass:
@@ -625,9 +629,9 @@ class NemotronHLM(nn.Module):
         else:
             graphs = cache.__dict__.get("_prefill_graphs")
             if graphs is None:
-                from .graphs import PrefillGraphs
+                from .graphs import GraphCache
 
-                graphs = cache.__dict__["_prefill_graphs"] = PrefillGraphs()
+                graphs = cache.__dict__["_prefill_graphs"] = GraphCache()
             logits, static = graphs.run(key, run, input_ids, pad)
             if static:
                 logits = logits.clone()
@@ -650,9 +654,7 @@ class NemotronHLM(nn.Module):
         """The model state a prefill's CUDA graph depends on (`_graph_signature`), or None where prefills
         run eagerly: graphs off, hooks, too many tokens, MoE layers (their routing reads expert counts
         on the host)."""
-        from .graphs import PrefillGraphs
-
-        if not self._static_ok() or input_ids.numel() > PrefillGraphs.MAX_TOKENS:
+        if not self._static_ok() or input_ids.numel() > PREFILL_GRAPH_MAX_TOKENS:
             return None
         if any(layer.code == MOE for layer in self.backbone.layers):
             return None
