@@ -297,13 +297,14 @@ def _replace_by_two_renames(tmp: Path, out: Path) -> None:
             backup = None
         try:
             _rename_if_absent(tmp, out)
-        except OSError as exc:
+        except BaseException as exc:  # an I/O error, or an interrupt between the renames
             if backup is not None:
                 try:
                     os.rename(backup, out)
                 except OSError:
-                    raise NemoconvError(f"{out}: could not publish ({exc.strerror or exc}) nor put the previous "
-                                        f"output back; it is intact at {backup}") from None
+                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                    raise NemoconvError(f"{out}: could not publish ({reason}) nor put the previous output back; "
+                                        f"it is intact at {backup}") from None
             raise
     if backup is not None:
         _remove(backup)

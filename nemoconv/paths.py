@@ -30,7 +30,11 @@ def check_plain_name(name: str, what: str) -> str:
     if "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise NemoconvError(f"{what}: {shown} is not a plain file name (a path or control characters); "
                             f"only files inside the checkpoint directory are read")
-    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NemoconvError(f"{what}: {shown} is not a valid file name (unpaired surrogate)") from None
+    if len(encoded) > _MAX_NAME_BYTES:
         raise NemoconvError(f"{what}: {shown}… is longer than {_MAX_NAME_BYTES} bytes")
     return name
 
