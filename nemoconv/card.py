@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from . import __version__
+from .paths import read_owned
 
 CARD_NAME = "README.md"
 _VERIFY_START, _VERIFY_END = "<!-- nemoconv:verify:start -->", "<!-- nemoconv:verify:end -->"
@@ -51,7 +52,9 @@ def _front_matter(meta: dict) -> str:
 def write_card(out_dir: Path, source_dir: Path, manifest: dict, title: str, quantization: dict | None = None) -> None:
     """Write OUT/README.md: metadata header, what nemoconv did, and the source's card below."""
     source_card = source_dir / CARD_NAME
-    source_meta, source_body = _split_front_matter(source_card.read_text()) if source_card.is_file() else ({}, "")
+    source_text = read_owned(source_dir, CARD_NAME, 16 << 20).decode("utf-8", "replace") \
+        if source_card.is_file() else ""  # a link leaving the checkpoint is refused, never copied into ours
+    source_meta, source_body = _split_front_matter(source_text)
     if "nemoconv:card" in source_body:  # the source was itself written by nemoconv: keep only its original card
         source_body = source_body.split("<!-- nemoconv:original -->", 1)[-1] if "<!-- nemoconv:original -->" \
             in source_body else ""

@@ -5,7 +5,6 @@ Opening is lazy and cheap: only `config.json`, the index and the safetensors hea
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,13 @@ from typing import Iterator
 from .config import ModelSpec, load_config
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme, load_schemes
+from .paths import check_plain_name, owned_file
 from .safetensors_io import FP8_NAMES, TensorEntry, read_header
+from .untrusted import load_json, want_dict, want_list, want_str
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "nemoconv-manifest.json"
+QUANT_CONFIG_NAME = "hf_quant_config.json"
 
 
 _EXPERT = re.compile(r"^(.*\.experts\.)(\d+)\.(.*)$")
@@ -65,23 +67,22 @@ class Checkpoint:
         """How the checkpoint is quantized: from config/hf_quant_config and the tensors themselves."""
         fp8 = [n for n, e in self.entries.items() if e.dtype_name in FP8_NAMES]
         qcfg = self.config.get("quantization_config")
-        side = self.path / "hf_quant_config.json"
-        hf_quant = None
-        if side.is_file():
-            try:
-                hf_quant = json.loads(side.read_text())
-            except (OSError, json.JSONDecodeError):
-                raise NemoconvError(f"{side}: not valid JSON") from None
+        qcfg = want_dict(qcfg, "config.json quantization_config") if qcfg is not None else {}
+        hf_quant = {}
+        if (self.path / QUANT_CONFIG_NAME).is_file():
+            side = owned_file(self.path, QUANT_CONFIG_NAME)
+            hf_quant = want_dict(load_json(side), str(side))
         if not fp8 and not qcfg and not hf_quant:
             return None
-        algo = (qcfg or {}).get("quant_algo") or ((hf_quant or {}).get("quantization") or {}).get("quant_algo")
-        excluded = ((hf_quant or {}).get("quantization") or {}).get("exclude_modules") or (qcfg or {}).get("ignore")
+        quant = want_dict(hf_quant.get("quantization") or {}, f"{QUANT_CONFIG_NAME} quantization")
+        algo = qcfg.get("quant_algo") or quant.get("quant_algo")
+        excluded = quant.get("exclude_modules") or qcfg.get("ignore") or []
         return {
-            "method": (qcfg or {}).get("quant_method", "modelopt" if hf_quant else None),
+            "method": qcfg.get("quant_method", "modelopt" if hf_quant else None),
             "algo": algo,
             "fp8_weights": len(fp8),
             "scales": sum(1 for n in self.entries if n.endswith(("_scale", "_scale_inv"))),
-            "excluded_modules": len(excluded or []),
+            "excluded_modules": len(want_list(excluded, "the quantization exclusion list")),
         }
 
     def iter_tensors(self, to: str = "hf", meta: bool = False, prefetch: int = 4
@@ -112,19 +113,34 @@ def resolve_source(source: str | Path) -> Path:
     raise NemoconvError(f"{source}: no such checkpoint directory")
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """The index's weight_map (tensor → shard), every shard a plain `*.safetensors` name inside `path`.
+
+    Checked before any file it names is opened: a name like `../../etc/passwd` is never stat'ed or read."""
+    index_path = owned_file(path, INDEX_NAME)
+    index = want_dict(load_json(index_path), str(index_path))
+    if "metadata" in index:
+        want_dict(index["metadata"], f"{index_path}: metadata")
+    if "weight_map" not in index:
+        raise NemoconvError(f"{index_path}: not a valid safetensors index (needs a weight_map object)")
+    weight_map = want_dict(index["weight_map"], f"{index_path}: weight_map")
+    for name, shard in weight_map.items():
+        want_str(shard, f"{index_path}: weight_map[{name[:80]!r}]")
+    for shard in sorted(set(weight_map.values())):
+        check_plain_name(shard, f"{index_path}: shard")
+        if not shard.endswith(".safetensors"):
+            raise NemoconvError(f"{index_path}: shard {shard[:80]!r} is not a *.safetensors file "
+                                f"(only safetensors shards are read)")
+    return weight_map
+
+
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    index_path = path / INDEX_NAME
     on_disk = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    if not index_path.is_file():
+    if not (path / INDEX_NAME).is_file():
         if not on_disk:
             raise NemoconvError(f"{path}: no *.safetensors files (only safetensors checkpoints are read, never pickles)")
-        return on_disk, None
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (OSError, json.JSONDecodeError, KeyError, AssertionError):
-        raise NemoconvError(f"{index_path}: not a valid safetensors index (needs a weight_map object)") from None
+        return [owned_file(path, p.name) for p in on_disk], None
+    weight_map = read_index(path)
     listed = sorted(set(weight_map.values()))
     for shard in listed:
         if not (path / shard).is_file():
@@ -132,12 +148,25 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     stray = [p.name for p in on_disk if p.name not in listed]
     if stray:
         raise NemoconvError(f"{path}: shard {stray[0]} is on disk but missing from {INDEX_NAME}")
-    return [path / s for s in listed], weight_map
+    return [owned_file(path, s) for s in listed], weight_map
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """nemoconv's manifest of the checkpoint: information only, so a broken one reads as none."""
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    manifest_path = owned_file(path, MANIFEST_NAME)  # a link out is refused like any other file read
+    try:
+        manifest = load_json(manifest_path)
+    except NemoconvError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def open_checkpoint(source: str | Path, scheme: str = "auto") -> Checkpoint:
     """Open a checkpoint directory (or Hub repo id) lazily: config, headers, index, scheme."""
     path = resolve_source(source)
+    owned_file(path, "config.json")
     config, spec = load_config(path)
     files, weight_map = _shard_files(path)
     entries: dict[str, TensorEntry] = {}
@@ -159,13 +188,7 @@ def open_checkpoint(source: str | Path, scheme: str = "auto") -> Checkpoint:
             raise NemoconvError(f"{path}: tensor {unlisted[0]!r} in {entries[unlisted[0]].file.name} is not in {INDEX_NAME}")
     if not entries:
         raise NemoconvError(f"{path}: the checkpoint holds no tensors")
-    manifest = None
-    manifest_path = path / MANIFEST_NAME
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            manifest = None  # informational only; a broken manifest never blocks reading tensors
+    manifest = _read_manifest(path)
     detected = scheme if scheme != "auto" else detect_scheme(path, entries, shard_meta)
     get_scheme(detected)
     return Checkpoint(path, config, spec, entries, files, detected, manifest, shard_meta)

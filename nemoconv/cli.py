@@ -191,8 +191,10 @@ def convert(
             out.print(f"  {step['step']:<5} {step['tensor']}: {step['detail']}", markup=False, highlight=False,
                       soft_wrap=True)
     if manifest["files_not_carried"]:
-        out.print(f"[yellow]not carried[/yellow]: {', '.join(manifest['files_not_carried'])} "
-                  "(pickles and directories are never copied)")
+        from rich.markup import escape
+
+        out.print("[yellow]not carried[/yellow]: " + escape("; ".join(
+            f"{name} ({why})" for name, why in manifest["files_not_carried"].items())), highlight=False, soft_wrap=True)
     if dry_run:
         out.print("dry run: nothing written")
 

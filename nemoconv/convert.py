@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import shutil
+import copy
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
 from .card import write_card
-from .checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint, open_checkpoint
+from .checkpoint import MANIFEST_NAME, QUANT_CONFIG_NAME, Checkpoint, open_checkpoint
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme
-from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, parse_size, write_json
+from .output import (BackgroundWriter, ShardedWriter, atomic_output, check_output_free, json_bytes, parse_size,
+                     write_json)
+from .paths import check_output_location
 from .pipeline import Journal, stream_converted
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
+from .sidefiles import SideFile, select_side_files, write_side_files
+from .untrusted import parse_json, want_dict, want_str
 
 _DTYPE_OPTIONS = {"keep": None, "bfloat16": "bfloat16", "float32": "float32"}
-# Never read or carried: pickled weights can execute code on load.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# Written anew: the index and manifest describe the new tensors, config.json gets renamed exclusion lists,
-# README.md becomes our model card (the source's card is kept inside it), a verify report is for the source.
-_REWRITTEN = {INDEX_NAME, MANIFEST_NAME, "config.json", "README.md", "nemoconv-verify.json"}
 
 Progress = Callable[[int, int], None]
 
@@ -49,23 +47,11 @@ def plan_conversion(ck: Checkpoint, to: str, dtype: str | None) -> tuple[list[di
     return tensors, journal
 
 
-def side_files(src: Path) -> tuple[list[Path], list[str]]:
-    """Files carried over beside the tensors, and files deliberately not carried (reported)."""
-    carried, skipped = [], []
-    for p in sorted(src.iterdir()):
-        if p.name.endswith(".safetensors") or p.name in _REWRITTEN or p.name.startswith("."):
-            continue
-        if not p.is_file() or p.name.endswith(_PICKLE_SUFFIXES):
-            skipped.append(p.name)
-            continue
-        carried.append(p)
-    return carried, skipped
-
-
 def rename_modules(modules: list[str], src: Scheme, dst: Scheme, out_names: set[str]) -> list[str]:
     """Rename quantization exclusion entries into the target scheme (the same rules as the tensors)."""
     renamed: list[str] = []
     for module in modules:
+        want_str(module, "a quantization exclusion list entry")
         hf = src.to_hf(src.normalize(module + ".weight"))
         if hf is None or not hf.endswith(".weight"):
             renamed.append(module)  # a pattern or a non-tensor name: kept as written
@@ -90,20 +76,23 @@ def rename_modules(modules: list[str], src: Scheme, dst: Scheme, out_names: set[
     return renamed
 
 
-def _rewrite_quant_side(out_dir: Path, config: dict, ck: Checkpoint, dst: Scheme, out_names: set[str]) -> dict:
-    config = json.loads(json.dumps(config))
+def _rewrite_quant_side(carried: list[SideFile], config: dict, ck: Checkpoint, dst: Scheme,
+                        out_names: set[str]) -> dict:
+    """Rename the exclusion lists of config.json and of a carried hf_quant_config.json (in place)."""
+    config = copy.deepcopy(config)
     qcfg = config.get("quantization_config")
     if isinstance(qcfg, dict):
         for key in ("ignore", "exclude_modules"):
             if isinstance(qcfg.get(key), list):
                 qcfg[key] = rename_modules(qcfg[key], ck.scheme_rules, dst, out_names)
-    quant_path = out_dir / "hf_quant_config.json"
-    if quant_path.is_file():
-        data = json.loads(quant_path.read_text())
+    for i, f in enumerate(carried):
+        if f.name != QUANT_CONFIG_NAME:
+            continue
+        data = want_dict(parse_json(f.data, QUANT_CONFIG_NAME), QUANT_CONFIG_NAME)  # checked when selected
         q = data.get("quantization") or {}
-        if isinstance(q.get("exclude_modules"), list):
+        if isinstance(q, dict) and isinstance(q.get("exclude_modules"), list):
             q["exclude_modules"] = rename_modules(q["exclude_modules"], ck.scheme_rules, dst, out_names)
-            write_json(quant_path, data)
+            carried[i] = SideFile(f.name, json_bytes(data))
     return config
 
 
@@ -116,7 +105,8 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
     shard_limit = parse_size(max_shard_size)
     ck = open_checkpoint(src, scheme=from_)
     tensors, journal = plan_conversion(ck, to, _DTYPE_OPTIONS[dtype])
-    carried, skipped = side_files(ck.path)
+    check_output_location(out, [ck.path], overwrite)
+    carried, skipped = select_side_files(ck.path, ck.config)
     manifest = {
         "tool": "nemoconv",
         "version": __version__,
@@ -130,15 +120,13 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         "tensors_out": len(tensors),
         "bytes_in": ck.total_bytes,
         "bytes_out": sum(PlannedTensor(t["name"], t["dtype"], tuple(t["shape"])).nbytes for t in tensors),
-        "files_carried": [p.name for p in carried],
+        "files_carried": [f.name for f in carried],
         "files_not_carried": skipped,
         "tensors": tensors,
     }
     if dry_run:
         check_output_free(Path(out).expanduser(), overwrite)
         return manifest
-    if Path(out).expanduser().absolute() == ck.path.absolute():
-        raise NemoconvError(f"{out}: output is the source directory")
     planned = [PlannedTensor(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors]
     with atomic_output(out, overwrite) as tmp:
         writer = BackgroundWriter(ShardedWriter(tmp, planned, shard_limit,
@@ -154,9 +142,8 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
             writer.close()
         finally:
             writer.abort()
-        for p in carried:
-            shutil.copyfile(p, tmp / p.name)
-        config = _rewrite_quant_side(tmp, ck.config, ck, get_scheme(to), {t["name"] for t in tensors})
+        config = _rewrite_quant_side(carried, ck.config, ck, get_scheme(to), {t["name"] for t in tensors})
+        write_side_files(tmp, carried)
         write_json(tmp / "config.json", config)
         manifest["shards"] = writer.writer.names
         write_json(tmp / MANIFEST_NAME, manifest)

@@ -60,7 +60,6 @@ def download_checkpoint(source: str) -> Path:
 
 
 VERIFY_REPORT = "nemoconv-verify.json"
-_NEVER_UPLOADED = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".partial")
 
 
 def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool) -> dict:
@@ -68,6 +67,7 @@ def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool
     import json
 
     from .checkpoint import open_checkpoint
+    from .sidefiles import upload_files
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -89,8 +89,7 @@ def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool
                                 f"{directory}` first, or pass --force")
         if not verdict[0]:
             raise NemoconvError(f"{directory}: its verify report says FAIL; fix the checkpoint or pass --force")
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_NEVER_UPLOADED))
+    files = upload_files(ck)  # the checkpoint's own files only: never a link out, a pickle or a stray file
     quantized = ck.quantization() is not None
     what = f"{ck.scheme} scheme" + (", FP8" if quantized else "")
     status = "unverified (--force)" if verdict is None else \

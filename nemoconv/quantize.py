@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,15 +22,17 @@ import torch
 from . import __version__
 from .card import write_card
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
-from .convert import rename_modules, side_files
+from .convert import rename_modules
 from .errors import NemoconvError
 from .mapping import get_scheme
 from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, parse_size, write_json
+from .paths import check_output_location
 from .pipeline import FromHF, Item, Journal, stream_converted
 from .quant import fp8
 from .quant.calibrate import calibration_tokens, run_calibration
 from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, plan_targets
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
+from .sidefiles import select_side_files, write_side_files
 
 OUTPUT_SCHEMES = ("hf", "max")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,8 +65,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         raise NemoconvError(f"{ck.path} is already quantized ({q.get('algo') or 'FP8'}, {q['fp8_weights']} FP8 "
                             f"weights); quantize a bf16/fp32 checkpoint")
     out_path = Path(out).expanduser()
-    if out_path.absolute() == ck.path.absolute():
-        raise NemoconvError(f"{out}: output is the source directory")
+    check_output_location(out_path, [ck.path] + ([calib_file] if calib_file is not None else []), overwrite)
     check_output_free(out_path, overwrite)  # before spending time on calibration
 
     # 1. plan: names, shapes and every check, on meta tensors
@@ -93,7 +93,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     unquantized = rename_modules(plan.unquantized, hf, scheme, out_names)
     hf_quant = fp8.hf_quant_config(unquantized)
     records: dict[str, dict] = {}
-    carried, skipped = side_files(ck.path)
+    carried, skipped = select_side_files(ck.path, ck.config)
     bytes_out = sum(_planned(i).nbytes for i in planned)
     with atomic_output(out_path, overwrite) as tmp:
         writer = BackgroundWriter(ShardedWriter(tmp, [_planned(i) for i in planned], shard_limit,
@@ -112,8 +112,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
             writer.close()
         finally:
             writer.abort()
-        for p in carried:
-            shutil.copyfile(p, tmp / p.name)
+        write_side_files(tmp, carried)
         config = dict(ck.config)
         config["quantization_config"] = fp8.config_quantization(hf_quant)
         write_json(tmp / "config.json", config)
@@ -265,7 +264,7 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
         "tensors_out": len(planned),
         "bytes_in": ck.total_bytes,
         "bytes_out": bytes_out,
-        "files_carried": [p.name for p in carried] + ["hf_quant_config.json"],
+        "files_carried": [f.name for f in carried] + ["hf_quant_config.json"],
         "files_not_carried": skipped,
         "tensors": tensors,
         "quantization": quantization,
