@@ -17,6 +17,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import Interrupted, NemoconvError, VerificationFailed
+from .limits import MAX_CALIB_SAMPLES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEQ_LEN
 
 app = typer.Typer(
     name="nemoconv",
@@ -230,8 +231,10 @@ def quantize(
                                        "aggressive: default + MoE routed and shared experts."),
     exclude: list[str] = typer.Option([], "--exclude", help="Glob of module names to keep unquantized (repeatable)."),
     calib_file: Optional[Path] = typer.Option(None, "--calib-file", help="Text lines, or JSONL with text/input_ids."),
-    calib_samples: int = typer.Option(128, "--calib-samples", min=1, help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, help="Tokens per calibration sequence."),
+    calib_samples: int = typer.Option(128, "--calib-samples", min=1, max=MAX_CALIB_SAMPLES,
+                                       help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, max=MAX_SEQ_LEN,
+                                       help="Tokens per calibration sequence."),
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
     to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
@@ -267,9 +270,12 @@ def verify(
     reference: str = typer.Argument(..., help="Reference checkpoint (the source of a conversion)."),
     candidate: str = typer.Argument(..., help="Candidate checkpoint (converted or quantized)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line, or JSONL with text/input_ids."),
-    num_prompts: int = typer.Option(4, "--num-prompts", min=1, help="Built-in prompts to use without --prompts."),
-    seq_len: int = typer.Option(64, "--seq-len", min=2, help="Tokens per prompt (truncated or generated to this)."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, help="Greedy continuation length."),
+    num_prompts: int = typer.Option(4, "--num-prompts", min=1, max=MAX_PROMPTS,
+                                    help="Built-in prompts to use without --prompts."),
+    seq_len: int = typer.Option(64, "--seq-len", min=2, max=MAX_SEQ_LEN,
+                                help="Tokens per prompt (truncated or generated to this)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, max=MAX_NEW_TOKENS,
+                                       help="Greedy continuation length."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else CPU."),
     dtype: VDType = typer.Option(VDType.auto, "--dtype", help="auto: float32 on CPU, bfloat16 on CUDA."),
     profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto reads the manifests."),

@@ -25,6 +25,7 @@ from .card import write_card
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .convert import rename_modules, side_files
 from .errors import NemoconvError
+from .limits import MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
 from .mapping import get_scheme
 from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, parse_size, write_json
 from .pipeline import FromHF, Item, Journal, stream_converted
@@ -52,9 +53,13 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         raise NemoconvError(f"--to must be hf or max for quantize, got {to!r}")
     if preset not in PRESETS:
         raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    for value, flag in ((calib_samples, "--calib-samples"), (calib_seq_len, "--calib-seq-len")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise NemoconvError(f"{flag} must be a positive integer, got {value!r}")
+    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
+                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
+    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
+        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
+                            f"{MAX_CALIB_TOKENS} are calibrated on")
     shard_limit = parse_size(max_shard_size)
     dev = _device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
