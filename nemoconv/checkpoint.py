@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .config import ModelSpec, load_config
+from .config import ModelSpec, check_stored_sizes, load_config
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme, load_schemes
 from .safetensors_io import FP8_NAMES, TensorEntry, read_header
@@ -167,7 +167,7 @@ def open_checkpoint(source: str | Path, scheme: str = "auto") -> Checkpoint:
         except (OSError, json.JSONDecodeError):
             manifest = None  # informational only; a broken manifest never blocks reading tensors
     detected = scheme if scheme != "auto" else detect_scheme(path, entries, shard_meta)
-    get_scheme(detected)
+    check_stored_sizes(spec, entries, get_scheme(detected))  # before anything is sized from config.json
     return Checkpoint(path, config, spec, entries, files, detected, manifest, shard_meta)
 
 
