@@ -341,3 +341,14 @@ def test_non_finite_weight_is_exit_2_naming_it(tiny_dir, tmp_path, bad):
     result = cli("quantize", src, tmp_path / "out", "--device", "cpu", "--calib-samples", "4", "--calib-seq-len", "16")
     assert_exit_2(result, f"{TINY}.weight", "NaN/Inf")
     assert neighbours(tmp_path) == before
+
+
+@pytest.mark.parametrize("line", ['{"input_ids": [1, ' + FIVE_THOUSAND_DIGITS + "]}", '{"input_ids": ' + DEEP + "}"],
+                         ids=["5000-digit-id", "nested-100000-deep"])
+def test_malformed_calibration_file_line_is_one_line_exit_2(tiny_dir, tmp_path, line):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"input_ids": [1, 2, 3]}\n' + line + "\n")
+    before = neighbours(tmp_path)
+    result = cli("quantize", tiny_dir("dense"), tmp_path / "out", "--device", "cpu", "--calib-file", calib)
+    assert_exit_2(result, "calib.jsonl:2")
+    assert neighbours(tmp_path) == before
