@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .config import ModelSpec, load_config
+from .config import ModelSpec, check_stored_sizes, load_config
 from .errors import NemoconvError
 from .mapping import Scheme, get_scheme, load_schemes
 from .paths import check_plain_name, owned_file
@@ -190,7 +190,7 @@ def open_checkpoint(source: str | Path, scheme: str = "auto") -> Checkpoint:
         raise NemoconvError(f"{path}: the checkpoint holds no tensors")
     manifest = _read_manifest(path)
     detected = scheme if scheme != "auto" else detect_scheme(path, entries, shard_meta)
-    get_scheme(detected)
+    check_stored_sizes(spec, entries, get_scheme(detected))  # before anything is sized from config.json
     return Checkpoint(path, config, spec, entries, files, detected, manifest, shard_meta)
 
 

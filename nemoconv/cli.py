@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -12,7 +16,8 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import NemoconvError, VerificationFailed
+from .errors import Interrupted, NemoconvError, VerificationFailed
+from .limits import MAX_CALIB_SAMPLES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEQ_LEN
 
 app = typer.Typer(
     name="nemoconv",
@@ -228,8 +233,10 @@ def quantize(
                                        "aggressive: default + MoE routed and shared experts."),
     exclude: list[str] = typer.Option([], "--exclude", help="Glob of module names to keep unquantized (repeatable)."),
     calib_file: Optional[Path] = typer.Option(None, "--calib-file", help="Text lines, or JSONL with text/input_ids."),
-    calib_samples: int = typer.Option(128, "--calib-samples", min=1, help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, help="Tokens per calibration sequence."),
+    calib_samples: int = typer.Option(128, "--calib-samples", min=1, max=MAX_CALIB_SAMPLES,
+                                       help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, max=MAX_SEQ_LEN,
+                                       help="Tokens per calibration sequence."),
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
     to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
@@ -265,9 +272,12 @@ def verify(
     reference: str = typer.Argument(..., help="Reference checkpoint (the source of a conversion)."),
     candidate: str = typer.Argument(..., help="Candidate checkpoint (converted or quantized)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line, or JSONL with text/input_ids."),
-    num_prompts: int = typer.Option(4, "--num-prompts", min=1, help="Built-in prompts to use without --prompts."),
-    seq_len: int = typer.Option(64, "--seq-len", min=2, help="Tokens per prompt (truncated or generated to this)."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, help="Greedy continuation length."),
+    num_prompts: int = typer.Option(4, "--num-prompts", min=1, max=MAX_PROMPTS,
+                                    help="Built-in prompts to use without --prompts."),
+    seq_len: int = typer.Option(64, "--seq-len", min=2, max=MAX_SEQ_LEN,
+                                help="Tokens per prompt (truncated or generated to this)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, max=MAX_NEW_TOKENS,
+                                       help="Greedy continuation length."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else CPU."),
     dtype: VDType = typer.Option(VDType.auto, "--dtype", help="auto: float32 on CPU, bfloat16 on CUDA."),
     profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto reads the manifests."),
@@ -354,12 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     # --quiet and --debug may be written anywhere on the line: move them before the command
     flags = [a for a in argv if a in _GLOBAL_FLAGS]
     argv = flags + [a for a in argv if a not in _GLOBAL_FLAGS]
-    debug = "--debug" in argv
+    with _signals_unwind():
+        return _run(argv, debug="--debug" in argv)
+
+
+def _run(argv: list[str], debug: bool) -> int:
     click = _click()
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="nemoconv", standalone_mode=False)
-        return 0
+        # without standalone mode Typer returns the exit code of a typer.Exit instead of raising it
+        code = command.main(args=argv, prog_name="nemoconv", standalone_mode=False)
+        return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:
@@ -381,14 +396,45 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _one_line(f"error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        _one_line("interrupted: no output was written")
-        return 2
+    except Interrupted as exc:
+        _one_line(INTERRUPTED_LINE)
+        return exc.exit_code
+    except KeyboardInterrupt:  # raised before our handler was installed, or by code that raises it itself
+        _one_line(INTERRUPTED_LINE)
+        return 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback unless --debug
         if debug:
             raise
         _one_line(f"error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
         return 2
+
+
+# Outputs are written into a temporary directory that is removed on the way out, and verify writes its
+# record only after a complete run: an interrupt leaves nothing behind.
+INTERRUPTED_LINE = "interrupted: nothing written"
+INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+@contextmanager
+def _signals_unwind():
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, so the command unwinds through its
+    `finally` blocks and atomic outputs (temporary directory removed) and main returns 130/143. A second
+    signal during that cleanup is ignored, so the cleanup finishes. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _click():
@@ -409,7 +455,13 @@ def _one_line(message: str) -> None:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if code in INTERRUPTED_CODES:
+        # Cleanup is done; a worker thread still finishing a read or a hash must not hold the exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

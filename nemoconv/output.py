@@ -34,8 +34,10 @@ import errno
 import fcntl
 import glob
 import json
+import math
 import os
 import platform
+import re
 import secrets
 import shutil
 import sys
@@ -50,26 +52,35 @@ _TMP_TAG = ".nemoconv-tmp-"
 _OLD_TAG = ".nemoconv-old-"
 
 
+MAX_SHARD_SIZE = 1 << 46  # 64 TiB: far beyond any shard a file system or a loader handles in one piece
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:E[+-]?\d{1,3})?(KIB|MIB|GIB|TIB|KB|MB|GB|TB|B)?")
+_UNITS = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1, None: 1}
+
+
 def parse_size(text: str | int) -> int:
-    """`5GB`, `500MB`, `1.5GiB`, `1000000` → bytes."""
+    """`5GB`, `500MB`, `1.5GiB`, `1000000` → bytes, in [1, MAX_SHARD_SIZE]; anything else (negative, NaN,
+    `inf`, `1e400`, absurdly large) is a NemoconvError."""
+    invalid = NemoconvError(f"invalid size {str(text)[:40]!r} (use e.g. 5GB, 500MB, 2GiB; at most 64TiB)")
+    if isinstance(text, bool):
+        raise invalid
     if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
-             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                value = float(s[: -len(unit)])
-            except ValueError:
-                break
-            if value <= 0:
-                break
-            return int(value * mult)
+        value = text
+    elif isinstance(text, str) and len(text) <= 40:
+        s = text.strip().upper().replace(" ", "")
+        m = _SIZE.fullmatch(s)
+        if m is None:
+            raise invalid
+        number = s[: m.start(2)] if m.group(2) else s
+        exact = not any(c in number for c in ".E")  # plain integers stay exact, whatever their size
+        value = (int(number) if exact else float(number)) * _UNITS[m.group(2)]
+        if not math.isfinite(value):  # 1E400
+            raise invalid
     else:
-        if s.isdigit() and int(s) > 0:
-            return int(s)
-    raise NemoconvError(f"invalid size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+        raise invalid
+    if not 1 <= value <= MAX_SHARD_SIZE:
+        raise invalid
+    return int(value)
 
 
 def _io_error(exc: OSError, what: str) -> NemoconvError:

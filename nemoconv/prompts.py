@@ -9,13 +9,13 @@ Every problem with a file is one `NemoconvError` line naming the file and line.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import NemoconvError
+from .untrusted import parse_json
 
 # Varied on purpose (prose, code, numbers, dialogue, other languages): a layout bug that only shows on
 # some token statistics still gets exercised. Each is long enough for --seq-len 64 with a real tokenizer.
@@ -143,10 +143,7 @@ def text_prompt(text: str, where: str, tokenizer, vocab_size: int, path: Path | 
 
 
 def _jsonl_prompt(line: str, where: str, tokenizer, vocab_size: int) -> Prompt:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise NemoconvError(f"{where}: not valid JSON ({exc.msg})") from None
+    obj = parse_json(line, where)  # a user's file: 5000-digit ids or deep nesting are one clear line too
     if not isinstance(obj, dict) or ("text" not in obj and "input_ids" not in obj):
         raise NemoconvError(f"{where}: each JSONL line must be an object with \"text\" or \"input_ids\"")
     if "input_ids" in obj:

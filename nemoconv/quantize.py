@@ -24,13 +24,14 @@ from .card import write_card
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .convert import rename_modules
 from .errors import NemoconvError
+from .limits import MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
 from .mapping import get_scheme
 from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, parse_size, write_json
 from .paths import check_output_location
 from .pipeline import FromHF, Item, Journal, stream_converted
 from .quant import fp8
 from .quant.calibrate import calibration_tokens, run_calibration
-from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, plan_targets
+from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
 from .sidefiles import select_side_files, write_side_files
 
@@ -53,9 +54,13 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         raise NemoconvError(f"--to must be hf or max for quantize, got {to!r}")
     if preset not in PRESETS:
         raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    for value, flag in ((calib_samples, "--calib-samples"), (calib_seq_len, "--calib-seq-len")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise NemoconvError(f"{flag} must be a positive integer, got {value!r}")
+    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
+                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
+    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
+        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
+                            f"{MAX_CALIB_TOKENS} are calibrated on")
     shard_limit = parse_size(max_shard_size)
     dev = _device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -86,6 +91,16 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     data = calibration_tokens(ck, calib_file, calib_samples, calib_seq_len)
     with _progress(quiet, "calibrate (layers)") as progress:
         calib = run_calibration(ck, plan.quantized, data.ids, dev, act_dtype, calibrator, progress)
+    problems = _unscalable(plan, calib)
+    if problems:  # re-plan without them: their weights stay in the source dtype, with no scales
+        plan = exclude_unscalable(plan, problems)
+        if not plan.quantized:
+            module, why = next(iter(problems.items()))
+            raise NemoconvError(f"cannot quantize {module}: {why}; no linear is left to quantize")
+        journal = Journal()
+        planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal))
+        _check_accounted(ck, planned, journal)
+        out_names = {i.name for i in planned}
     t_calib = time.perf_counter()
 
     # 3. write
@@ -131,6 +146,18 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     return result
 
 
+def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
+    """Targets FP8 cannot represent (HF module → why): a weight or input amax whose scale would be zero or
+    subnormal, or an input that calibration never saw non-zero. They are excluded, never written."""
+    problems = {}
+    for module in plan.quantized:
+        why = fp8.weight_scale_problem(calib.weight_amax.get(module, 0.0)) or \
+            fp8.input_scale_problem(calib.amax[module])
+        if why:
+            problems[module] = why
+    return problems
+
+
 def _device(device: str) -> torch.device:
     if device not in DEVICES:
         raise NemoconvError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -165,7 +192,7 @@ def _quantized(items: Iterable[Item], targets: set[str], input_amax: dict[str, f
         if q.is_meta:
             input_scale = torch.empty((), dtype=torch.float32, device="meta")
         else:
-            input_scale = fp8.scale_from_amax(input_amax[module])
+            input_scale = fp8.check_scale(fp8.scale_from_amax(input_amax[module]), f"input of {module}")
             if records is not None:
                 records[module] = {"weight_amax": weight_amax, "weight_scale": float(weight_scale),
                                    "input_amax": input_amax[module], "input_scale": float(input_scale),
@@ -229,10 +256,14 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
     if data.info.get("cycled"):
         notes.append(f"the calibration data holds {data.info['distinct_tokens']} tokens; it was cycled (in seeded "
                      f"random orders) to fill {data.ids.shape[0]} × {data.ids.shape[1]} tokens")
-    zero = [m for m in plan.quantized if records[m]["weight_amax"] == 0 or records[m]["input_amax"] == 0]
+    zero = [m for m in plan.quantized if records[m]["weight_amax"] == 0]
     if zero:
-        notes.append(f"{len(zero)} module(s) had an all-zero weight or input (e.g. {out_name(zero[0])}); their "
-                     f"scale is {fp8.ZERO_AMAX_SCALE}")
+        notes.append(f"{len(zero)} module(s) had an all-zero weight (e.g. {out_name(zero[0])}); their "
+                     f"weight_scale is {fp8.ZERO_AMAX_SCALE}")
+    unscalable = [e for e in plan.excluded if e.reason == "unscalable"]
+    if unscalable:
+        notes.append(f"{len(unscalable)} linear(s) left unquantized because FP8 cannot scale them, with their "
+                     f"mixer's partners (e.g. {out_name(unscalable[0].module)}: {unscalable[0].detail})")
     if calib.filled:
         notes.append(f"{len(calib.filled)} routed expert projection(s) received no calibration token; each took "
                      f"the largest input amax of its layer's experts")
@@ -341,6 +372,10 @@ def render_summary(result: dict, console) -> None:
         for partner, members in by_partner.items():
             what = ", ".join(members) if len(members) <= 2 else f"{len(members)} projections of its mixer"
             lines.append(f"    {what}: kept with {partner}")
+    unscalable = reasons.get("unscalable", [])
+    if unscalable:
+        lines.append(f"  excluded, no valid FP8 scale: {len(unscalable)}")
+        lines += [f"    {e['module']}  ({e['detail']})" for e in unscalable[:8]]
     preset = reasons.get("preset", [])
     if preset:
         lines.append(f"  left out by the preset: {len(preset)} ({preset[0]['detail']})")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NemoconvError
+from .untrusted import parse_json
 
 # No torch at import time: `nemoconv convert` never needs it (DTypes are names; data is raw bits in numpy
 # arrays, see HostTensor). Callers that want torch tensors (model loading, quantize) get them from
@@ -137,7 +138,8 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and validate a shard's header; every entry must lie inside the file, without overlaps."""
+    """Parse and validate a shard's header; every entry must lie inside the file, without overlaps.
+    The header is untrusted JSON: duplicate names, wrong types and impossible shapes are errors."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -146,41 +148,67 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 raise NemoconvError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > _MAX_HEADER or 8 + header_len > size:
-                raise NemoconvError(f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes)")
+                # the 8 bytes of a file that is not safetensors are its content: never show them
+                raise NemoconvError(f"{path}: not a safetensors file (corrupt or truncated header)")
             header_bytes = f.read(header_len)
     except OSError as exc:
         raise NemoconvError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise NemoconvError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    header = parse_json(header_bytes, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
-        raise NemoconvError(f"{path}: corrupt safetensors header")
-    metadata = header.pop("__metadata__", None) or {}
+        raise NemoconvError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = _header_metadata(header.pop("__metadata__", None), path)
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     spans = []
     for name, info in header.items():
-        try:
-            dtype, itemsize = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise NemoconvError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        dtype, itemsize, shape, begin, end = _header_entry(info, name, path, size)
         nbytes = math.prod(shape) * itemsize
-        if end - begin != nbytes or begin < 0:
-            raise NemoconvError(f"{path}: corrupt entry {name!r} (byte range does not match its shape and dtype)")
+        if end - begin != nbytes:
+            raise NemoconvError(f"{path}: corrupt entry {name[:200]!r} (byte range does not match its shape and "
+                                f"dtype)")
         if data_start + end > size:
             raise NemoconvError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}"
+                f"{path}: truncated: tensor {name[:200]!r} ends at byte {data_start + end} but the file has {size}"
             )
         spans.append((begin, end, name))
         entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, nbytes)
     spans.sort()
     for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise NemoconvError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+            raise NemoconvError(f"{path}: corrupt header: tensors {n0[:200]!r} and {n1[:200]!r} overlap")
+    return entries, metadata
+
+
+def _header_metadata(metadata, path: Path) -> dict[str, str]:
+    """`__metadata__` is a string → string map (safetensors' own rule)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NemoconvError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    return dict(metadata)
+
+
+def _header_entry(info, name: str, path: Path, size: int) -> tuple[str, int, tuple[int, ...], int, int]:
+    """(dtype name, itemsize, shape, begin, end) of one header entry; every value type- and range-checked.
+    No dimension can exceed the file's size (a real one is at most its tensor's byte count)."""
+    def bad(why: str) -> NemoconvError:
+        return NemoconvError(f"{path}: corrupt safetensors header entry for {name[:200]!r} ({why})")
+
+    if not isinstance(info, dict):
+        raise bad("not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise bad("unknown dtype" if isinstance(dtype, str) else "dtype is not a string")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > 16 or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= size for d in shape):
+        raise bad("shape must be a list of non-negative integers that fit the file")
+    if not isinstance(offsets, list) or len(offsets) != 2 or \
+            not all(isinstance(x, int) and not isinstance(x, bool) for x in offsets) or \
+            not 0 <= offsets[0] <= offsets[1] <= size:
+        raise bad("data_offsets must be two integers [begin, end] inside the file")
+    name_, itemsize = _ST_DTYPES[dtype]
+    return name_, itemsize, tuple(shape), offsets[0], offsets[1]
 
 
 class TensorReader:

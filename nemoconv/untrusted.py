@@ -41,6 +41,13 @@ def _constant(text: str):
     raise ValueError(f"{text} is not valid JSON")
 
 
+def _infinity(text: str):
+    """transformers writes float("inf") as the bare `Infinity` of Python's json; NaN is never accepted."""
+    if text in ("Infinity", "-Infinity"):
+        return float(text)
+    return _constant(text)
+
+
 def _depth(obj) -> int:
     """Nesting depth, without recursion."""
     deepest, stack = 0, [(obj, 1)]
@@ -56,16 +63,18 @@ def _depth(obj) -> int:
     return deepest
 
 
-def parse_json(data: bytes | str, what: str):
+def parse_json(data: bytes | str, what: str, allow_infinity: bool = False):
     """Strict JSON: no duplicate keys, no NaN/Infinity, finite floats, integers of sane length, bounded
-    nesting. `what` names the source in the error."""
+    nesting. `what` names the source in the error. `allow_infinity`: accept the literals `Infinity` and
+    `-Infinity` (config.json as transformers writes it); numbers that overflow (`1e400`) stay errors."""
     import json
 
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
         if isinstance(data, (bytes, bytearray, memoryview)) and text.startswith("\ufeff"):
             text = text[1:]
-        obj = json.loads(text, object_pairs_hook=_pairs, parse_float=_float, parse_constant=_constant)
+        obj = json.loads(text, object_pairs_hook=_pairs, parse_float=_float,
+                         parse_constant=_infinity if allow_infinity else _constant)
     except _Duplicate as dup:
         raise NemoconvError(f"{what}: key {str(dup)[:80]!r} appears twice") from None
     except UnicodeDecodeError:
@@ -80,7 +89,8 @@ def parse_json(data: bytes | str, what: str):
     return obj
 
 
-def load_json(path: str | Path, what: str | None = None, max_bytes: int = MAX_JSON_BYTES):
+def load_json(path: str | Path, what: str | None = None, max_bytes: int = MAX_JSON_BYTES,
+              allow_infinity: bool = False):
     """Read and strictly parse a JSON file of at most `max_bytes`."""
     path = Path(path)
     what = what or str(path)
@@ -91,7 +101,7 @@ def load_json(path: str | Path, what: str | None = None, max_bytes: int = MAX_JS
         raise NemoconvError(f"{what}: cannot read ({exc.strerror or exc})") from None
     if len(data) > max_bytes:
         raise NemoconvError(f"{what}: larger than {max_bytes >> 20} MiB; not a file nemoconv reads")
-    return parse_json(data, what)
+    return parse_json(data, what, allow_infinity)
 
 
 # ---- typed getters: one clear line when a value has the wrong type or range ----------------------------
@@ -100,6 +110,9 @@ def load_json(path: str | Path, what: str | None = None, max_bytes: int = MAX_JS
 def _type_name(value) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+type_name = _type_name  # for callers that phrase their own "must be …, not …" errors
 
 
 def want_dict(value, what: str) -> dict:

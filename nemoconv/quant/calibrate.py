@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import warnings
@@ -192,6 +193,7 @@ class _ModelOptObserver:
 class CalibResult:
     amax: dict[str, float]                      # HF module → input amax
     tokens: dict[str, int]                      # HF module → calibration tokens it saw
+    weight_amax: dict[str, float] = field(default_factory=dict)  # HF module → amax of its stored weight
     filled: dict[str, str] = field(default_factory=dict)  # expert → why its amax was borrowed
     calibrator: str = ""
     device: str = ""
@@ -276,6 +278,7 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
     rows = max(1, TOKENS_PER_BATCH.get(device.type, 2048) // ids.shape[1])
     ctx = _layer_context()
     amax: dict[str, float] = {}
+    weight_amax: dict[str, float] = {}
     tokens: dict[str, int] = {}
     total_tokens = ids.numel()
 
@@ -291,12 +294,10 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
         for i in range(last + 1):
             tensors = pending.result()
             pending = pool.submit(_read_hf, ck, index.get(i + 1, []), reader) if i < last else None
+            layer_targets = by_layer.get(i, {})
+            weight_amax.update(_weight_amax(tensors, layer_targets.values()))
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
-            layer_targets = by_layer.get(i, {})
-            for rel, hf in layer_targets.items():  # before its NaN spreads into the activations
-                if not bool(torch.isfinite(block.get_submodule(rel).weight).all()):
-                    raise NemoconvError(f"weight {hf}.weight holds NaN/Inf values; cannot quantize it")
             counts: dict = {}
             counter = _router_counter(block, counts)
             outputs: list[torch.Tensor] = []
@@ -337,7 +338,25 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
             if progress:
                 progress(i + 1, last + 1)
     filled = _fill_idle_experts(targets, amax, tokens)
-    return CalibResult(amax, tokens, filled, label, str(device), str(dtype).removeprefix("torch."), rows)
+    return CalibResult(amax, tokens, weight_amax, filled, label, str(device), str(dtype).removeprefix("torch."),
+                       rows)
+
+
+def _weight_amax(tensors: list[tuple[str, torch.Tensor]], modules) -> dict[str, float]:
+    """amax(|W|) of each targeted weight as stored (the value its weight_scale will come from, before any
+    cast for the device), so a weight FP8 cannot scale is known before the plan is written. NaN/Inf is
+    an error here, before it spreads into the activations."""
+    weights = dict(tensors)
+    found = {}
+    for hf in modules:
+        w = weights.get(f"{hf}.weight")
+        if w is None:
+            continue
+        low, high = (float(v) for v in w.aminmax())  # no |W| copy; NaN propagates into both
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise NemoconvError(f"weight {hf}.weight holds NaN/Inf values; cannot quantize it")
+        found[hf] = max(-low, high)
+    return found
 
 
 def _nonfinite(i: int, spec) -> str:

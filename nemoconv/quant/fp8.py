@@ -42,6 +42,36 @@ def scale_from_amax(amax: float) -> torch.Tensor:
     return torch.tensor(amax, dtype=torch.float32) / FP8_MAX
 
 
+def usable_scale(scale: torch.Tensor) -> bool:
+    """A scale is written only when it is a finite, normal, positive float32: 0 or a subnormal makes
+    W / scale overflow (NaN or ±448 everywhere) and readers divide by it."""
+    value = float(scale)
+    return math.isfinite(value) and value >= torch.finfo(torch.float32).tiny
+
+
+def weight_scale_problem(amax: float) -> str | None:
+    """Why a weight of this amax cannot be FP8 (None when it can). All-zero weights can: scale 1.0."""
+    if amax != 0 and not usable_scale(scale_from_amax(amax)):
+        return f"its weight amax {amax:.3g} is too small for an FP8 scale (amax / 448 underflows float32)"
+    return None
+
+
+def input_scale_problem(amax: float) -> str | None:
+    """Why an input of this calibrated amax gives no input_scale (None when it does)."""
+    if amax == 0:
+        return "its input was zero on every calibration token, so no input_scale can be calibrated"
+    if not usable_scale(scale_from_amax(amax)):
+        return f"its input amax {amax:.3g} is too small for an FP8 scale (amax / 448 underflows float32)"
+    return None
+
+
+def check_scale(scale: torch.Tensor, what: str) -> torch.Tensor:
+    """The last guard before a scale is written (quantize excludes such linears before writing)."""
+    if not usable_scale(scale):
+        raise NemoconvError(f"{what}: FP8 scale {float(scale)!r} is zero, subnormal or not finite; not written")
+    return scale
+
+
 def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """W → (fp8 weight on CPU, float32 0-d weight_scale, amax). Meta tensors give meta results."""
@@ -54,7 +84,8 @@ def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = No
         w = w.to(device, non_blocking=True)
     amax = float(w.abs().amax())            # exact in w's dtype; NaN/Inf propagate
     check_amax(amax, what)
-    scale = scale_from_amax(amax)
+    scale = check_scale(scale_from_amax(amax), what)
+    # finite W and a normal scale give a finite quotient or ±inf, which the clamp makes ±448: no NaN in q
     q = (w / scale.to(w.device)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.cpu(), scale, amax
 

@@ -46,9 +46,9 @@ class Module:
 @dataclass
 class Exclusion:
     module: str                  # HF name
-    reason: str                  # "preset" | "--exclude" | "pair"
+    reason: str                  # "preset" | "--exclude" | "pair" | "unscalable" (no valid FP8 scale)
     detail: str
-    partner: str | None = None   # for "pair": the user-excluded module of the same mixer (HF name)
+    partner: str | None = None   # for "pair": the excluded module of the same mixer that took it along (HF name)
 
 
 @dataclass
@@ -160,6 +160,27 @@ def plan_targets(spec: ModelSpec, hf_tensor_names: set[str], preset: str, exclud
     order = {m.name: k for k, m in enumerate(modules)}
     excluded.sort(key=lambda e: order[e.module])
     return TargetPlan(preset, modules, quantized, excluded, notes)
+
+
+def exclude_unscalable(plan: TargetPlan, problems: dict[str, str]) -> TargetPlan:
+    """The plan without the linears FP8 cannot scale (`problems`: HF module → why), each taking its
+    mixer's partners along (MAX reads a mixer's projections as FP8 together)."""
+    trigger = {}
+    for module in problems:
+        trigger.setdefault(_group(module), module)
+    quantized, excluded = [], list(plan.excluded)
+    for name in plan.quantized:
+        first = trigger.get(_group(name))
+        if first is None:
+            quantized.append(name)
+        elif name in problems:
+            excluded.append(Exclusion(name, "unscalable", problems[name]))
+        else:
+            excluded.append(Exclusion(name, "pair", f"kept with {first}: MAX reads a mixer's projections as FP8 "
+                                                    f"together", first))
+    order = {m.name: k for k, m in enumerate(plan.modules)}
+    excluded.sort(key=lambda e: order[e.module])
+    return TargetPlan(plan.preset, plan.modules, quantized, excluded, list(plan.glob_notes))
 
 
 def _group(name: str) -> str:
