@@ -311,13 +311,12 @@ def _restores_exactly(item: Item, dtype: str, reader: TensorReader | None) -> bo
     scheme widened from; the values may have been edited since (A_log + 1e-4 after training), and then the
     stored dtype is kept, so the stream (and the model it feeds) carries what is stored. The tensors a scheme
     casts are small (A_log, D, dt_bias, norms, router gates), so they are read even while planning, and the
-    plan and the write stream decide alike."""
-    if item.entry is not None and (item.reader or reader) is not None:
-        values = (item.reader or reader).read(item.entry)
-    elif not item.tensor.is_meta:
-        values = item.tensor
-    else:  # no bytes to look at: never round what cannot be checked
+    plan and the write stream decide alike: both look at the stored bytes (a piece split off a fused tensor has
+    none to look at, in either pass, and is never restored)."""
+    source = item.reader or reader
+    if item.entry is None or source is None:
         return False
+    values = source.read(item.entry)
     back = _convert_dtype(_convert_dtype(values, dtype), dtype_name(values.dtype))
     return _same_bits(values, back)
 

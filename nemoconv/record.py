@@ -216,8 +216,9 @@ def _binding_problems(recorded: dict, now: dict) -> list[str]:
             problems.append(f"its {label} differ from the verify record ({'; '.join(parts)})")
         for name in sorted(set(was) & set(is_)):
             if was[name]["sha256"] != is_[name]["sha256"]:
-                problems.append(f"{name} changed after it was verified (recorded sha256 {was[name]['sha256'][:12]}…, "
-                                f"on disk {is_[name]['sha256'][:12]}…)")
+                problems.append(f"{name} is not the file that was verified (changed since, or the record is "
+                                f"another checkpoint's: recorded sha256 {was[name]['sha256'][:12]}…, on disk "
+                                f"{is_[name]['sha256'][:12]}…)")
     return problems
 
 
