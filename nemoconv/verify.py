@@ -10,7 +10,10 @@ model is in memory at a time), over the same prompts of exactly `seq_len` tokens
 The full forward's prompt positions give the reference/candidate comparison (max/mean |Δ|, cosine,
 KL(ref‖cand), top-1); the greedy tokens give the continuation match; the cached logits against the
 full forward at the same positions give cache consistency. Thresholds come from a profile
-(DESIGN.md §6), chosen from the manifests unless given.
+(DESIGN.md §6): the user's, or the one the two checkpoints' tensors call for (`choose_profile`; never what
+the candidate's manifest says). The tokenizers and generation ids must match (`prompts.tokenizer_differences`)
+unless allowed. The verdict is recorded with full hashes of both sides' files (`nemoconv.record`), and every
+override with it.
 
 What "exact" means (the profile for lossless conversions): a lossless conversion yields bit-identical
 weights, so the model computes bit-identical logits when the kernels are deterministic.
