@@ -268,7 +268,7 @@ def verify(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, help="Greedy continuation length."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else CPU."),
     dtype: VDType = typer.Option(VDType.auto, "--dtype", help="auto: float32 on CPU, bfloat16 on CUDA."),
-    profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto decides from both checkpoints' tensor dtypes."),
+    profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto: from the tensors' dtypes."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full result as JSON here."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override the profile's cosine threshold."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override the top-1 agreement threshold."),

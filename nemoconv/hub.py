@@ -80,7 +80,9 @@ def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool
                    if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_NEVER_UPLOADED))
     quantized = ck.quantization() is not None
     what = f"{ck.scheme} scheme" + (", FP8" if quantized else "")
-    status = verdict.clause + (f"; uploaded with --force despite: {'; '.join(verdict.forced)}" if verdict.forced else "")
+    status = verdict.clause
+    if verdict.forced:
+        status += f"; uploaded with --force despite: {'; '.join(verdict.forced)}"
     from . import __version__
 
     return {

@@ -723,7 +723,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
 
 def _check_sizes(num_prompts, seq_len, max_new_tokens) -> None:
     """Bound the run's sizes before anything is opened (a typo must not allocate for minutes)."""
-    for flag, value, lo, hi in (("--num-prompts", num_prompts, 1, MAX_NUM_PROMPTS), ("--seq-len", seq_len, 2, MAX_SEQ_LEN),
+    for flag, value, lo, hi in (("--num-prompts", num_prompts, 1, MAX_NUM_PROMPTS),
+                                ("--seq-len", seq_len, 2, MAX_SEQ_LEN),
                                 ("--max-new-tokens", max_new_tokens, 0, MAX_NEW_TOKENS)):
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise NemoconvError(f"{flag} must be an integer from {lo} to {hi}, got {value!r}")
@@ -927,5 +928,7 @@ def _describe_pass(c: dict) -> str:
     if c["metric"] == "greedy_divergent_prompts":
         return "greedy tokens identical"
     if c["metric"] == "tokenizer_differences":
-        return f"{c['value']} tokenizer difference(s) allowed" if c["value"] else "tokenizer and generation ids identical"
+        if c["value"]:
+            return f"{c['value']} tokenizer difference(s) allowed"
+        return "tokenizer and generation ids identical"
     return f"{c['metric']} {_short(c['value'])} {'≥' if c['op'] == '>=' else '≤'} {_short(c['threshold'])}"
