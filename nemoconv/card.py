@@ -110,6 +110,11 @@ def update_card_with_verify(directory: Path, report: dict) -> bool:
     verdict = "PASS" if report.get("passed") else "FAIL"
     rows = [f"**verify: {verdict}** (profile `{report.get('profile')}`, {report.get('device')}, "
             f"{report.get('dtype')}, nemoconv {__version__})", "", "| metric | value |", "|---|---|"]
+    reference = (report.get("record") or {}).get("reference")
+    if reference:  # what it was compared with, by identity and content hash
+        rows[1:1] = ["", f"verified against `{reference['identity']}` (sha256 `{reference['digest'][:16]}…`)"]
+    if report.get("overrides"):
+        rows[1:1] = ["", "overrides: " + "; ".join(f"`{o}`" for o in report["overrides"])]
     for key, value in summary.items():
         if isinstance(value, (int, float, str, bool)) or value is None:
             rows.append(f"| {key} | {_fmt(value)} |")

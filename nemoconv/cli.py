@@ -280,7 +280,7 @@ def verify(
                                        help="Greedy continuation length."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA when available, else CPU."),
     dtype: VDType = typer.Option(VDType.auto, "--dtype", help="auto: float32 on CPU, bfloat16 on CUDA."),
-    profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto reads the manifests."),
+    profile: Profile = typer.Option(Profile.auto, "--profile", help="Thresholds; auto: from the tensors' dtypes."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full result as JSON here."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override the profile's cosine threshold."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override the top-1 agreement threshold."),
@@ -289,6 +289,8 @@ def verify(
     prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Also generate prompts sharing a long prefix "
                                       "with prefix caching (memory and state modes); the tokens and logits "
                                       "must equal those without caching."),
+    allow_tokenizer_diff: bool = typer.Option(False, "--allow-tokenizer-diff", help="Accept a different tokenizer or "
+                                              "generation ids (recorded as an override)."),
 ):
     """Parity gate: run both checkpoints with the built-in model and compare logits and generations.
 
@@ -301,7 +303,7 @@ def verify(
                        profile=profile.value, report_path=report,
                        overrides={"min_cosine": min_cosine, "min_top1": min_top1, "max_kl": max_kl,
                                   "max_abs": max_abs},
-                       quiet=_state["quiet"], prefix_cache=prefix_cache)
+                       quiet=_state["quiet"], prefix_cache=prefix_cache, allow_tokenizer_diff=allow_tokenizer_diff)
     render_report(result, out if not _state["quiet"] else None)
     if not result.passed:
         raise VerificationFailed(result.failure_line())

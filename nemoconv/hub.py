@@ -16,6 +16,11 @@ ALLOW_PATTERNS = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "hf_quant_config.json",
     "nemoconv-manifest.json",
     "nemoconv-verify.json",
@@ -63,10 +68,10 @@ VERIFY_REPORT = "nemoconv-verify.json"
 
 
 def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool) -> dict:
-    """What `upload` would send: the files, their sizes, the commit message; refuses unverified checkpoints."""
-    import json
-
+    """What `upload` would send: the files, their sizes, the commit message. Refuses a checkpoint whose verify
+    record does not bind a PASS to the files on disk now (nemoconv.record), unless `force`."""
     from .checkpoint import open_checkpoint
+    from .record import check_record
     from .sidefiles import upload_files
 
     directory = Path(directory)
@@ -75,25 +80,13 @@ def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool
     if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise NemoconvError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
     ck = open_checkpoint(directory)
-    report_path = directory / VERIFY_REPORT
-    verdict = None
-    if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text())
-            verdict = bool(report.get("passed")), report.get("profile")
-        except (OSError, json.JSONDecodeError):
-            verdict = None
-    if not force:
-        if verdict is None:
-            raise NemoconvError(f"{directory}: no verify report ({VERIFY_REPORT}); run `nemoconv verify SOURCE "
-                                f"{directory}` first, or pass --force")
-        if not verdict[0]:
-            raise NemoconvError(f"{directory}: its verify report says FAIL; fix the checkpoint or pass --force")
+    verdict = check_record(directory, ck, force)
     files = upload_files(ck)  # the checkpoint's own files only: never a link out, a pickle or a stray file
     quantized = ck.quantization() is not None
     what = f"{ck.scheme} scheme" + (", FP8" if quantized else "")
-    status = "unverified (--force)" if verdict is None else \
-        f"verify {'PASS' if verdict[0] else 'FAIL'} (profile {verdict[1]})"
+    status = verdict.clause
+    if verdict.forced:
+        status += f"; uploaded with --force despite: {'; '.join(verdict.forced)}"
     from . import __version__
 
     return {

@@ -289,8 +289,8 @@ def _restore_dtypes(ck: Checkpoint) -> dict[str, str]:
     return restore
 
 
-def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[str, str], journal: Journal
-          ) -> Iterator[Item]:
+def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[str, str], journal: Journal,
+          reader: TensorReader | None = None) -> Iterator[Item]:
     dtypes = ("float32", "bfloat16", "float16", "float64")
     for item in items:
         hf_name = scheme.to_hf(item.name)
@@ -299,10 +299,35 @@ def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[
         original = restore.get(item.name)
         pieces = _split(hf_name, item, scheme, spec)
         for piece in pieces:
-            if original is not None and original in dtypes and scheme.cast_for(hf_name) is not None:
+            if original is not None and original in dtypes and scheme.cast_for(hf_name) is not None \
+                    and _restores_exactly(piece, original, reader):
                 piece = _cast(piece, original, "restore", journal, "restoring the source dtype")
                 piece.cast_from = None
             yield piece
+
+
+def _restores_exactly(item: Item, dtype: str, reader: TensorReader | None) -> bool:
+    """Whether casting `item` back to `dtype` keeps its values bit for bit. The manifest only says which dtype a
+    scheme widened from; the values may have been edited since (A_log + 1e-4 after training), and then the
+    stored dtype is kept, so the stream (and the model it feeds) carries what is stored. The tensors a scheme
+    casts are small (A_log, D, dt_bias, norms, router gates), so they are read even while planning, and the
+    plan and the write stream decide alike: both look at the stored bytes (a piece split off a fused tensor has
+    none to look at, in either pass, and is never restored)."""
+    source = item.reader or reader
+    if item.entry is None or source is None:
+        return False
+    values = source.read(item.entry)
+    back = _convert_dtype(_convert_dtype(values, dtype), dtype_name(values.dtype))
+    return _same_bits(values, back)
+
+
+def _same_bits(a, b) -> bool:
+    if _is_host(a):
+        return a.bits.shape == b.bits.shape and bool((a.bits == b.bits).all())
+    import torch
+
+    bits = getattr(torch, _SAME_SIZE_INT[a.element_size()])
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
 
 
 def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[Item]:
@@ -506,7 +531,7 @@ def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype=None,
     reader = reader or TensorReader(host=host)
     try:
         items = read_items(ck, reader, meta)
-        items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal)
+        items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal, reader)
         items = NetworkCheck(ck.spec)(items)
         items = FromHF(target, ck.spec, journal, dtype)(items)
         if lazy or meta:

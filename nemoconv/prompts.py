@@ -205,3 +205,131 @@ def prompts_from_list(items, tokenizer, vocab_size: int) -> list[Prompt]:
     if not out:
         raise NemoconvError("prompts: the list is empty")
     return out
+
+
+# ---- the tokenizer and the generation ids: what a serving stack runs beside the weights ----------------------
+
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_TOKENIZER_PARTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+
+
+def tokenizer_differences(reference: Path, candidate: Path, configs: tuple[dict, dict]) -> list[str]:
+    """What differs between two checkpoints' tokenizers and generation ids, one short line each (a file present
+    on one side only is a difference). Every file is read as untrusted JSON; `configs` are both config.json
+    as the checkpoints were opened (they may hold `Infinity`, as transformers writes `time_step_limit`)."""
+    ref, cand = Path(reference), Path(candidate)
+    diffs = _json_diffs(ref, cand, "tokenizer.json", _tokenizer_json_diffs)
+    diffs += _json_diffs(ref, cand, "tokenizer_config.json", _tokenizer_config_diffs)
+    diffs += _json_diffs(ref, cand, "special_tokens_map.json", _value_diffs)
+    for name in ("tokenizer.model", "chat_template.jinja"):
+        diffs += _bytes_diffs(ref, cand, name)
+    diffs += _json_diffs(ref, cand, "generation_config.json", _generation_id_diffs)
+    return diffs + _generation_id_diffs("config.json", *configs)
+
+
+def _json_diffs(ref: Path, cand: Path, name: str, compare) -> list[str]:
+    from .untrusted import load_json, want_dict
+
+    a, b = ref / name, cand / name
+    if not a.is_file() and not b.is_file():
+        return []
+    if a.is_file() != b.is_file():
+        return [f"{name}: in the {'reference' if a.is_file() else 'candidate'} only"]
+    return compare(name, want_dict(load_json(a), str(a)), want_dict(load_json(b), str(b)))
+
+
+def _bytes_diffs(ref: Path, cand: Path, name: str) -> list[str]:
+    a, b = ref / name, cand / name
+    if a.is_file() != b.is_file():
+        return [f"{name}: in the {'reference' if a.is_file() else 'candidate'} only"]
+    if a.is_file() and _file_sha(a) != _file_sha(b):
+        return [f"{name} differs"]
+    return []
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _value_diffs(name: str, a: dict, b: dict, keys=None) -> list[str]:
+    keys = keys if keys is not None else sorted(set(a) | set(b))
+    return [f"{name} {k}: {_short(a.get(k))} vs {_short(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _tokenizer_json_diffs(name: str, a: dict, b: dict) -> list[str]:
+    ma, mb = a.get("model"), b.get("model")
+    diffs = []
+    if isinstance(ma, dict) and isinstance(mb, dict):
+        diffs += _vocab_diffs(name, ma.get("vocab"), mb.get("vocab"))
+        diffs += _merges_diffs(name, ma.get("merges"), mb.get("merges"))
+        others = sorted((set(ma) | set(mb)) - {"vocab", "merges"})
+        diffs += _value_diffs(f"{name} model", ma, mb, others)
+    elif ma != mb:
+        diffs.append(f"{name} model differs")
+    diffs += _added_token_diffs(name, a.get("added_tokens"), b.get("added_tokens"))
+    diffs += [f"{name} {part} differs" for part in _TOKENIZER_PARTS if a.get(part) != b.get(part)]
+    return diffs
+
+
+def _vocab_diffs(name: str, a, b) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):  # BPE, WordPiece, WordLevel: token → id
+        moved = [t for t in a if t in b and a[t] != b[t]]
+        only = [t for t in a.keys() ^ b.keys()]
+        diffs = []
+        if moved:
+            t = moved[0]
+            diffs.append(f"{name} vocab: {len(moved)} ids differ, first {_short(t)} {a[t]}→{b[t]}")
+        if only:
+            diffs.append(f"{name} vocab: {len(only)} tokens in one side only, first {_short(only[0])}")
+        return diffs
+    if isinstance(a, list) and isinstance(b, list):  # Unigram: [piece, score] by id
+        changed = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+        diffs = [f"{name} vocab: {len(a)} vs {len(b)} entries"] if len(a) != len(b) else []
+        if changed:
+            i = changed[0]
+            diffs.append(f"{name} vocab: {len(changed)} ids differ, first id {i}: {_short(a[i])} vs {_short(b[i])}")
+        return diffs
+    return [] if a == b else [f"{name} vocab differs"]
+
+
+def _merges_diffs(name: str, a, b) -> list[str]:
+    def canonical(merges):  # "a b" and ["a", "b"] are the same merge (tokenizers writes both forms)
+        if not isinstance(merges, list):
+            return merges
+        return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) if isinstance(m, list) else m
+                for m in merges]
+
+    a, b = canonical(a), canonical(b)
+    if a == b:
+        return []
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return [f"{name} merges differ"]
+    changed = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+    first = changed[0] if changed else min(len(a), len(b))
+    return [f"{name} merges: {len(a)} vs {len(b)}, first difference at rank {first}"]
+
+
+def _added_token_diffs(name: str, a, b) -> list[str]:
+    def by_id(tokens):
+        if not isinstance(tokens, list):
+            return {"?": tokens}
+        return {t.get("id") if isinstance(t, dict) else i: t for i, t in enumerate(tokens)}
+
+    a, b = by_id(a), by_id(b)
+    ids = [i for i in (a.keys() | b.keys()) if a.get(i) != b.get(i)]
+    if not ids:
+        return []
+    i = sorted(ids, key=str)[0]
+    show = [(t.get("content") if isinstance(t, dict) else t) for t in (a.get(i), b.get(i))]
+    return [f"{name} added_tokens: {len(ids)} differ, first id {i}: {_short(show[0])} vs {_short(show[1])}"]
+
+
+def _tokenizer_config_diffs(name: str, a: dict, b: dict) -> list[str]:
+    keys = sorted(k for k in set(a) | set(b)
+                  if k in ("chat_template", "added_tokens_decoder") or k.endswith(("_token", "_tokens")))
+    return _value_diffs(name, a, b, keys)
+
+
+def _generation_id_diffs(name: str, a: dict, b: dict) -> list[str]:
+    return [f"{name} {k} {a.get(k)} vs {b.get(k)}" for k in GENERATION_IDS if a.get(k) != b.get(k)]

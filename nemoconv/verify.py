@@ -10,7 +10,10 @@ model is in memory at a time), over the same prompts of exactly `seq_len` tokens
 The full forward's prompt positions give the reference/candidate comparison (max/mean |Δ|, cosine,
 KL(ref‖cand), top-1); the greedy tokens give the continuation match; the cached logits against the
 full forward at the same positions give cache consistency. Thresholds come from a profile
-(DESIGN.md §6), chosen from the manifests unless given.
+(DESIGN.md §6): the user's, or the one the two checkpoints' tensors call for (`choose_profile`; never what
+the candidate's manifest says). The tokenizers and generation ids must match (`prompts.tokenizer_differences`)
+unless allowed. The verdict is recorded with full hashes of both sides' files (`nemoconv.record`), and every
+override with it.
 
 What "exact" means (the profile for lossless conversions): a lossless conversion yields bit-identical
 weights, so the model computes bit-identical logits when the kernels are deterministic.
@@ -50,12 +53,16 @@ import torch
 
 from . import __version__
 from .card import update_card_with_verify
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, natural_key, open_checkpoint
 from .config import ModelSpec
 from .errors import NemoconvError
 from .hub import VERIFY_REPORT
 from .metrics import LogitStats, cache_consistency, first_divergence
-from .prompts import Prompt, builtin_prompts, find_tokenizer, fit_prompts, prompts_from_list, read_prompt_file
+from .pipeline import SCALE_SUFFIXES, is_lossless_cast
+from .prompts import (Prompt, builtin_prompts, find_tokenizer, fit_prompts, prompts_from_list, read_prompt_file,
+                      tokenizer_differences)
+from .record import hash_checkpoint, make_record
+from .safetensors_io import FP8_NAMES
 
 # ---- profiles ------------------------------------------------------------------------------------
 
@@ -74,6 +81,8 @@ TEACHER_FORCED_STEPS = 4       # prompt tokens fed one at a time after the prefi
 LOGITS_BATCH_BYTES = 1 << 30   # prompts per batch: keep one batch's logits under ~1 GiB
 FULL_HASH_LIMIT = 2 << 30      # checkpoints up to 2 GiB are hashed whole, larger ones sampled
 SAMPLE_STRIDE, SAMPLE_BLOCK = 64 << 20, 1 << 20
+# Upper bounds of the run's sizes (the CLI uses the same): far above any real gate, far below a runaway allocation
+MAX_NUM_PROMPTS, MAX_SEQ_LEN, MAX_NEW_TOKENS = 4096, 131072, 4096
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,6 +110,9 @@ class VerifyReport:
     timings: dict
     notes: list[str] = field(default_factory=list)
     prefix_cache: dict | None = None
+    tokenizer: dict = field(default_factory=dict)   # {"differences": [...], "allowed": bool}
+    overrides: list[str] = field(default_factory=list)
+    record: dict | None = None                       # nemoconv.record.make_record: the files this verdict binds
 
     def failed_checks(self) -> list[dict]:
         return [c for c in self.checks if not c["passed"]]
@@ -129,6 +141,8 @@ class VerifyReport:
             "overall": self.overall, "prompts": self.prompts, "cache_consistency": self.cache,
             "reference": self.reference, "candidate": self.candidate, "device": self.device, "dtype": self.dtype,
             "settings": self.settings, "timings_s": self.timings, "notes": self.notes,
+            "tokenizer": self.tokenizer, "overrides": self.overrides,
+            **({"record": self.record} if self.record is not None else {}),
             **({"prefix_cache": self.prefix_cache} if self.prefix_cache is not None else {}),
         })
 
@@ -141,6 +155,8 @@ def _describe_check(c: dict) -> str:
                 f"identical tokens required")
     if c["metric"] == "nonfinite_candidate_logits":
         return f"candidate produced {c['value']} non-finite logits"
+    if c["metric"] == "tokenizer_differences":
+        return f"tokenizer or generation ids differ: {c['detail']} (pass --allow-tokenizer-diff to accept)"
     op = "<" if c["op"] == ">=" else ">"
     threshold = repr(float(c["threshold"])) if isinstance(c["threshold"], float) else str(c["threshold"])
     line = f"{c['metric']} {_fmt(c['value'], differ_from=c['threshold'])} {op} {c['threshold_name']} {threshold}"
@@ -222,93 +238,71 @@ def _fp8_count(ck: Checkpoint) -> int:
     return sum(1 for e in ck.entries.values() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
 
 
-def _is_quantized(ck: Checkpoint) -> bool:
-    return _fp8_count(ck) > 0 or ck.quantization() is not None
+PROFILE_ORDER = {"exact": 0, "bf16": 1, "fp8": 2}  # strictest first
 
 
-def _resolve_local(source, relative_to: Path) -> Path | None:
-    """A manifest's `source` as a local directory, if it still exists (as given, or next to the checkpoint)."""
-    if not isinstance(source, str) or not source:
-        return None
-    for base in (Path.cwd(), relative_to.parent):
-        p = Path(source).expanduser()
-        p = p if p.is_absolute() else base / p
-        if (p / "config.json").is_file():
-            return p.resolve()
-    return None
+def canonical_dtypes(ck: Checkpoint) -> dict[str, str]:
+    """Every tensor of `ck` in `hf` names with the dtype it is stored in: the pipeline's planning pass (renames,
+    expert merges, fusions), headers only. Without the manifest: a restore cast it would name undoes a widening
+    (bf16 → fp32, exact) or widens what a scheme rounded (MAX's fp32 router gate kept in bf16), and in neither
+    case do the values differ from what is stored."""
+    from dataclasses import replace
+
+    from .pipeline import stream_converted
+
+    return {item.name: item.dtype for item in stream_converted(replace(ck, manifest=None), "hf", meta=True, host=True)}
 
 
-def _lineage(path: Path, manifest: dict | None) -> list[tuple[Path, dict | None]]:
-    """[(dir, its manifest)] from a checkpoint back through the sources its nemoconv manifests name."""
-    chain = [(path.resolve(), manifest)]
-    seen = {chain[0][0]}
-    while chain[-1][1] is not None and len(chain) < 32:
-        src = _resolve_local(chain[-1][1].get("source"), chain[-1][0])
-        if src is None or src in seen:
-            break
-        seen.add(src)
-        m = None
-        mp = src / "nemoconv-manifest.json"
-        if mp.is_file():
-            try:
-                m = json.loads(mp.read_text())
-            except (OSError, json.JSONDecodeError):
-                m = None
-        chain.append((src, m))
-    return chain
+def _not_compared(name: str) -> bool:
+    # MTP heads are not run by the model; scales travel with FP8 weights (their dtypes still count when both
+    # sides hold them), and MAX drops the KV-cache scales
+    return name.startswith("mtp.") or name.rpartition(".")[2] in SCALE_SUFFIXES
 
 
-def _structural_match(manifest: dict, ref: Checkpoint) -> bool:
-    """The manifest describes a conversion of a checkpoint with exactly the reference's tensors and bytes."""
-    sources = {s for t in manifest.get("tensors", []) for s in t.get("sources", [])}
-    ref_names = set(ref.entries)
-    return (bool(sources) and manifest.get("tensors_in") == len(ref_names)
-            and manifest.get("bytes_in") == ref.total_bytes and sources <= ref_names)
-
-
-FALLBACK_HINT = "bf16 thresholds (pass --profile exact for a lossless conversion)"
+def _examples(rows: list[str], limit: int = 3) -> str:
+    return ", ".join(rows[:limit]) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 def choose_profile(ref: Checkpoint, cand: Checkpoint) -> tuple[str, str]:
-    """`auto`: pick the profile from what the manifests and quantization metadata say changed."""
-    ref_fp8, cand_fp8 = _is_quantized(ref), _is_quantized(cand)
-    if cand_fp8 != ref_fp8:
-        side, ck = ("candidate", cand) if cand_fp8 else ("reference", ref)
-        q = ck.quantization() or {}
-        return "fp8", (f"the {side} is quantized ({q.get('algo') or 'FP8'}, {_fp8_count(ck)} FP8 weights) "
-                       f"and the other is not")
-    ref_chain = _lineage(ref.path, ref.manifest)
-    cand_chain = _lineage(cand.path, cand.manifest)
-    ref_index = {p: i for i, (p, _) in enumerate(ref_chain)}
-    steps: list[dict] | None = None
-    link = ""
-    for ci, (p, _) in enumerate(cand_chain):
-        if p in ref_index:
-            ri = ref_index[p]
-            steps = [m for _, m in cand_chain[:ci]] + [m for _, m in ref_chain[:ri]]
-            hops = ci + ri
-            link = ("candidate and reference are the same checkpoint" if hops == 0 else
-                    f"{hops} nemoconv conversion(s) link candidate and reference")
-            break
-    if steps is None and cand.manifest is not None and _structural_match(cand.manifest, ref):
-        steps = [cand.manifest]
-        link = ("the candidate's manifest describes a conversion of a checkpoint with exactly the reference's "
-                "tensors (matched by names and sizes; its recorded source path differs)")
-    if steps is None:
-        why = ("candidate has no nemoconv-manifest.json" if cand.manifest is None else
-               f"candidate's manifest names source {cand.manifest.get('source')!r}, which is not the reference")
-        return "bf16", f"{why}; {FALLBACK_HINT}"
-    lossy = [s for m in steps for s in (m.get("lossy_steps") or [])]
-    if any(m.get("lossless") is False for m in steps) and not lossy:
-        return "bf16", f"{link}, and a manifest says it is not lossless"
-    if not lossy:
-        return "exact", f"lossless: {link}, every one lossless"
-    text = " ".join(f"{s.get('step', '')} {s.get('detail', '')}".lower() for s in lossy)
-    if "fp8" in text or "float8" in text or "quantiz" in text:
-        return "fp8", f"{link}; {len(lossy)} lossy step(s) include FP8 quantization"
-    first = lossy[0]
-    return "bf16", (f"{link}; {len(lossy)} lossy step(s), e.g. {first.get('tensor')}: {first.get('step')} "
-                    f"{first.get('detail')}")
+    """`auto`: the profile follows from what both checkpoints hold, tensor by tensor in `hf` names, never from
+    text the candidate carries (its manifest is information only):
+      FP8 on one side only → fp8; a narrowing cast (fp32 → bf16, MAX's router gate, --dtype) → bf16;
+      identical dtypes, or only widening casts (bf16 → fp32 keeps every value) → exact.
+    Tensor sets that differ beyond scales and MTP heads are bad input: no profile can say which thresholds a
+    missing or extra tensor deserves, so the user must choose one with --profile."""
+    a, b = canonical_dtypes(ref), canonical_dtypes(cand)
+    only_ref = sorted((n for n in a.keys() - b.keys() if not _not_compared(n)), key=natural_key)
+    only_cand = sorted((n for n in b.keys() - a.keys() if not _not_compared(n)), key=natural_key)
+    if only_ref or only_cand:
+        where = (f"{len(only_ref)} only in the reference ({_examples(only_ref)})" if only_ref else "") + \
+            ("; " if only_ref and only_cand else "") + \
+            (f"{len(only_cand)} only in the candidate ({_examples(only_cand)})" if only_cand else "")
+        raise NemoconvError(f"profile auto: reference and candidate hold different tensors: {where}; "
+                            f"pass --profile exact|bf16|fp8")
+    fp8, narrowed, widened = [], [], []
+    common = sorted((n for n in a.keys() & b.keys() if not n.startswith("mtp.")), key=natural_key)
+    for name in common:
+        x, y = a[name], b[name]
+        if x == y:
+            continue
+        row = f"{name} {x} → {y}"
+        if x in FP8_NAMES or y in FP8_NAMES:
+            fp8.append(row)
+        elif is_lossless_cast(x, y):
+            widened.append(row)
+        else:
+            narrowed.append(row)
+    if fp8:
+        side = "candidate" if any(b[r.split(" ", 1)[0]] in FP8_NAMES for r in fp8) else "reference"
+        return "fp8", (f"the {side} is quantized: {len(fp8)} tensor(s) FP8 on one side only "
+                       f"(reference → candidate: {_examples(fp8)})")
+    if narrowed:
+        return "bf16", (f"lossy: {len(narrowed)} tensor(s) narrowed (reference → candidate: {_examples(narrowed)})"
+                        + (f"; {len(widened)} widened" if widened else ""))
+    if widened:
+        return "exact", (f"lossless: the same {len(common)} tensors; {len(widened)} widened, a cast that loses "
+                         f"nothing (reference → candidate: {_examples(widened)})")
+    return "exact", f"lossless: the same {len(common)} tensors with identical dtypes"
 
 
 def resolve_thresholds(profile: str, overrides: dict | None) -> dict:
@@ -582,42 +576,37 @@ def _evaluate(thresholds: dict, overall: dict, greedy: list[int | None], cache_r
 def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len: int = 64,
            max_new_tokens: int = 16, device="auto", dtype="auto", profile: str = "auto", report_path=None,
            overrides: dict | None = None, quiet: bool = True, record: bool = True,
-           prefix_cache: bool = False) -> VerifyReport:
+           prefix_cache: bool = False, allow_tokenizer_diff: bool = False) -> VerifyReport:
     """Run both checkpoints on the same prompts and decide whether the candidate is faithful.
 
     prompts: a file (text lines, or JSONL with `text`/`input_ids`), or a list of texts / token-id
     lists; None uses `num_prompts` built-in prompts. Every prompt is cut or extended (by the
-    reference's greedy continuation) to `seq_len` tokens. profile: auto|exact|bf16|fp8; overrides:
-    {min_cosine, min_top1, max_kl, max_abs, max_cache_relative}, None keeps the profile's value.
+    reference's greedy continuation) to `seq_len` tokens. profile: auto|exact|bf16|fp8 (auto: from the
+    tensors both checkpoints hold, see `choose_profile`); overrides: {min_cosine, min_top1, max_kl, max_abs,
+    max_cache_relative}, None keeps the profile's value. The tokenizers and generation ids must be the same
+    unless `allow_tokenizer_diff`. Every override is recorded.
     Bad input (unreadable checkpoints, different networks, bad prompts) raises NemoconvError; a
     candidate that misses a threshold returns a report with `passed=False` (and writes it too).
-    record: also write the report as CANDIDATE/nemoconv-verify.json and into its model card (local dirs).
+    record: also write the report, with the hashes of both checkpoints' files (nemoconv.record), as
+    CANDIDATE/nemoconv-verify.json and into its model card (local dirs).
     prefix_cache: also generate prompts sharing a long prefix with the candidate under each prefix-caching
     mode (memory, state) and require the tokens of caching off (`model.engine.check_prefix_caching`).
     """
     t_start = time.perf_counter()
-    if not isinstance(num_prompts, int) or num_prompts < 1:
-        raise NemoconvError(f"--num-prompts must be at least 1, got {num_prompts!r}")
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise NemoconvError(f"--seq-len must be at least 2, got {seq_len!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise NemoconvError(f"--max-new-tokens must be 0 or more, got {max_new_tokens!r}")
+    _check_sizes(num_prompts, seq_len, max_new_tokens)
+    if profile != "auto" and profile not in PROFILES:
+        raise NemoconvError(f"unknown profile {profile!r} (use auto, {', '.join(PROFILE_NAMES)})")
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     ref_ck, cand_ck = open_checkpoint(reference), open_checkpoint(candidate)
     notes = check_same_network(ref_ck, cand_ck)
-    if profile == "auto":
-        chosen, reason = choose_profile(ref_ck, cand_ck)
-        if reason.endswith(FALLBACK_HINT):
-            notes.append(f"profile auto: {reason}")
-    elif profile in PROFILES:
-        chosen, reason = profile, "given with --profile"
-    else:
-        raise NemoconvError(f"unknown profile {profile!r} (use auto, {', '.join(PROFILE_NAMES)})")
+    chosen, reason, auto = _decide_profile(ref_ck, cand_ck, profile)
     thresholds = resolve_thresholds(chosen, overrides)
     if thresholds.get("max_cache_relative") is None:
         thresholds["max_cache_relative"] = cache_tolerance(dt, _fp8_count(cand_ck) > 0)
     cache_tol = thresholds["max_cache_relative"]
+    tokenizer_diffs = tokenizer_differences(ref_ck.path, cand_ck.path, (ref_ck.config, cand_ck.config))
+    override_list = _override_list(chosen, auto, thresholds, allow_tokenizer_diff, tokenizer_diffs)
     if report_path is not None:
         _check_report_path(Path(report_path))
 
@@ -632,6 +621,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         prompt_list, prompt_origin = prompts_from_list(prompts, tok.tokenizer, vocab), "given as a list"
     else:
         prompt_list, prompt_origin = read_prompt_file(prompts, tok.tokenizer, vocab), str(prompts)
+    if len(prompt_list) > MAX_NUM_PROMPTS:
+        raise NemoconvError(f"{len(prompt_list)} prompts: at most {MAX_NUM_PROMPTS} are compared in one run")
     prompt_list, short = fit_prompts(prompt_list, seq_len)
 
     # ---- kernel warm-up hook (nemoconv.model.warmup): on CUDA, compile the GPU kernels for these shapes on a
@@ -647,9 +638,9 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     stop = threading.Event()  # set on an error, so the hashing threads end early
     with ThreadPoolExecutor(max_workers=2) as pool, _Progress(quiet, len(prompt_list)) as progress, \
             _set_on_error(stop):
-        # fingerprints hash files in the background while the models load and run
-        fp_ref = pool.submit(fingerprint, ref_ck, FULL_HASH_LIMIT, stop)
-        fp_cand = pool.submit(fingerprint, cand_ck, FULL_HASH_LIMIT, stop)
+        # every bound file is hashed whole in the background while the models load and run (the record)
+        fp_ref = pool.submit(hash_checkpoint, ref_ck, stop)
+        fp_cand = pool.submit(hash_checkpoint, cand_ck, stop)
         progress.phase("reference")
         ref_run = run_model(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short), progress.step)
         if ref_run.nonfinite:
@@ -672,7 +663,8 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
                                "reference_tokens": ref_run.generated[i], "candidate_tokens": cand_run.generated[i],
                                "cache_candidate": cand_run.cache[i], "cache_reference": ref_run.cache[i]})
         t_metrics = time.perf_counter() - t0
-        fingerprints = fp_ref.result(), fp_cand.result()
+        hashes = fp_ref.result(), fp_cand.result()
+    fingerprints = tuple(_fingerprint_of(ck, h) for ck, h in zip((ref_ck, cand_ck), hashes))
 
     overall = overall_stats.summary()
     overall["greedy_identical_prompts"] = sum(d is None for d in greedy)
@@ -685,6 +677,7 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
                                       f"|reference logit| (CUDA GEMMs may sum in another order)")
     checks = _evaluate(thresholds, overall, greedy, cache["candidate"]["relative_max"], cache_tol,
                        cand_run.nonfinite, cache["reference"]["relative_max"])
+    checks.append(_tokenizer_check(tokenizer_diffs, allow_tokenizer_diff))
     if cand_run.prefix_cache is not None:
         pc = cand_run.prefix_cache
         checks.append({"metric": "prefix_cache_identical", "value": pc["passed"], "op": "==", "threshold": True,
@@ -715,13 +708,71 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         reference=_describe_ck(ref_ck, fingerprints[0]), candidate=_describe_ck(cand_ck, fingerprints[1]),
         device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         dtype=str(dt).removeprefix("torch."), settings=settings, timings=timings, notes=notes,
-        prefix_cache=cand_run.prefix_cache,
+        prefix_cache=cand_run.prefix_cache, tokenizer={"differences": tokenizer_diffs, "allowed": allow_tokenizer_diff},
+        overrides=override_list,
+        record=make_record(reference, ref_ck.path, hashes[0], cand_ck.path, hashes[1],
+                           {"name": chosen, "reason": reason, "given": profile != "auto", "auto": auto},
+                           override_list),
     )
     if report_path is not None:
         write_report(report, Path(report_path))
     if record:
         _record_in_candidate(report, cand_ck, candidate)
     return report
+
+
+def _check_sizes(num_prompts, seq_len, max_new_tokens) -> None:
+    """Bound the run's sizes before anything is opened (a typo must not allocate for minutes)."""
+    for flag, value, lo, hi in (("--num-prompts", num_prompts, 1, MAX_NUM_PROMPTS),
+                                ("--seq-len", seq_len, 2, MAX_SEQ_LEN),
+                                ("--max-new-tokens", max_new_tokens, 0, MAX_NEW_TOKENS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise NemoconvError(f"{flag} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+def _decide_profile(ref_ck: Checkpoint, cand_ck: Checkpoint, profile: str) -> tuple[str, str, dict]:
+    """(profile used, why, what auto decides). The user's --profile wins; auto is still worked out, so that
+    a looser choice is recorded as an override."""
+    try:
+        auto_name, auto_reason = choose_profile(ref_ck, cand_ck)
+    except NemoconvError as exc:
+        if profile == "auto":
+            raise
+        return profile, "given with --profile", {"name": None, "reason": str(exc)}
+    auto = {"name": auto_name, "reason": auto_reason}
+    if profile == "auto":
+        return auto_name, auto_reason, auto
+    return profile, f"given with --profile (auto would choose {auto_name})", auto
+
+
+def _override_list(chosen: str, auto: dict, thresholds: dict, allow_tokenizer_diff: bool,
+                   tokenizer_diffs: list[str]) -> list[str]:
+    """Everything the user changed about the gate, one line each (the record keeps them; upload refuses
+    them without --force)."""
+    out = []
+    if auto["name"] is None:
+        out.append(f"--profile {chosen} where auto cannot decide ({auto['reason']})")
+    elif PROFILE_ORDER[chosen] > PROFILE_ORDER[auto["name"]]:
+        out.append(f"--profile {chosen}, looser than auto's {auto['name']}")
+    for key in thresholds["overridden"]:
+        out.append(f"{key} = {thresholds[key]!r} (profile {chosen}: {PROFILES[chosen].get(key, 'by dtype')!r})")
+    if allow_tokenizer_diff:
+        out.append(f"--allow-tokenizer-diff ({len(tokenizer_diffs)} difference(s) accepted)")
+    return out
+
+
+def _tokenizer_check(diffs: list[str], allow: bool) -> dict:
+    detail = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+    if diffs and allow:
+        detail += " (allowed with --allow-tokenizer-diff)"
+    return {"metric": "tokenizer_differences", "value": len(diffs), "op": "<=", "threshold": 0,
+            "threshold_name": "max", "passed": not diffs or allow, "detail": detail}
+
+
+def _fingerprint_of(ck: Checkpoint, hashes: dict) -> dict:
+    """The report's short identity of a checkpoint: one sha256 over its bound files' full hashes."""
+    return {"sha256_full": hashes["digest"], "bytes": sum(e["bytes"] for e in hashes["weights"].values()),
+            "files": sorted(hashes["weights"]), "seconds": hashes["seconds"]}
 
 
 def _record_in_candidate(report: VerifyReport, cand_ck: Checkpoint, candidate) -> None:
@@ -856,6 +907,8 @@ def render_report(report: VerifyReport, console) -> None:
                           f"{st['tokens_skipped']} prompt tokens skipped")
     for note in report.notes:
         console.print(f"[yellow]note[/yellow]: {note}")
+    for override in report.overrides:
+        console.print(f"[yellow]override[/yellow]: {override}", markup=True, highlight=False)
     if report.passed:
         gated = ", ".join(_describe_pass(c) for c in report.checks if c["metric"] != "nonfinite_candidate_logits")
         console.print(f"[bold green]PASS[/bold green] ({report.profile}): {gated}")
@@ -874,4 +927,8 @@ def _describe_pass(c: dict) -> str:
         return "prefix-cached generation identical"
     if c["metric"] == "greedy_divergent_prompts":
         return "greedy tokens identical"
+    if c["metric"] == "tokenizer_differences":
+        if c["value"]:
+            return f"{c['value']} tokenizer difference(s) allowed"
+        return "tokenizer and generation ids identical"
     return f"{c['metric']} {_short(c['value'])} {'≥' if c['op'] == '>=' else '≤'} {_short(c['threshold'])}"

@@ -83,23 +83,32 @@ def converted(tiny_dir, tmp_path):
     return tmp_path / "ckpt"
 
 
-def test_upload_refuses_without_a_passing_verify_report(converted, capsys):
-    code, _, err = run_cli(["upload", converted, "--repo-id", "me/tiny"], capsys)
-    assert code == 2 and "no verify report" in err and len(err.strip().splitlines()) == 1
-    (converted / "nemoconv-verify.json").write_text(json.dumps({"passed": False, "profile": "exact"}))
-    code, _, err = run_cli(["upload", converted, "--repo-id", "me/tiny"], capsys)
-    assert code == 2 and "FAIL" in err
+@pytest.fixture
+def verified(converted, tiny_dir):
+    """The converted checkpoint with a real verify record (a PASS against its source)."""
+    assert nemoconv.verify(tiny_dir("dense"), converted, num_prompts=1, seq_len=8, max_new_tokens=2).passed
+    return converted
 
 
-def test_upload_dry_run_lists_files_and_message(converted, capsys):
-    (converted / "nemoconv-verify.json").write_text(json.dumps({"passed": True, "profile": "exact"}))
-    code, out, err = run_cli(["upload", converted, "--repo-id", "me/tiny", "--dry-run"], capsys)
+def test_upload_refuses_without_a_passing_verify_report(verified, capsys):
+    record = verified / "nemoconv-verify.json"
+    data = json.loads(record.read_text())
+    record.unlink()
+    code, _, err = run_cli(["upload", verified, "--repo-id", "me/tiny"], capsys)
+    assert code == 2 and "no verify record" in err and len(err.strip().splitlines()) == 1
+    record.write_text(json.dumps({**data, "passed": False}))
+    code, _, err = run_cli(["upload", verified, "--repo-id", "me/tiny"], capsys)
+    assert code == 2 and "says FAIL" in err
+
+
+def test_upload_dry_run_lists_files_and_message(verified, capsys):
+    code, out, err = run_cli(["upload", verified, "--repo-id", "me/tiny", "--dry-run"], capsys)
     assert code == 0, err
-    assert "would upload" in out and "model.safetensors" in out and "verify PASS (profile exact)" in out
+    assert "would upload" in out and "model.safetensors" in out and "with profile exact: PASS" in out
 
 
-def test_upload_sends_one_commit_with_every_file(converted, monkeypatch, capsys):
-    (converted / "nemoconv-verify.json").write_text(json.dumps({"passed": True, "profile": "exact"}))
+def test_upload_sends_one_commit_with_every_file(verified, monkeypatch, capsys):
+    converted = verified
     api = FakeApi()
     monkeypatch.setattr("huggingface_hub.HfApi", lambda: api)
     code, out, err = run_cli(["upload", converted, "--repo-id", "me/tiny", "--private", "--revision", "fp8"], capsys)
@@ -121,8 +130,8 @@ def test_upload_force_skips_the_report_check(converted, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("status,needle", [(401, "not authorized"), (404, "not found"), (429, "rate limited")])
-def test_hub_errors_are_one_line(converted, monkeypatch, capsys, status, needle):
-    (converted / "nemoconv-verify.json").write_text(json.dumps({"passed": True, "profile": "exact"}))
+def test_hub_errors_are_one_line(verified, monkeypatch, capsys, status, needle):
+    converted = verified
     error = RuntimeError("boom")
     error.response = type("R", (), {"status_code": status})()
     monkeypatch.setattr("huggingface_hub.HfApi", lambda: FakeApi(fail_with=error))
@@ -151,4 +160,4 @@ def test_verify_records_its_verdict_beside_the_candidate_and_in_its_card(tiny_di
     card = (tmp_path / "max" / "README.md").read_text()
     assert "**verify: PASS** (profile `exact`" in card and "Not verified yet" not in card
     code, out, err = run_cli(["upload", tmp_path / "max", "--repo-id", "me/tiny", "--dry-run"], capsys)
-    assert code == 0 and "verify PASS (profile exact)" in out
+    assert code == 0 and "with profile exact: PASS" in out

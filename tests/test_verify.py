@@ -259,7 +259,7 @@ def test_fp8_weight_scale_doubled_fails(fp8_pair, tmp_path, capsys, scheme, name
     assert data["profile"] == "fp8"
 
 
-# ---- profiles chosen from the manifests ------------------------------------------------------------
+# ---- profiles chosen from the tensors ---------------------------------------------------------------
 
 
 def test_lossy_bf16_cast_is_judged_with_bf16_thresholds(tiny_dir, tmp_path, capsys):
@@ -284,14 +284,14 @@ def test_exact_requested_for_a_lossy_cast_fails(tiny_dir, tmp_path, capsys):
     assert code == 1 and "max_abs_diff" in err and "(profile exact)" in err
 
 
-def test_no_manifest_falls_back_to_bf16_with_a_note(tiny_dir, tmp_path):
+def test_no_manifest_with_the_same_dtypes_gets_exact(tiny_dir, tmp_path):
+    # the profile follows from the tensors, not from a manifest (issue 13: the old bf16 fallback let faults pass)
     src = tiny_dir("dense", torch.float32)
     cand = tmp_path / "copy"
     shutil.copytree(src, cand)
     report = nemoconv.verify(src, cand, num_prompts=1, seq_len=8, max_new_tokens=2)
-    assert report.passed and report.profile == "bf16"
-    assert "no nemoconv-manifest.json" in report.profile_reason and "--profile exact" in report.profile_reason
-    assert any("no nemoconv-manifest.json" in n for n in report.notes)
+    assert report.passed and report.profile == "exact"
+    assert report.profile_reason == "lossless: the same 44 tensors with identical dtypes"
     assert report.to_dict()["summary"]["max_abs_diff"] == 0.0
 
 

@@ -223,34 +223,41 @@ def test_quantization_fields_and_pattern_spelling_are_not_network_differences(ti
     assert diffs == ["different hidden_size: 64 vs 128"]
 
 
-def test_profile_follows_a_chain_of_lossless_conversions(tiny_dir, tmp_path):
+def test_profile_is_exact_for_conversions_whose_casts_only_widen(tiny_dir, tmp_path):
+    # issue 13: decided by the tensors in hf names, not by following manifests
     src = tiny_dir("moe", torch.bfloat16)
     nemoconv.convert(src, tmp_path / "nemo", to="nemo")
     nemoconv.convert(tmp_path / "nemo", tmp_path / "max", to="max")
-    nemoconv.convert(src, tmp_path / "hf2", to="hf")
     ck = nemoconv.open_checkpoint
     profile, why = verify_mod.choose_profile(ck(src), ck(tmp_path / "max"))
-    assert profile == "exact" and "2 nemoconv conversion(s)" in why
-    # siblings: both converted from the same source
-    profile, why = verify_mod.choose_profile(ck(tmp_path / "nemo"), ck(tmp_path / "hf2"))
-    assert profile == "exact" and "2 nemoconv conversion(s)" in why
+    assert profile == "exact" and "widened" in why and "backbone.layers.0.mixer.A_log bfloat16 → float32" in why
     profile, why = verify_mod.choose_profile(ck(src), ck(src))
-    assert profile == "exact" and "same checkpoint" in why
+    assert (profile, why) == ("exact", "lossless: the same 89 tensors with identical dtypes")
 
 
-def test_profile_matches_a_moved_reference_by_its_tensors(tiny_dir, tmp_path):
+def test_profile_is_bf16_when_a_scheme_narrows_a_tensor(tiny_dir, tmp_path):
+    src = tiny_dir("moe", torch.float32)
+    nemoconv.convert(src, tmp_path / "max", to="max")  # MAX keeps the router gate in bf16
+    profile, why = verify_mod.choose_profile(nemoconv.open_checkpoint(src), nemoconv.open_checkpoint(tmp_path / "max"))
+    assert profile == "bf16" and "3 tensor(s) narrowed" in why
+    assert "backbone.layers.1.mixer.gate.weight float32 → bfloat16" in why
+
+
+def test_profile_ignores_the_manifest_of_a_moved_or_foreign_reference(tiny_dir, tmp_path):
     src = tmp_path / "original"
     shutil.copytree(tiny_dir("dense"), src)
     nemoconv.convert(src, tmp_path / "nemo", to="nemo")
     moved = tmp_path / "moved"
     src.rename(moved)
     ck = nemoconv.open_checkpoint
-    profile, why = verify_mod.choose_profile(ck(moved), ck(tmp_path / "nemo"))
-    assert profile == "exact" and "matched by names and sizes" in why
-    # a different checkpoint of another dtype does not match: bf16 with the reason
+    assert verify_mod.choose_profile(ck(moved), ck(tmp_path / "nemo"))[0] == "exact"
+    # a bf16 reference against the fp32 nemo candidate: every float widened → exact (the logits then decide)
     other = tiny_dir("dense", torch.bfloat16)
     profile, why = verify_mod.choose_profile(ck(other), ck(tmp_path / "nemo"))
-    assert profile == "bf16" and "not the reference" in why
+    assert profile == "exact" and "widened" in why
+    # the reverse narrows
+    profile, why = verify_mod.choose_profile(ck(tmp_path / "nemo"), ck(other))
+    assert profile == "bf16" and "narrowed" in why
 
 
 def test_profile_fp8_when_only_one_side_is_quantized(tiny_dir, tmp_path):
@@ -265,7 +272,8 @@ def test_profile_fp8_when_only_one_side_is_quantized(tiny_dir, tmp_path):
     save_file(tensors, str(cand / "model.safetensors"))
     ck = nemoconv.open_checkpoint
     profile, why = verify_mod.choose_profile(ck(src), ck(cand))
-    assert profile == "fp8" and "candidate is quantized" in why and "1 FP8 weights" in why
+    assert profile == "fp8" and "candidate is quantized" in why and "1 tensor(s) FP8 on one side only" in why
+    assert "backbone.layers.1.mixer.up_proj.weight float32 → float8_e4m3fn" in why
 
 
 def test_thresholds_overrides_and_their_errors():
