@@ -73,7 +73,7 @@ def write_card(out_dir: Path, source_dir: Path, manifest: dict, title: str, quan
         f"# {title}",
         "",
         f"Nemotron-H checkpoint in the **{manifest['scheme_to']}** naming scheme, produced by "
-        f"[nemoconv](https://pypi.org/project/nemoconv/) {__version__} from `{base_model or Path(manifest['source']).name}` "
+        f"nemoconv {__version__} from `{base_model or Path(manifest['source']).name}` "
         f"({manifest['scheme_from']} scheme).",
         "",
         "| | |",

@@ -99,18 +99,31 @@ def _looks_like_repo_id(text: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", text))
 
 
+def _looks_local(text: str) -> bool:
+    """A path the user meant as a local one: `./`, `..`, `~`, an absolute path, more than one `/` before any
+    `@revision`, or a first component that exists here (`out/typo` when `out/` exists)."""
+    name = text.split("@", 1)[0]
+    if text.startswith(("/", ".", "~")) or "./" in text or ".." in text or name.count("/") != 1:
+        return True
+    return Path(name.split("/", 1)[0]).exists()
+
+
 def resolve_source(source: str | Path) -> Path:
-    """A local directory always wins; otherwise a Hub repo id is fetched (huggingface_hub)."""
+    """A local directory always wins; otherwise a Hub repo id is fetched (huggingface_hub). A missing path
+    that looks local is reported as missing, never taken for a repo id."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise NemoconvError(f"{source}: is a file; a checkpoint is a directory with config.json and *.safetensors")
         return path
-    if isinstance(source, str) and _looks_like_repo_id(source) and not source.startswith((".", "/")):
+    if isinstance(source, str) and _looks_like_repo_id(source) and not _looks_local(source):
         from .hub import download_checkpoint
 
         return download_checkpoint(source)
-    raise NemoconvError(f"{source}: no such checkpoint directory")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    hint = f" ({parent} exists, {path.absolute().relative_to(parent)} does not)" if parent and parent != Path("/") \
+        else ""
+    raise NemoconvError(f"{source}: no such checkpoint directory{hint}")
 
 
 def read_index(path: Path) -> dict[str, str]:

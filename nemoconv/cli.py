@@ -23,12 +23,24 @@ app = typer.Typer(
     name="nemoconv",
     help="Convert, quantize, verify and publish NVIDIA Nemotron-H hybrid checkpoints "
     "(Hugging Face, NeMo AutoModel and MAX naming schemes).",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's layout at its width; a pipe or a file gets lines that never wrap in the middle of
+    a value (rich would otherwise wrap at 80 columns)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=10_000, soft_wrap=True)
+
+
+out = _console()
+err = _console(stderr=True)
 _state = {"quiet": False, "debug": False}
 
 
@@ -69,8 +81,9 @@ def _main(
 
 
 def progress_bar(description: str):
-    """A rich byte-progress bar as a callback `(done, total)`, or a no-op when quiet."""
-    if _state["quiet"]:
+    """A rich byte-progress bar as a callback `(done, total)`, or a no-op when quiet or when stderr is not a
+    terminal (a log gets no bar and no stray blank line)."""
+    if _state["quiet"] or not sys.stderr.isatty():
         return _NullProgress()
     return _ByteProgress(description)
 
@@ -113,15 +126,24 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Naming scheme of SRC (auto-detected)."),
 ):
-    """Show a checkpoint's scheme, layer layout, dimensions, parameters, dtypes, quantization and shards."""
-    from rich.table import Table
-
-    from .inspect import human_bytes, human_count, inspect_checkpoint
+    """Show a checkpoint's scheme, layer layout, dimensions, parameters, dtypes, quantization and shards, and
+    check every tensor against config.json (exit 2 naming the first problem, as convert and verify would)."""
+    from .inspect import inspect_checkpoint
 
     info = inspect_checkpoint(src, scheme=from_.value)
     if as_json:
         print(json.dumps(info, indent=2))
-        return
+    else:
+        _render_inspect(info)
+    if not info["check"]["ok"]:  # shown, then exit 2: the checkpoint cannot be converted or verified as it is
+        raise NemoconvError(f"{info['path']}: {info['check']['error']}")
+
+
+def _render_inspect(info: dict) -> None:
+    from rich.table import Table
+
+    from .inspect import human_bytes, human_count
+
     m = info["model"]
     out.print(f"[bold]{info['path']}[/bold]  scheme [cyan]{info['scheme']}[/cyan]")
     layers = Table(title="Layers", show_edge=False)
@@ -154,6 +176,9 @@ def inspect(
                                f"weights, {q['scales']} scales, {q['excluded_modules']} excluded modules"))
     s = info["shards"]
     out.print(f"shards     {s['count']} file(s), {human_bytes(s['bytes'])} of tensors")
+    check = info["check"]
+    out.print("check      " + ("[green]every tensor matches config.json[/green]" if check["ok"] else
+                               "[red]FAILED[/red] (see the error line)"), highlight=False)
 
 
 # ---- convert -----------------------------------------------------------------------------------------
@@ -295,6 +320,17 @@ def verify(
     """Parity gate: run both checkpoints with the built-in model and compare logits and generations.
 
     Exit 0 on pass, 1 on fail, 2 on bad input.
+
+    Table columns, per prompt and overall: max|Δ| and mean|Δ| are the largest and the mean absolute logit
+    difference; cos and cos min the cosine similarity of the logit vectors (mean, and worst position); KL the
+    mean KL(reference‖candidate) of the next-token distributions; top-1 the share of positions where both
+    pick the same token; greedy is "same", or "≠@k" when the candidate's greedy continuation first differs at
+    new token k; cache is the candidate's cached decode against its own full forward (largest difference,
+    relative to the largest logit).
+
+    Profiles: exact (lossless conversions: logits identical, same greedy tokens); bf16 (cos ≥ 0.999, top-1 ≥
+    0.99); fp8 (cos ≥ 0.99, top-1 ≥ 0.90, KL ≤ 0.05). auto picks one from the two checkpoints' tensors: FP8
+    on one side only → fp8, a narrowing cast → bf16, otherwise exact.
     """
     from .verify import render_report, verify as do_verify
 
@@ -304,7 +340,7 @@ def verify(
                        overrides={"min_cosine": min_cosine, "min_top1": min_top1, "max_kl": max_kl,
                                   "max_abs": max_abs},
                        quiet=_state["quiet"], prefix_cache=prefix_cache, allow_tokenizer_diff=allow_tokenizer_diff)
-    render_report(result, out if not _state["quiet"] else None)
+    render_report(result, out if not _state["quiet"] else None, fail_line=False)
     if not result.passed:
         raise VerificationFailed(result.failure_line())
 
@@ -321,14 +357,17 @@ def upload(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and the commit message."),
     force: bool = typer.Option(False, "--force", help="Upload even without a passing verify report."),
 ):
-    """Publish a checkpoint to the Hugging Face Hub in one commit (HF_TOKEN is honoured).
+    """Publish a checkpoint to the Hugging Face Hub (HF_TOKEN or `hf auth login` is honoured).
 
-    Refuses a checkpoint whose directory has no passing nemoconv-verify.json unless --force.
+    Refuses a checkpoint whose nemoconv-verify.json does not bind a PASS to the files on disk, unless --force.
+    Up to 2 GB: one commit. Larger: huggingface_hub's resumable folder upload (run the same command again after
+    an interruption; what was committed is skipped), with its progress bars.
     """
     from .hub import upload as do_upload
     from .inspect import human_bytes
 
-    plan = do_upload(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force)
+    plan = do_upload(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force,
+                     quiet=_state["quiet"])
     if _state["quiet"]:
         return
     target = plan["repo_id"] + (f"@{plan['revision']}" if plan["revision"] else "")
@@ -337,6 +376,7 @@ def upload(
     for f in plan["files"]:
         out.print(f"  {f['path']}  {human_bytes(f['bytes'])}", markup=False, highlight=False)
     out.print(f"commit message: {plan['commit_message']}", markup=False, highlight=False)
+    out.print(f"method: {plan['method']}", markup=False, highlight=False)
     if plan.get("commit_url"):
         out.print(plan["commit_url"])
 
@@ -348,11 +388,13 @@ def upload(
 def demo(
     directory: Optional[Path] = typer.Argument(None, metavar="[DIR]", help="Work directory (default: a temp dir)."),
     kind: str = typer.Option("moe", "--kind", help="Tiny model kind: dense, moe or latent."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty DIR: the demo's own outputs in it "
+                                   "are replaced; nothing else in it is touched."),
 ):
     """Build a tiny Nemotron-H checkpoint (no download) and run the whole workflow on it."""
     from .demo import run_demo
 
-    run_demo(directory, kind=kind, console=None if _state["quiet"] else out)
+    run_demo(directory, kind=kind, console=None if _state["quiet"] else out, overwrite=overwrite)
 
 
 # ---- entry point -------------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ def _say(console, text: str) -> None:
         console.print(text)
 
 
-def run_demo(directory: str | Path | None = None, kind: str = "moe", console=None) -> dict:
-    """Build → convert through every scheme → back to hf (bit-exact check) → verify → quantize → verify."""
+def run_demo(directory: str | Path | None = None, kind: str = "moe", console=None, overwrite: bool = False) -> dict:
+    """Build → convert through every scheme → back to hf (bit-exact check) → verify → quantize → verify.
+
+    `overwrite`: DIR may hold an earlier demo; the demo's own outputs in it are replaced, nothing else is touched."""
     if kind not in PRESETS:
         raise NemoconvError(f"--kind must be one of {', '.join(PRESETS)}, got {kind!r}")
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="nemoconv-demo-"))
-    check_output_free(root, overwrite=False)
+    check_output_free(root, overwrite=overwrite)
     root.mkdir(parents=True, exist_ok=True)
     src = write_tiny_checkpoint(root / "source-hf", kind, dtype=torch.bfloat16, trained_like=True)
     _say(console, f"[bold]built[/bold] tiny {kind} Nemotron-H checkpoint (bf16, pattern "
@@ -32,14 +34,14 @@ def run_demo(directory: str | Path | None = None, kind: str = "moe", console=Non
     results: dict = {"directory": str(root), "steps": []}
 
     for to in ("nemo", "max"):
-        manifest = convert(src, root / f"converted-{to}", to=to)
+        manifest = convert(src, root / f"converted-{to}", to=to, overwrite=overwrite)
         results["steps"].append({"step": f"convert hf→{to}", "tensors": manifest["tensors_out"],
                                  "lossless": manifest["lossless"]})
         _say(console, f"convert hf → {to:<4}: {manifest['tensors_in']} → {manifest['tensors_out']} tensors, "
                       f"{'lossless' if manifest['lossless'] else 'lossy'}")
-    manifest = convert(root / "converted-nemo", root / "nemo-to-max", to="max")
+    manifest = convert(root / "converted-nemo", root / "nemo-to-max", to="max", overwrite=overwrite)
     _say(console, f"convert nemo → max: {manifest['tensors_out']} tensors")
-    convert(root / "nemo-to-max", root / "round-trip-hf", to="hf")
+    convert(root / "nemo-to-max", root / "round-trip-hf", to="hf", overwrite=overwrite)
     same = _same_bytes(src, root / "round-trip-hf")
     results["steps"].append({"step": "round trip hf→nemo→max→hf bit-exact", "ok": same})
     _say(console, f"round trip hf → nemo → max → hf: {'[green]bit-exact[/green]' if same else '[red]DIFFERS[/red]'}")
@@ -64,7 +66,8 @@ def run_demo(directory: str | Path | None = None, kind: str = "moe", console=Non
 
     from .quantize import quantize
 
-    quantize(src, root / "fp8", preset="default", calib_samples=8, calib_seq_len=32, device="cpu", quiet=True)
+    quantize(src, root / "fp8", preset="default", calib_samples=8, calib_seq_len=32, device="cpu", quiet=True,
+             overwrite=overwrite)
     report = verify(src, root / "fp8", num_prompts=2, seq_len=16, max_new_tokens=8, device="cpu", profile="fp8",
                     report_path=root / "verify-fp8.json")
     results["steps"].append({"step": "quantize FP8 + verify", "passed": report.passed})

@@ -9,7 +9,17 @@ from .pipeline import SCALE_SUFFIXES
 
 
 def inspect_checkpoint(source, scheme: str = "auto") -> dict:
+    """What the checkpoint is, and `check`: whether every tensor fits config.json and none is missing or left
+    over (the checks convert and verify make before they read a byte of data)."""
+    from .convert import plan_conversion
+    from .errors import NemoconvError
+
     ck = open_checkpoint(source, scheme=scheme)
+    try:
+        plan_conversion(ck, "hf", None)
+        check = {"ok": True, "error": None}
+    except NemoconvError as exc:
+        check = {"ok": False, "error": str(exc)}
     spec = ck.spec
     params = sum(math.prod(e.shape) for n, e in ck.entries.items() if n.rpartition(".")[2] not in SCALE_SUFFIXES)
     mtp_params = sum(math.prod(e.shape) for n, e in ck.entries.items() if n.startswith("mtp."))
@@ -25,6 +35,7 @@ def inspect_checkpoint(source, scheme: str = "auto") -> dict:
         "shards": {"count": len(ck.shard_files), "bytes": ck.total_bytes,
                    "files": [f.name for f in ck.shard_files]},
         "converted_by_nemoconv": bool(ck.manifest),
+        "check": check,
     }
 
 

@@ -32,6 +32,9 @@ class Item:
     cast_from: dict | None = None  # {"dtype": original, "by": "scheme"|"dtype"} when this stream cast it
     entry: TensorEntry | None = None  # bytes still on disk: read only if a transform needs them
     reader: TensorReader | None = None
+    # The narrowest dtype that holds these values exactly (None: the current one). A bf16 tensor widened to
+    # fp32 by --dtype and cast back to bf16 by a scheme loses nothing: lossiness is judged by the values.
+    values_dtype: str | None = None
 
     def data(self):
         """The values (read now if still on disk); a meta tensor while planning."""
@@ -250,10 +253,13 @@ def _cast(item: Item, dtype: str, by: str, journal: Journal, why: str) -> Item:
     src = item.dtype
     if src == dtype:
         return item
+    exact_in = item.values_dtype or src
+    lossless = is_lossless_cast(exact_in, dtype)
     # A restore undoes an earlier widening cast, so the values fit the original dtype exactly.
-    if by != "restore" and not is_lossless_cast(src, dtype):
+    if by != "restore" and not lossless:
         journal.lossy_step(item.name, "cast", f"{src} → {dtype} ({why})")
-    return item.with_tensor(_convert_dtype(item.data(), dtype), cast_from={"dtype": src, "by": by})
+    return item.with_tensor(_convert_dtype(item.data(), dtype), cast_from={"dtype": src, "by": by},
+                            values_dtype=exact_in if lossless else dtype)
 
 
 # ---- stage 1: read ------------------------------------------------------------------------------

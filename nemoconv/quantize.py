@@ -321,7 +321,9 @@ class _progress:
         self.bar = None
 
     def __enter__(self):
-        if self.quiet:
+        import sys
+
+        if self.quiet or not sys.stderr.isatty():  # a log gets no bar (and no stray blank line)
             return lambda done, total: None
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn

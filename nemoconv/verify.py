@@ -873,8 +873,9 @@ class _Progress:
         return False
 
 
-def render_report(report: VerifyReport, console) -> None:
-    """Per-prompt table and a PASS/FAIL summary line on a rich console (None: print nothing)."""
+def render_report(report: VerifyReport, console, fail_line: bool = True) -> None:
+    """Per-prompt table and a PASS/FAIL summary line on a rich console (None: print nothing). The CLI passes
+    `fail_line=False`: its one FAIL line goes to stderr, and a second copy on stdout would repeat it."""
     if console is None:
         return
     from rich import box
@@ -912,7 +913,7 @@ def render_report(report: VerifyReport, console) -> None:
     if report.passed:
         gated = ", ".join(_describe_pass(c) for c in report.checks if c["metric"] != "nonfinite_candidate_logits")
         console.print(f"[bold green]PASS[/bold green] ({report.profile}): {gated}")
-    else:
+    elif fail_line:
         console.print(f"[bold red]FAIL[/bold red]: {report.failure_line()}")
 
 
