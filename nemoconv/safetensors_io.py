@@ -201,6 +201,8 @@ class TensorReader:
 
     def read(self, entry: TensorEntry):
         """The tensor's values: a torch tensor, or a HostTensor for a host reader."""
+        if hasattr(entry, "read_with"):  # stored in several chunks (megatron/dcp.py)
+            return entry.read_with(self)
         if self.host:
             import numpy as np
 
@@ -349,6 +351,8 @@ def _write_all(f, view: memoryview) -> None:
 
 def _copy_range(entry: TensorEntry, dst) -> int:
     """Copy `entry`'s bytes to the end of `dst` without passing them through Python (copy_file_range)."""
+    if hasattr(entry, "copy_to"):  # stored in several chunks (megatron/dcp.py)
+        return entry.copy_to(dst)
     with open(entry.file, "rb", buffering=0) as src:
         offset, left = entry.start, entry.nbytes
         try:
