@@ -1,0 +1,258 @@
+"""The `megatron` scheme: Megatron-core torch_dist checkpoints read and written with torch alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_same_tensors, load_all, tree_digest
+from nemoconv.convert import convert
+from nemoconv.errors import NemoconvError
+from nemoconv.megatron.config import hf_config_from_megatron, split_layer_pattern
+
+REPO = Path(__file__).resolve().parents[1]
+MTP = {"num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E"}
+LAYOUTS = {"dense": ("dense", {}), "moe": ("moe", {}), "latent": ("latent", {}), "mtp": ("moe", MTP)}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "nemoconv.cli", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def megatron_dir(tiny_dir, tmp_path_factory):
+    """Factory: (layout) → (hf source, megatron conversion of it), cached."""
+    cache: dict = {}
+
+    def make(layout: str):
+        if layout not in cache:
+            kind, overrides = LAYOUTS[layout]
+            src = tiny_dir(kind, dtype=torch.bfloat16, **overrides)
+            out = tmp_path_factory.mktemp(f"mg-{layout}") / "mg"
+            convert(src, out, to="megatron")
+            cache[layout] = (src, out)
+        return cache[layout]
+
+    return make
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hf_megatron_hf_round_trip_is_bit_exact(megatron_dir, layout, tmp_path):
+    src, mg = megatron_dir(layout)
+    manifest = convert(mg, tmp_path / "back", to="hf")
+    assert manifest["scheme_from"] == "megatron" and manifest["lossless"]
+    assert_same_tensors(load_all(src), load_all(tmp_path / "back"))
+
+
+def test_torch_dcp_loads_what_we_write_bit_exactly(megatron_dir):
+    import torch.distributed.checkpoint as dcp
+
+    _, mg = megatron_dir("moe")
+    metadata = dcp.FileSystemReader(mg).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(mg), no_dist=True)
+    from nemoconv.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(mg)
+    assert set(state) == set(ck.entries)
+    for name, t in ck.iter_tensors(to="megatron", prefetch=0):
+        assert torch.equal(t.view(torch.uint8), state[name].view(torch.uint8)), name
+
+
+def test_megatron_keys_and_layouts_are_megatron_cores(megatron_dir):
+    from nemoconv.checkpoint import open_checkpoint
+
+    _, mg = megatron_dir("mtp")
+    ck = open_checkpoint(mg)
+    e, spec = ck.entries, ck.spec
+    assert json.loads((mg / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert e["decoder.layers.1.mlp.experts.linear_fc1.weight"].shape == (spec.n_routed_experts,
+                                                                         spec.moe_intermediate_size, spec.hidden_size)
+    assert "decoder.layers.0.mixer.in_proj.layer_norm_weight" in e
+    assert "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight" in e
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in e
+    assert {f"decoder.layers.0.mixer.in_proj.weight.{p}" for p in "z x B C dt".split()} <= set(e)
+    assert {f"decoder.layers.0.mixer.conv1d.bias.{p}" for p in "xBC"} <= set(e)
+    assert e["decoder.layers.0.mixer.A_log"].dtype_name == "float32"
+    assert e["decoder.layers.1.mlp.router.expert_bias"].dtype_name == "float32"
+    assert "mtp.layers.0.enorm.weight" in e and "mtp.layers.0.final_layernorm.weight" in e
+    assert "mtp.layers.0.mtp_model_layer.layers.1.mlp.experts.linear_fc2.weight" in e
+
+
+def test_qkv_is_interleaved_per_kv_group(megatron_dir):
+    from nemoconv.checkpoint import open_checkpoint
+
+    src, mg = megatron_dir("dense")
+    hf, spec = load_all(src), open_checkpoint(src).spec
+    i = spec.layer_codes.index("*")
+    q, k, v = (hf[f"backbone.layers.{i}.mixer.{p}_proj.weight"] for p in "qkv")
+    groups, d = spec.num_key_value_heads, spec.head_dim
+    per_group = spec.num_attention_heads // groups
+    expected = []
+    for g in range(groups):  # Megatron's order: the group's q heads, then its k head, then its v head
+        expected += [q[(g * per_group + h) * d:(g * per_group + h + 1) * d] for h in range(per_group)]
+        expected += [k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+    fused = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    assert torch.equal(fused[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], torch.cat(expected))
+
+
+def test_verify_exact_passes_hf_against_megatron(megatron_dir):
+    src, mg = megatron_dir("moe")
+    result = _cli("verify", str(src), str(mg), "--profile", "exact", "--num-prompts", "2", "--seq-len", "8",
+                  "--max-new-tokens", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _evil_metadata(marker: Path) -> bytes:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps({"state_dict_metadata": Evil()})
+
+
+def test_metadata_with_a_forbidden_class_is_refused_and_runs_nothing(megatron_dir, tmp_path):
+    _, mg = megatron_dir("dense")
+    bad = tmp_path / "bad"
+    shutil.copytree(mg, bad)
+    marker = tmp_path / "pwned"
+    (bad / ".metadata").write_bytes(_evil_metadata(marker))
+    result = _cli("convert", str(bad), str(tmp_path / "out"), "--to", "hf")
+    assert result.returncode == 2
+    assert "system" in result.stderr and "refusing" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_tensor_item_with_a_forbidden_class_is_refused(tmp_path):
+    from nemoconv.megatron.restricted import load_tensor_record
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(NemoconvError, match="refusing"):
+        load_tensor_record(_evil_metadata(marker), "item")
+    assert not marker.exists()
+
+
+def test_training_layout_picks_latest_iteration_or_the_one_asked(megatron_dir, tmp_path):
+    src, mg = megatron_dir("dense")
+    run = tmp_path / "run"
+    for it in (100, 200):
+        shutil.copytree(mg, run / f"iter_{it:07d}")
+    (run / "latest_checkpointed_iteration.txt").write_text("200\n")
+    from nemoconv.checkpoint import open_checkpoint
+
+    assert open_checkpoint(run).path.name == "iter_0000200"
+    assert open_checkpoint(run, iteration=100).path.name == "iter_0000100"
+    with pytest.raises(NemoconvError, match="iterations present: 100, 200"):
+        open_checkpoint(run, iteration=300)
+
+
+def test_nemo2_weights_layout_is_found(megatron_dir, tmp_path):
+    _, mg = megatron_dir("dense")
+    shutil.copytree(mg, tmp_path / "nemo2" / "weights")
+    from nemoconv.checkpoint import open_checkpoint
+
+    assert open_checkpoint(tmp_path / "nemo2").path == tmp_path / "nemo2" / "weights"
+
+
+def test_missing_config_is_a_clear_error_and_config_option_fixes_it(megatron_dir, tmp_path):
+    src, mg = megatron_dir("dense")
+    bare = tmp_path / "bare"
+    shutil.copytree(mg, bare)
+    (bare / "config.json").unlink()
+    result = _cli("convert", str(bare), str(tmp_path / "out"), "--to", "hf")
+    assert result.returncode == 2 and "--config" in result.stderr
+    result = _cli("convert", str(bare), str(tmp_path / "out"), "--to", "hf", "--config", str(src / "config.json"))
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(load_all(src), load_all(tmp_path / "out"))
+
+
+def test_config_is_derived_from_bridge_run_config(megatron_dir, tmp_path):
+    src, mg = megatron_dir("mtp")
+    hf = json.loads((src / "config.json").read_text())
+    from nemoconv.megatron.config import megatron_model_fields
+
+    run = tmp_path / "run"
+    shutil.copytree(mg, run)
+    (run / "config.json").unlink()
+    import yaml
+
+    model = {"_target_": "megatron.bridge.models.NemotronHModelProvider", **megatron_model_fields(hf),
+             "params_dtype": None}
+    text = yaml.safe_dump({"model": model}).replace("params_dtype: null", "params_dtype: !!python/name:torch.bfloat16 ''")
+    (run / "run_config.yaml").write_text(text)
+    convert(run, tmp_path / "out", to="hf")
+    assert_same_tensors(load_all(src), load_all(tmp_path / "out"))
+
+
+def test_hybrid_layer_pattern_separators():
+    assert split_layer_pattern("M-M-|M*E/*E/*E") == ("M-M-M*E", "*E", 2)
+    cfg = hf_config_from_megatron({"hybrid_layer_pattern": "M*|ME/*E", "vocab_size": 8}, "x")
+    assert cfg["hybrid_override_pattern"] == "M*ME" and cfg["num_nextn_predict_layers"] == 1
+    with pytest.raises(NemoconvError, match="different patterns"):
+        split_layer_pattern("MM/*E/E*")
+
+
+def test_optimizer_state_and_extra_state_are_skipped_with_a_note(megatron_dir, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    src, mg = megatron_dir("dense")
+    from nemoconv.checkpoint import open_checkpoint
+
+    state = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    state["optimizer.state.exp_avg.decoder.final_norm.weight"] = torch.zeros(4)
+    state["decoder.layers.0.mixer.in_proj._extra_state"] = {"fp8": "meta"}  # a pickled object, never read
+    train = tmp_path / "train"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(train), no_dist=True)
+    shutil.copy(mg / "metadata.json", train)
+    shutil.copy(mg / "config.json", train)
+    manifest = convert(train, tmp_path / "out", to="hf")
+    assert "optimizer.state.exp_avg.decoder.final_norm.weight" in manifest["keys_not_read"]
+    assert any("_extra_state" in k for k in manifest["keys_not_read"])
+    a, b = load_all(src), load_all(tmp_path / "out")  # no nemoconv manifest here: fp32 A_log stays fp32
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_failed_megatron_write_leaves_existing_output_untouched(megatron_dir, tiny_dir, tmp_path):
+    _, mg = megatron_dir("dense")
+    out = tmp_path / "out"
+    shutil.copytree(mg, out)
+    before = tree_digest(out)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir("dense", dtype=torch.bfloat16), broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["hidden_size"] = 32  # shapes no longer match: fails in the plan, before writing
+    (broken / "config.json").write_text(json.dumps(cfg))
+    result = _cli("convert", str(broken), str(out), "--to", "megatron", "--overwrite")
+    assert result.returncode == 2
+    assert tree_digest(out) == before
+
+
+def test_megatron_core_loads_what_we_write_with_the_expected_keys_shapes_and_values(megatron_dir):
+    import hashlib
+    import importlib.util
+
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        pytest.skip("megatron-core is not installed")
+    from nemoconv.checkpoint import open_checkpoint
+
+    _, mg = megatron_dir("mtp")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "peers" / "mcore_load.py"), str(mg)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    ours = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    assert sorted(loaded) == sorted(ours)
+    for key, t in ours.items():
+        digest = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        assert loaded[key] == {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                               "metadata_shape": list(t.shape), "sha256": digest}, key
