@@ -15,8 +15,8 @@ from .checkpoint import Checkpoint
 from .config import ModelSpec
 from .errors import NemoconvError
 from .mapping import Scheme, config_product, get_scheme
-from .safetensors_io import (FP8_NAMES, FLOAT_NAMES, HostTensor, TensorEntry, TensorReader, bits_dtype, dtype_name,
-                             torch_dtype)
+from .safetensors_io import (FP8_NAMES, FLOAT_NAMES, ChunkedEntry, HostTensor, TensorEntry, TensorReader, bits_dtype,
+                             dtype_name, torch_dtype)
 
 # The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
 # no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,
@@ -191,6 +191,32 @@ def _stack(parts: list, transpose: bool):
     for j, p in enumerate(parts):
         out[j].copy_(p.view(bits).T if transpose else p.view(bits))
     return out.view(first.dtype)
+
+
+def _on_disk(parts: list) -> bool:
+    return all(isinstance(p, Item) and p.entry is not None and p.reader is not None for p in parts)
+
+
+def _stacked_on_disk(name: str, parts: list[Item]) -> Item:
+    """Experts stacked without a transpose are their bytes in sequence: an entry over the parts' byte ranges,
+    copied file to file by the writer (or read when a transform needs the values)."""
+    first = parts[0]
+    shape = (len(parts), *first.tensor.shape)
+    pieces = tuple(((j, *[0] * len(first.tensor.shape)), replace(p.entry, shape=(1, *p.entry.shape)))
+                   for j, p in enumerate(parts))
+    nbytes = sum(p.entry.nbytes for p in parts)
+    entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, pieces, True)
+    return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
+                entry=entry, reader=first.reader)
+
+
+def _unstacked_on_disk(item: Item, names: list[str]) -> list[Item]:
+    """The experts of a merged [E, a, b] tensor still on disk, without a transpose: each one a slab of its bytes."""
+    shape = tuple(item.tensor.shape[1:])
+    slab = item.entry.nbytes // len(names)
+    return [Item(n, _meta_like(item.tensor, shape), item.sources,
+                 entry=replace(item.entry, name=n, shape=shape, start=item.entry.start + j * slab, nbytes=slab),
+                 reader=item.reader) for j, n in enumerate(names)]
 
 
 def _unstack_all(item: Item, count: int, transpose: bool) -> list:
@@ -388,9 +414,11 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             raise NemoconvError(
                 f"{item.name}: merged experts have shape {list(t.shape)}, config implies {count} experts"
             )
+        names = [merge.hf.format({**fields, "j": str(j)}) for j in range(count)]
+        if not merge.transpose and _on_disk([item]):
+            return _unstacked_on_disk(item, names)
         pieces = _unstack_all(item, count, merge.transpose)
-        return [Item(merge.hf.format({**fields, "j": str(j)}), piece, item.sources)
-                for j, piece in enumerate(pieces)]
+        return [Item(n, piece, item.sources) for n, piece in zip(names, pieces)]
     for fuse in scheme.fuses:
         fields = fuse.to.match(hf_name)
         if fields is None:
@@ -525,8 +553,12 @@ class FromHF:
             count = config_product(merge.count, self.spec)
             if len(buf) == count:
                 del self.merge_buffers[key]
-                merged = Item(merge.to.format(fields), _stack([buf[x] for x in range(count)], merge.transpose),
-                              tuple(s for x in range(count) for s in buf[x].sources))
+                group = [buf[x] for x in range(count)]
+                if not merge.transpose and _on_disk(group):
+                    merged = _stacked_on_disk(merge.to.format(fields), group)
+                else:
+                    merged = Item(merge.to.format(fields), _stack(group, merge.transpose),
+                                  tuple(s for p in group for s in p.sources))
                 yield self._finish(merged)
             return
         for f_idx, fuse in enumerate(self.scheme.fuses):

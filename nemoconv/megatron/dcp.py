@@ -16,70 +16,19 @@ import os
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NemoconvError
-from ..safetensors_io import ITEMSIZE, HostTensor, PlannedTensor, TensorEntry, _copy_range, _write_all, bits_dtype, \
-    dtype_name
-from .restricted import load_dcp_metadata, load_tensor_record
+from ..safetensors_io import ITEMSIZE, HostTensor, PlannedTensor, TensorEntry, _copy_range, _write_all, dtype_name
+from ..safetensors_io import ChunkedEntry
+from .restricted import DCP_CLASSES, load_dcp_metadata, load_tensor_record
 
 METADATA_NAME = ".metadata"
 _MAX_METADATA = 1 << 30
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChunkedEntry(TensorEntry):
-    """A tensor stored as several chunks (tensor parallel shards, per-expert slices). `start`/`nbytes` are a
-    byte window of the row-major whole tensor (the pipeline narrows them to read one expert at a time)."""
-
-    full_shape: tuple[int, ...] = ()
-    pieces: tuple[tuple[tuple[int, ...], TensorEntry], ...] = ()  # (offsets, entry of that chunk)
-    rows_tiled: bool = False  # chunks cover whole rows, in order: the bytes are the chunks' bytes in sequence
-
-    def read_with(self, reader):
-        import numpy as np
-
-        itemsize = ITEMSIZE[self.dtype_name]
-        out = np.empty(self.nbytes, dtype=np.uint8)
-        if self.rows_tiled:
-            pos = 0  # logical byte position of the current piece
-            for _, piece in self.pieces:
-                lo, hi = max(self.start, pos), min(self.start + self.nbytes, pos + piece.nbytes)
-                if lo < hi:
-                    reader.read_into(replace(piece, start=piece.start + lo - pos, nbytes=hi - lo),
-                                     memoryview(out[lo - self.start:hi - self.start]))
-                pos += piece.nbytes
-        else:
-            whole = np.empty(self.full_shape, dtype=bits_dtype(itemsize))
-            for offsets, piece in self.pieces:
-                bits = np.empty(piece.shape, dtype=bits_dtype(itemsize))
-                reader.read_into(piece, memoryview(bits.reshape(-1)).cast("B"))
-                whole[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape))] = bits
-            out[:] = whole.reshape(-1).view(np.uint8)[self.start:self.start + self.nbytes]
-        bits = out.view(bits_dtype(itemsize)).reshape(self.shape)
-        if reader.host:
-            return HostTensor(self.dtype_name, self.shape, bits)
-        import torch
-
-        from ..pipeline import _SAME_SIZE_INT
-
-        return torch.from_numpy(bits.view(getattr(np, _SAME_SIZE_INT[itemsize]))).view(self.dtype)
-
-    def copy_to(self, dst) -> int:
-        """Append the tensor's bytes to `dst` (the writer's file-to-file path)."""
-        whole = self.start == 0 and self.nbytes == math.prod(self.full_shape) * ITEMSIZE[self.dtype_name]
-        if self.rows_tiled and whole:
-            return sum(_copy_range(piece, dst) for _, piece in self.pieces)
-        from ..safetensors_io import TensorReader
-
-        with TensorReader(host=True) as reader:
-            t = self.read_with(reader)
-        _write_all(dst, memoryview(t.bits.reshape(-1)).cast("B"))
-        return self.nbytes
 
 
 class _Window(io.RawIOBase):
@@ -146,6 +95,16 @@ def _item_entry(name: str, file: Path, fd: int, offset: int, length: int, dtype:
     return TensorEntry(name, file, dtype, tuple(shape), start, nbytes)
 
 
+def _dtype_of(tmeta, key: str) -> str:
+    props = getattr(tmeta, "properties", None)
+    dtype = getattr(props, "dtype", None)
+    if dtype is None and isinstance(getattr(props, "state", None), tuple) and props.state:
+        dtype = props.state[0]  # TensorProperties' pickled tuple starts with the dtype
+    if not isinstance(dtype, str):
+        raise NemoconvError(f".metadata: tensor {key!r} has no readable dtype")
+    return dtype
+
+
 def _rows_tiled(full_shape: tuple, chunks: list[tuple[tuple, tuple]]) -> bool:
     """Chunks that each span all trailing dims and follow one another along axis 0 from row 0."""
     row = 0
@@ -167,21 +126,20 @@ def read_dcp(directory: Path, skip) -> tuple[dict[str, TensorEntry], list[Path],
     except OSError as exc:
         raise NemoconvError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
     metadata = load_dcp_metadata(raw, str(meta_path))
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+    tensor_class = DCP_CLASSES["TensorStorageMetadata"]
     storage = {}
-    for index, info in (metadata.storage_data or {}).items():
-        storage[(index.fqn, tuple(index.offset or ()))] = info
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        storage[(str(getattr(index, "fqn", "")), tuple(getattr(index, "offset", None) or ()))] = info
     entries: dict[str, TensorEntry] = {}
     skipped: list[str] = []
     files: dict[str, Path] = {}
     fds: dict[str, int] = {}
     try:
-        for key, tmeta in metadata.state_dict_metadata.items():
-            if not isinstance(tmeta, TensorStorageMetadata) or skip(key):
+        for key, tmeta in (getattr(metadata, "state_dict_metadata", None) or {}).items():
+            if not isinstance(tmeta, tensor_class) or skip(key):
                 skipped.append(key)
                 continue
-            dtype, shape = dtype_name(tmeta.properties.dtype), tuple(int(d) for d in tmeta.size)
+            dtype, shape = _dtype_of(tmeta, key), tuple(int(d) for d in tmeta.size)
             if dtype not in ITEMSIZE:
                 raise NemoconvError(f"{meta_path}: tensor {key!r} has unsupported dtype {dtype}")
             pieces = []
@@ -190,6 +148,8 @@ def read_dcp(directory: Path, skip) -> tuple[dict[str, TensorEntry], list[Path],
                 info = storage.get((key, offsets))
                 if info is None:
                     raise NemoconvError(f"{meta_path}: no storage recorded for {key!r} chunk at {list(offsets)}")
+                if not isinstance(info, DCP_CLASSES["_StorageInfo"]):
+                    raise NemoconvError(f"{meta_path}: storage of {key!r} is not a storage record")
                 if getattr(info, "transform_descriptors", None):
                     raise NemoconvError(f"{meta_path}: {key!r} is stored transformed {info.transform_descriptors}; "
                                         f"only plain items are read")
@@ -401,20 +361,48 @@ class DcpWriter:
             write_torch_archive(f, 0, b"\x80\x02}q\x00.")  # an empty dict: no common state
 
 
+_DCP_META = "torch.distributed.checkpoint.metadata"
+
+
+def _p_global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def _p_object(module: str, name: str, state: bytes) -> bytes:
+    """cls.__new__(cls) then BUILD(state): how pickle stores a dataclass instance."""
+    return _p_global(module, name) + b")\x81" + state + b"b"
+
+
+def _p_dict(items: list[tuple[bytes, bytes]]) -> bytes:
+    return b"}(" + b"".join(k + v for k, v in items) + b"u"
+
+
+def _p_size(values) -> bytes:
+    return _p_global("torch", "Size") + _p_tuple(values) + b"\x85R"  # torch.Size((…,))
+
+
 def metadata_pickle(written: list[_Written]) -> bytes:
-    """`.metadata` for tensors stored one chunk each (built from DCP's own classes, so torch reads it)."""
-    import pickle
-
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
-                                                       TensorProperties, TensorStorageMetadata)
-
-    state, storage, planner = {}, {}, {}
+    """`.metadata` for tensors stored one chunk each: the pickle DCP's own classes give (protocol 2), assembled
+    directly so that writing imports no torch. torch's FileSystemReader and Megatron-core read it (tested)."""
+    state, storage, planner = [], [], []
     for w in written:
-        zeros = torch.Size([0] * len(w.shape))
-        state[w.name] = TensorStorageMetadata(TensorProperties(dtype=getattr(torch, w.dtype)), torch.Size(w.shape),
-                                              [ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(w.shape))])
-        storage[MetadataIndex(w.name, zeros, 0)] = _StorageInfo(w.file, w.offset, w.length)
-        planner[w.name] = (w.name,)
-    return pickle.dumps(Metadata(state_dict_metadata=state, planner_data=planner, storage_data=storage), protocol=2)
+        key, zeros = _p_str(w.name), _p_size([0] * len(w.shape))
+        props = _p_object(_DCP_META, "TensorProperties", b"(" + _p_global("torch", w.dtype)
+                          + _p_global("torch.serialization", "_get_layout") + _p_str("torch.strided") + b"\x85R"
+                          + b"\x89" + _p_global(_DCP_META, "_MEM_FORMAT_ENCODING") + _p_int(0) + b"\x85R"
+                          + b"\x89t")
+        chunk = _p_object(_DCP_META, "ChunkStorageMetadata",
+                          _p_dict([(_p_str("offsets"), zeros), (_p_str("sizes"), _p_size(w.shape))]))
+        state.append((key, _p_object(_DCP_META, "TensorStorageMetadata", _p_dict([
+            (_p_str("properties"), props), (_p_str("size"), _p_size(w.shape)), (_p_str("chunks"), b"](" + chunk + b"e")]))))
+        index = _p_object(_DCP_META, "MetadataIndex", _p_dict([
+            (_p_str("fqn"), key), (_p_str("offset"), zeros), (_p_str("index"), _p_int(0))]))
+        info = _p_object("torch.distributed.checkpoint.filesystem", "_StorageInfo", _p_dict([
+            (_p_str("relative_path"), _p_str(w.file)), (_p_str("offset"), _p_int(w.offset)),
+            (_p_str("length"), _p_int(w.length)), (_p_str("transform_descriptors"), b"N")]))
+        storage.append((index, info))
+        planner.append((key, b"(" + key + b"t"))
+    return b"\x80\x02" + _p_object(_DCP_META, "Metadata", _p_dict([
+        (_p_str("state_dict_metadata"), _p_dict(state)), (_p_str("planner_data"), _p_dict(planner)),
+        (_p_str("storage_data"), _p_dict(storage)), (_p_str("storage_meta"), b"N"),
+        (_p_str("version"), _p_str("1.0.0"))])) + b"."

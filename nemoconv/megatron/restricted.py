@@ -24,32 +24,42 @@ from dataclasses import dataclass
 
 from ..errors import NemoconvError
 
-_DCP_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "BytesStorageMetadata",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+class DcpRecord:
+    """A DCP metadata object as read: its pickled fields as attributes, and nothing else (no torch class)."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots) of a slotted dataclass
+        if isinstance(state, dict):
+            self.__dict__.update({str(k): v for k, v in state.items()})
+        else:
+            self.state = state  # TensorProperties pickles a tuple: (dtype, layout, requires_grad, format, pin)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.__dict__})"
+
+
+# One stand-in class per DCP class name, so the reader can tell them apart.
+DCP_CLASSES = {name: type(name, (DcpRecord,), {}) for name in (
+    "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "BytesStorageMetadata",
+    "MetadataIndex", "StorageMeta", "_StorageInfo")}
 
 _DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32",
                 "int16", "int8", "uint8", "bool")
 
 
 def _metadata_globals() -> dict[tuple[str, str], object]:
-    import importlib
-    import pathlib
-
-    import torch
-    import torch.serialization
-
-    allowed: dict[tuple[str, str], object] = {}
-    for module, name in _DCP_METADATA_CLASSES:
-        allowed[(module, name)] = getattr(importlib.import_module(module), name)
-    allowed[("torch", "Size")] = torch.Size
+    """Every name a DCP `.metadata` pickle may use, resolved to a plain stand-in (torch is never imported)."""
+    meta = "torch.distributed.checkpoint.metadata"
+    allowed: dict[tuple[str, str], object] = {(meta, n): c for n, c in DCP_CLASSES.items() if n != "_StorageInfo"}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = DCP_CLASSES["_StorageInfo"]
+    allowed[("torch", "Size")] = tuple
     for name in _DTYPE_NAMES:
-        allowed[("torch", name)] = getattr(torch, name)
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+        allowed[("torch", name)] = name  # a dtype reads as its name
+    allowed[("torch.serialization", "_get_layout")] = str
+    allowed[(meta, "_MEM_FORMAT_ENCODING")] = int
     for name in ("PosixPath", "PurePosixPath"):
-        allowed[("pathlib", name)] = getattr(pathlib, name)
+        allowed[("pathlib", name)] = str
     allowed[("collections", "OrderedDict")] = OrderedDict
     return allowed
 
@@ -71,16 +81,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def load_dcp_metadata(data: bytes, what: str):
-    """The `Metadata` object of a DCP `.metadata` file, read through the allow-list."""
+    """The `Metadata` record of a DCP `.metadata` file, read through the allow-list into stand-ins."""
     try:
         metadata = _MetadataUnpickler(io.BytesIO(data), _metadata_globals(), what).load()
     except NemoconvError:
         raise
     except Exception as exc:  # a truncated or malformed pickle
         raise NemoconvError(f"{what}: not a readable checkpoint metadata file ({type(exc).__name__}: {exc})") from None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    if not isinstance(metadata, Metadata):
+    if not isinstance(metadata, DCP_CLASSES["Metadata"]):
         raise NemoconvError(f"{what}: holds a {type(metadata).__name__}, not checkpoint metadata")
     return metadata
 
