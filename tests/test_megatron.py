@@ -256,3 +256,131 @@ def test_megatron_core_loads_what_we_write_with_the_expected_keys_shapes_and_val
         digest = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
         assert loaded[key] == {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                                "metadata_shape": list(t.shape), "sha256": digest}, key
+
+
+# ---- Megatron-Bridge's own mappings (pip megatron-bridge --no-deps; its package __init__s need Transformer
+# Engine, so the three package modules are stood in by plain namespaces and param_mapping.py is imported alone).
+
+
+def _bridge_root() -> Path:
+    import importlib.util
+
+    if "megatron.bridge" in sys.modules:  # already stood in by _bridge_param_mapping
+        return Path(sys.modules["megatron.bridge"].__path__[0])
+    try:
+        spec = importlib.util.find_spec("megatron.bridge")
+        has_core = importlib.util.find_spec("megatron.core") is not None
+    except ImportError:
+        spec, has_core = None, False
+    if spec is None or not has_core:
+        pytest.skip("megatron-bridge / megatron-core are not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bridge_param_mapping():
+    import importlib
+    import types
+
+    root = _bridge_root()
+    for name, sub in (("megatron.bridge", ""), ("megatron.bridge.models", "models"),
+                      ("megatron.bridge.models.conversion", "models/conversion")):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [str(root / sub)]
+            sys.modules[name] = module
+    return importlib.import_module("megatron.bridge.models.conversion.param_mapping")
+
+
+def _layer_prefixes(spec, code: str) -> list[tuple[str, str]]:
+    """(HF prefix, Megatron prefix) of every main and MTP layer of one kind."""
+    out = [(f"backbone.layers.{i}", f"decoder.layers.{i}") for i, c in enumerate(spec.layer_codes) if c == code]
+    per_depth = len(spec.mtp_codes)
+    for k in range(spec.num_mtp_layers * per_depth):
+        if spec.mtp_layer_code(k) == code:
+            out.append((f"mtp.layers.{k}", f"mtp.layers.{k // per_depth}.mtp_model_layer.layers.{k % per_depth}"))
+    return out
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_bridge_qkv_in_proj_and_conv1d_mappings_give_our_tensors(megatron_dir, layout):
+    pm = _bridge_param_mapping()
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from nemoconv.checkpoint import open_checkpoint
+
+    src, mg = megatron_dir(layout)
+    spec = open_checkpoint(src).spec
+    hf = load_all(src)
+    ours = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    config = TransformerConfig(num_layers=1, hidden_size=spec.hidden_size, num_attention_heads=spec.num_attention_heads,
+                               num_query_groups=spec.num_key_value_heads, kv_channels=spec.head_dim,
+                               mamba_num_heads=spec.mamba_num_heads, mamba_head_dim=spec.mamba_head_dim,
+                               mamba_state_dim=spec.ssm_state_size, mamba_num_groups=spec.n_groups)
+    module = torch.nn.Module()
+    module.config = config
+    checked = 0
+    for h, m in _layer_prefixes(spec, "*"):
+        q, k, v = (hf[f"{h}.mixer.{p}_proj.weight"] for p in "qkv")
+        assert torch.equal(pm.merge_qkv_weights(config, q, k, v), ours[f"{m}.self_attention.linear_qkv.weight"])
+        checked += 1
+    for h, m in _layer_prefixes(spec, "M"):
+        in_proj = hf[f"{h}.mixer.in_proj.weight"]
+        module.weight = torch.nn.Parameter(torch.empty_like(in_proj))
+        bridge = pm.MambaInProjMapping(f"{m}.mixer.in_proj.weight", f"{h}.mixer.in_proj.weight")
+        parts = torch.cat([ours[f"{m}.mixer.in_proj.weight.{p}"] for p in ("z", "x", "B", "C", "dt")])
+        assert torch.equal(bridge.hf_to_megatron(in_proj, module), parts)
+        for what in ("weight", "bias"):
+            conv = hf[f"{h}.mixer.conv1d.{what}"]
+            module.weight = torch.nn.Parameter(torch.empty_like(conv))
+            bridge = pm.MambaConv1dMapping(f"{m}.mixer.conv1d.{what}", f"{h}.mixer.conv1d.{what}")
+            parts = torch.cat([ours[f"{m}.mixer.conv1d.{what}.{p}"] for p in "xBC"])
+            assert torch.equal(bridge.hf_to_megatron(conv, module), parts)
+        checked += 1
+    assert checked
+
+
+def _bridge_rename_table(root: Path) -> list[tuple[str, str]]:
+    """(megatron pattern, hf pattern) pairs of the nemotron_h bridge, read from its source (it does not import
+    without Transformer Engine): the `param_mappings` dict and the per-submodule Column/RowParallel mappings."""
+    import ast
+
+    tree = ast.parse((root / "models" / "nemotronh" / "nemotron_h_bridge.py").read_text())
+    pairs = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "param_mappings":
+            pairs += list(ast.literal_eval(node.value).items())
+    for sub in ("A_log", "D", "dt_bias", "norm.weight"):  # the loop over mixer submodules in mapping_registry
+        pairs.append((f"decoder.layers.*.mixer.{sub}", f"backbone.layers.*.mixer.{sub}"))
+    pairs.append(("decoder.layers.*.mixer.out_proj.weight", "backbone.layers.*.mixer.out_proj.weight"))
+    return pairs
+
+
+@pytest.mark.parametrize("layout", ["dense", "moe"])
+def test_our_renames_are_among_the_bridges_nemotron_h_mappings(megatron_dir, layout):
+    import re
+
+    from nemoconv.checkpoint import open_checkpoint
+    from nemoconv.mapping import get_scheme
+
+    pairs = _bridge_rename_table(_bridge_root())
+    src, _ = megatron_dir(layout)
+    ck, scheme = open_checkpoint(src), get_scheme("megatron")
+    transformed = re.compile(r"\.(q_proj|k_proj|v_proj|in_proj|conv1d)\.|\.experts\.\d+\.")  # compared above
+    checked = 0
+    for hf_name in ck.entries:
+        if hf_name.startswith("mtp.") or transformed.search(hf_name):
+            continue  # Megatron-Bridge 0.3.1's nemotron_h bridge maps no MTP or latent tensors
+        ours = scheme.to_scheme(hf_name, ck.spec)
+        candidates = []
+        for mg_pattern, hf_pattern in pairs:
+            m = re.fullmatch(re.escape(hf_pattern).replace(r"\*", r"(\d+)"), hf_name)
+            if m:
+                mg = mg_pattern
+                for g in m.groups():
+                    mg = mg.replace("*", g, 1)
+                candidates.append(mg)
+        if "latent_proj" in hf_name:
+            continue
+        assert ours in candidates, (hf_name, ours, candidates)
+        checked += 1
+    assert checked > 10

@@ -48,6 +48,11 @@ _DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "f
                 "int16", "int8", "uint8", "bool")
 
 
+def _path_text(*parts) -> str:
+    """A pickled path (pathlib reduces to its parts) as plain text: `StorageMeta.checkpoint_id`, never used."""
+    return "/".join(str(p) for p in parts)
+
+
 def _metadata_globals() -> dict[tuple[str, str], object]:
     """Every name a DCP `.metadata` pickle may use, resolved to a plain stand-in (torch is never imported)."""
     meta = "torch.distributed.checkpoint.metadata"
@@ -59,7 +64,7 @@ def _metadata_globals() -> dict[tuple[str, str], object]:
     allowed[("torch.serialization", "_get_layout")] = str
     allowed[(meta, "_MEM_FORMAT_ENCODING")] = int
     for name in ("PosixPath", "PurePosixPath"):
-        allowed[("pathlib", name)] = str
+        allowed[("pathlib", name)] = _path_text
     allowed[("collections", "OrderedDict")] = OrderedDict
     return allowed
 
