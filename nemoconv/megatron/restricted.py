@@ -42,7 +42,9 @@ class DcpRecord:
 # One stand-in class per DCP class name, so the reader can tell them apart.
 DCP_CLASSES = {name: type(name, (DcpRecord,), {}) for name in (
     "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "BytesStorageMetadata",
-    "MetadataIndex", "StorageMeta", "_StorageInfo")}
+    "MetadataIndex", "StorageMeta", "_StorageInfo", "SavePlan", "WriteItem", "TensorWriteData")}
+# Megatron-core also pickles its save plans into `.metadata` (`all_local_plans`): DCP planner dataclasses.
+_PLANNER_CLASSES = ("SavePlan", "WriteItem", "TensorWriteData")
 
 _DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32",
                 "int16", "int8", "uint8", "bool")
@@ -56,8 +58,11 @@ def _path_text(*parts) -> str:
 def _metadata_globals() -> dict[tuple[str, str], object]:
     """Every name a DCP `.metadata` pickle may use, resolved to a plain stand-in (torch is never imported)."""
     meta = "torch.distributed.checkpoint.metadata"
-    allowed: dict[tuple[str, str], object] = {(meta, n): c for n, c in DCP_CLASSES.items() if n != "_StorageInfo"}
+    planner = "torch.distributed.checkpoint.planner"
+    allowed: dict[tuple[str, str], object] = {
+        (planner if n in _PLANNER_CLASSES else meta, n): c for n, c in DCP_CLASSES.items() if n != "_StorageInfo"}
     allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = DCP_CLASSES["_StorageInfo"]
+    allowed[(planner, "WriteItemType")] = int  # an enum, pickled as WriteItemType(value)
     allowed[("torch", "Size")] = tuple
     for name in _DTYPE_NAMES:
         allowed[("torch", name)] = name  # a dtype reads as its name
