@@ -412,3 +412,41 @@ def test_we_read_what_megatron_core_saves_per_expert_and_tensor_parallel_shards(
     assert not manifest.get("keys_not_read")
     a, b = load_all(src), load_all(tmp_path / "hf")  # no nemoconv manifest: fp32 A_log stays fp32
     assert sorted(a) == sorted(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_vocab_padding_rows_are_cut_on_read_and_reported(megatron_dir, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from nemoconv.checkpoint import open_checkpoint
+
+    src, mg = megatron_dir("dense")
+    state = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        state[key] = torch.cat([state[key], torch.full((64, state[key].shape[1]), 7.0, dtype=state[key].dtype)])
+    padded = tmp_path / "padded"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(padded), no_dist=True)
+    shutil.copy(mg / "metadata.json", padded)
+    shutil.copy(mg / "config.json", padded)
+    manifest = convert(padded, tmp_path / "hf", to="hf")
+    trims = [s for s in manifest["lossy_steps"] if s["step"] == "trim"]
+    assert sorted(s["tensor"] for s in trims) == ["backbone.embeddings.weight", "lm_head.weight"]
+    a, b = load_all(src), load_all(tmp_path / "hf")
+    assert all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_config_is_derived_from_nemo2_context(megatron_dir, tmp_path):
+    import yaml
+
+    from nemoconv.megatron.config import megatron_model_fields
+
+    src, mg = megatron_dir("moe")
+    nemo2 = tmp_path / "nemo2"
+    shutil.copytree(mg, nemo2 / "weights")
+    (nemo2 / "weights" / "config.json").unlink()
+    (nemo2 / "context").mkdir()
+    model = {"_target_": "nemo.collections.llm.gpt.model.ssm.MambaModel",
+             "config": {"_target_": "nemo.collections.llm.gpt.model.ssm.NemotronHConfig",
+                        **megatron_model_fields(json.loads((src / "config.json").read_text()))}}
+    (nemo2 / "context" / "model.yaml").write_text(yaml.safe_dump(model))
+    convert(nemo2, tmp_path / "hf", to="hf")
+    assert_same_tensors(load_all(src), load_all(tmp_path / "hf"))
