@@ -450,3 +450,38 @@ def test_config_is_derived_from_nemo2_context(megatron_dir, tmp_path):
     (nemo2 / "context" / "model.yaml").write_text(yaml.safe_dump(model))
     convert(nemo2, tmp_path / "hf", to="hf")
     assert_same_tensors(load_all(src), load_all(tmp_path / "hf"))
+
+
+def test_identical_inputs_give_byte_identical_megatron_outputs(megatron_dir, tmp_path):
+    src, mg = megatron_dir("moe")
+    convert(src, tmp_path / "again", to="megatron")
+    first, second = tree_digest(mg), tree_digest(tmp_path / "again")
+    first.pop("README.md", None), second.pop("README.md", None)  # the card names the output
+    manifest_a = json.loads((mg / "nemoconv-manifest.json").read_text())
+    manifest_b = json.loads((tmp_path / "again" / "nemoconv-manifest.json").read_text())
+    first.pop("nemoconv-manifest.json"), second.pop("nemoconv-manifest.json")
+    assert first == second and manifest_a["tensors"] == manifest_b["tensors"]
+
+
+def test_storage_file_outside_the_checkpoint_is_refused(megatron_dir, tmp_path):
+    from nemoconv.megatron.dcp import _Written, metadata_pickle
+
+    _, mg = megatron_dir("dense")
+    bad = tmp_path / "bad"
+    shutil.copytree(mg, bad)
+    (bad / ".metadata").write_bytes(metadata_pickle([_Written("decoder.final_norm.weight", "bfloat16", (64,),
+                                                              "../outside.distcp", 0, 1000)]))
+    result = _cli("convert", str(bad), str(tmp_path / "out"), "--to", "hf")
+    assert result.returncode == 2 and "not a plain .distcp name" in result.stderr
+
+
+def test_truncated_distcp_is_a_clear_error(megatron_dir, tmp_path):
+    _, mg = megatron_dir("dense")
+    bad = tmp_path / "bad"
+    shutil.copytree(mg, bad)
+    data = bad / "__0_0.distcp"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    result = _cli("convert", str(bad), str(tmp_path / "out"), "--to", "hf")
+    assert result.returncode == 2 and "lies outside the file" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
