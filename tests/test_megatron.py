@@ -153,6 +153,11 @@ def test_training_layout_picks_latest_iteration_or_the_one_asked(megatron_dir, t
     assert open_checkpoint(run, iteration=100).path.name == "iter_0000100"
     with pytest.raises(NemoconvError, match="iterations present: 100, 200"):
         open_checkpoint(run, iteration=300)
+    result = _cli("convert", str(run), str(tmp_path / "hf"), "--to", "hf", "--iteration", "100")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "hf" / "nemoconv-manifest.json").read_text())["scheme_from"] == "megatron"
+    result = _cli("convert", str(src), str(tmp_path / "x"), "--to", "hf", "--iteration", "100")
+    assert result.returncode == 2 and "--iteration applies to Megatron checkpoints" in result.stderr
 
 
 def test_nemo2_weights_layout_is_found(megatron_dir, tmp_path):
