@@ -44,6 +44,7 @@ class Checkpoint:
     scheme: str
     manifest: dict | None = None
     shard_metadata: dict[str, dict] = field(default_factory=dict)
+    not_read: list[str] = field(default_factory=list)  # stored keys that are not weights (Megatron: optimizer…)
 
     def tensor_names(self) -> list[str]:
         return sorted(self.entries, key=natural_key)
@@ -176,9 +177,16 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def open_checkpoint(source: str | Path, scheme: str = "auto") -> Checkpoint:
-    """Open a checkpoint directory (or Hub repo id) lazily: config, headers, index, scheme."""
+def open_checkpoint(source: str | Path, scheme: str = "auto", iteration: int | None = None,
+                    config_file: str | Path | None = None) -> Checkpoint:
+    """Open a checkpoint directory (or Hub repo id) lazily: config, headers, index, scheme. A Megatron
+    torch_dist checkpoint (`iteration`: which iter_* directory; `config_file`: its HF config) is read too."""
     path = resolve_source(source)
+    from .megatron import find_torch_dist, open_megatron
+
+    dist_dir = find_torch_dist(path, iteration)
+    if dist_dir is not None:
+        return open_megatron(path, dist_dir, scheme, config_file)
     owned_file(path, "config.json")
     config, spec = load_config(path)
     files, weight_map = _shard_files(path)

@@ -48,6 +48,7 @@ class Scheme(str, Enum):
     hf = "hf"
     nemo = "nemo"
     max = "max"
+    megatron = "megatron"
 
 
 class FromScheme(str, Enum):
@@ -55,6 +56,7 @@ class FromScheme(str, Enum):
     hf = "hf"
     nemo = "nemo"
     max = "max"
+    megatron = "megatron"
 
 
 class DType(str, Enum):
@@ -194,8 +196,12 @@ def convert(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (only once complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing."),
+    iteration: Optional[int] = typer.Option(None, "--iteration", min=0,
+                                            help="Megatron source: which iter_* checkpoint (default: the latest)."),
+    config_file: Optional[Path] = typer.Option(None, "--config",
+                                               help="Megatron source: its HF config.json (when it carries none)."),
 ):
-    """Convert a checkpoint between the hf, nemo and max naming schemes, bit-exactly where lossless.
+    """Convert a checkpoint between the hf, nemo, max and megatron naming schemes, bit-exactly where lossless.
 
     Every tensor is checked against config.json before anything is written; every source tensor is
     written or reported as dropped; lossy steps are listed in the summary and nemoconv-manifest.json.
@@ -206,7 +212,7 @@ def convert(
     with progress_bar(f"convert → {to.value}") as progress:
         manifest = do_convert(src, dst, to=to.value, from_=from_.value, dtype=dtype.value,
                               max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
-                              progress=progress)
+                              progress=progress, iteration=iteration, config_file=config_file)
     if _state["quiet"] and not dry_run:
         return
     verb = "plan" if dry_run else "wrote"

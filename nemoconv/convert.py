@@ -40,8 +40,8 @@ def plan_conversion(ck: Checkpoint, to: str, dtype: str | None) -> tuple[list[di
         raise NemoconvError(f"internal mapping error: two tensors would be written as {dup!r}")
     consumed = {s for t in tensors for s in t["sources"]}
     dropped = {s for step in journal.lossy if step["step"] == "drop" for s in [step["tensor"]]}
-    unaccounted = [n for n in ck.entries if n not in consumed and ck.scheme_rules.to_hf(ck.scheme_rules.normalize(n))
-                   not in dropped]
+    unaccounted = [n for n in ck.entries if n not in consumed
+                   and ck.scheme_rules.to_hf(ck.scheme_rules.normalize(n), ck.spec) not in dropped]
     if unaccounted:
         raise NemoconvError(f"internal error: source tensor {unaccounted[0]!r} was neither written nor dropped")
     return tensors, journal
@@ -97,13 +97,15 @@ def _rewrite_quant_side(carried: list[SideFile], config: dict, ck: Checkpoint, d
 
 
 def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_shard_size: str | int = "5GB",
-            overwrite: bool = False, dry_run: bool = False, progress: Progress | None = None) -> dict:
-    """Convert a checkpoint between naming schemes; returns the manifest (the plan with `dry_run`)."""
+            overwrite: bool = False, dry_run: bool = False, progress: Progress | None = None,
+            iteration: int | None = None, config_file: str | Path | None = None) -> dict:
+    """Convert a checkpoint between naming schemes; returns the manifest (the plan with `dry_run`).
+    `iteration`, `config_file`: for a Megatron source, which iter_* directory and its HF config."""
     get_scheme(to)
     if dtype not in _DTYPE_OPTIONS:
         raise NemoconvError(f"--dtype must be one of {', '.join(_DTYPE_OPTIONS)}, got {dtype!r}")
     shard_limit = parse_size(max_shard_size)
-    ck = open_checkpoint(src, scheme=from_)
+    ck = open_checkpoint(src, scheme=from_, iteration=iteration, config_file=config_file)
     tensors, journal = plan_conversion(ck, to, _DTYPE_OPTIONS[dtype])
     check_output_location(out, [ck.path], overwrite)
     carried, skipped = select_side_files(ck.path, ck.config)
@@ -124,13 +126,20 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         "files_not_carried": skipped,
         "tensors": tensors,
     }
+    if ck.not_read:
+        manifest["keys_not_read"] = ck.not_read  # Megatron: optimizer state, Transformer Engine _extra_state
     if dry_run:
         check_output_free(Path(out).expanduser(), overwrite)
         return manifest
     planned = [PlannedTensor(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors]
     with atomic_output(out, overwrite) as tmp:
-        writer = BackgroundWriter(ShardedWriter(tmp, planned, shard_limit,
-                                                {"format": "pt", "nemoconv_scheme": to}))
+        if get_scheme(to).container == "torch_dist":
+            from .megatron.dcp import DcpWriter
+
+            writer = BackgroundWriter(DcpWriter(tmp, planned, shard_limit))
+        else:
+            writer = BackgroundWriter(ShardedWriter(tmp, planned, shard_limit,
+                                                    {"format": "pt", "nemoconv_scheme": to}))
         done = 0
         try:
             with TensorReader(host=True) as reader:  # numpy bits: convert never imports torch

@@ -15,8 +15,8 @@ from .checkpoint import Checkpoint
 from .config import ModelSpec
 from .errors import NemoconvError
 from .mapping import Scheme, config_product, get_scheme
-from .safetensors_io import (FP8_NAMES, FLOAT_NAMES, HostTensor, TensorEntry, TensorReader, bits_dtype, dtype_name,
-                             torch_dtype)
+from .safetensors_io import (FP8_NAMES, FLOAT_NAMES, ChunkedEntry, HostTensor, TensorEntry, TensorReader, bits_dtype,
+                             dtype_name, torch_dtype)
 
 # The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
 # no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,
@@ -124,6 +124,22 @@ def _cat(parts: list, axis: int):
     return torch.cat(parts, dim=axis)
 
 
+def _reshape(t, shape):
+    """`t` with a new shape of the same element count (row-major, no data moved)."""
+    if _is_host(t):
+        return HostTensor(t.dtype, shape) if t.is_meta else HostTensor.of(t.dtype, t.bits.reshape(shape))
+    return t.reshape(shape)
+
+
+def _grouped(t, groups: int | None):
+    """[rows, …] → [groups, rows/groups, …] for an interleaved fuse (unchanged without groups)."""
+    return t if groups is None else _reshape(t, (groups, t.shape[0] // groups, *t.shape[1:]))
+
+
+def _ungrouped(t, grouped: bool):
+    return _reshape(t, (t.shape[0] * t.shape[1], *t.shape[2:])) if grouped else t
+
+
 def _split_along(t, sizes: list[int], axis: int) -> list:
     """Contiguous pieces of `t` along `axis`."""
     if t.is_meta:
@@ -178,6 +194,32 @@ def _stack(parts: list, transpose: bool):
     for j, p in enumerate(parts):
         out[j].copy_(p.view(bits).T if transpose else p.view(bits))
     return out.view(first.dtype)
+
+
+def _on_disk(parts: list) -> bool:
+    return all(isinstance(p, Item) and p.entry is not None and p.reader is not None for p in parts)
+
+
+def _stacked_on_disk(name: str, parts: list[Item]) -> Item:
+    """Experts stacked without a transpose are their bytes in sequence: an entry over the parts' byte ranges,
+    copied file to file by the writer (or read when a transform needs the values)."""
+    first = parts[0]
+    shape = (len(parts), *first.tensor.shape)
+    pieces = tuple(((j, *[0] * len(first.tensor.shape)), replace(p.entry, shape=(1, *p.entry.shape)))
+                   for j, p in enumerate(parts))
+    nbytes = sum(p.entry.nbytes for p in parts)
+    entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, pieces, True)
+    return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
+                entry=entry, reader=first.reader)
+
+
+def _unstacked_on_disk(item: Item, names: list[str]) -> list[Item]:
+    """The experts of a merged [E, a, b] tensor still on disk, without a transpose: each one a slab of its bytes."""
+    shape = tuple(item.tensor.shape[1:])
+    slab = item.entry.nbytes // len(names)
+    return [Item(n, _meta_like(item.tensor, shape), item.sources,
+                 entry=replace(item.entry, name=n, shape=shape, start=item.entry.start + j * slab, nbytes=slab),
+                 reader=item.reader) for j, n in enumerate(names)]
 
 
 def _unstack_all(item: Item, count: int, transpose: bool) -> list:
@@ -298,18 +340,74 @@ def _restore_dtypes(ck: Checkpoint) -> dict[str, str]:
 def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[str, str], journal: Journal,
           reader: TensorReader | None = None) -> Iterator[Item]:
     dtypes = ("float32", "bfloat16", "float16", "float64")
+    parts = _PartJoiner(scheme, spec)
     for item in items:
-        hf_name = scheme.to_hf(item.name)
+        hf_name = scheme.to_hf(item.name, spec)
         if hf_name is None:
             raise NemoconvError(f"unknown tensor {item.name!r}: no rule of the {scheme.name} scheme names it")
         original = restore.get(item.name)
-        pieces = _split(hf_name, item, scheme, spec)
-        for piece in pieces:
-            if original is not None and original in dtypes and scheme.cast_for(hf_name) is not None \
+        whole = parts.add(replace(item, name=hf_name))
+        if whole is None:
+            continue
+        for piece in _split(whole.name, whole, scheme, spec):
+            piece = _trim(piece, scheme, spec, journal)
+            if original is not None and original in dtypes and scheme.cast_for(piece.name) is not None \
                     and _restores_exactly(piece, original, reader):
                 piece = _cast(piece, original, "restore", journal, "restoring the source dtype")
                 piece.cast_from = None
             yield piece
+    parts.finish()
+
+
+class _PartJoiner:
+    """Joins the parts a scheme stores one tensor in (`split` rules) back into that tensor."""
+
+    def __init__(self, scheme: Scheme, spec: ModelSpec):
+        self.scheme, self.spec = scheme, spec
+        self.buffers: dict[tuple, dict[str, Item]] = {}
+
+    def add(self, item: Item) -> Item | None:
+        """The item itself, the whole tensor once its last part arrived, or None while parts are missing."""
+        for s_idx, split in enumerate(self.scheme.splits):
+            fields = split.to.match(item.name)
+            if fields is None or fields.get("part") not in split.parts:
+                continue
+            part = fields.pop("part")
+            key = (s_idx, tuple(sorted(fields.items())))
+            buf = self.buffers.setdefault(key, {})
+            buf[part] = item
+            if len(buf) < len(split.parts):
+                return None
+            del self.buffers[key]
+            group = [buf[p] for p in split.parts]
+            sizes = [config_product(x, self.spec) for x in split.sizes]
+            for member, size in zip(group, sizes):
+                if member.tensor.shape[split.axis] != size:
+                    raise NemoconvError(f"{member.sources[0]}: has {member.tensor.shape[split.axis]} rows along axis "
+                                        f"{split.axis}, config implies {size}")
+            return Item(split.hf.format(fields), _cat([m.data() for m in group], split.axis),
+                        tuple(src for m in group for src in m.sources))
+        return item
+
+    def finish(self) -> None:
+        if self.buffers:
+            (s_idx, fields), buf = next(iter(self.buffers.items()))
+            split = self.scheme.splits[s_idx]
+            missing = [p for p in split.parts if p not in buf]
+            raise NemoconvError(f"{split.hf.format(dict(fields))}: part(s) {missing} missing (found {sorted(buf)})")
+
+
+def _trim(item: Item, scheme: Scheme, spec: ModelSpec, journal: Journal) -> Item:
+    """Cut padding rows (a vocab padded for tensor parallelism) back to the config's size."""
+    for trim in scheme.trims:
+        if trim.hf.match(item.name) is None:
+            continue
+        size = config_product(trim.size, spec)
+        rows = item.tensor.shape[0]
+        if rows > size:
+            journal.lossy_step(item.name, "trim", f"dropped {rows - size} padding rows beyond {trim.size}={size}")
+            return item.with_tensor(_split_along(item.data(), [size, rows - size], 0)[0])
+    return item
 
 
 def _restores_exactly(item: Item, dtype: str, reader: TensorReader | None) -> bool:
@@ -347,9 +445,11 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             raise NemoconvError(
                 f"{item.name}: merged experts have shape {list(t.shape)}, config implies {count} experts"
             )
+        names = [merge.hf.format({**fields, "j": str(j)}) for j in range(count)]
+        if not merge.transpose and _on_disk([item]):
+            return _unstacked_on_disk(item, names)
         pieces = _unstack_all(item, count, merge.transpose)
-        return [Item(merge.hf.format({**fields, "j": str(j)}), piece, item.sources)
-                for j, piece in enumerate(pieces)]
+        return [Item(n, piece, item.sources) for n, piece in zip(names, pieces)]
     for fuse in scheme.fuses:
         fields = fuse.to.match(hf_name)
         if fields is None:
@@ -359,8 +459,11 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
             raise NemoconvError(
                 f"{item.name}: fused tensor has {t.shape[fuse.axis]} rows, config implies {sum(sizes)} ({sizes})"
             )
-        return [Item(tpl.format(fields), piece, item.sources)
-                for tpl, piece in zip(fuse.hf, _split_along(item.data(), sizes, fuse.axis))]
+        groups = config_product(fuse.groups, spec) if fuse.groups else None
+        axis = fuse.axis + (groups is not None)
+        pieces = _split_along(_grouped(item.data(), groups), [n // (groups or 1) for n in sizes], axis)
+        return [Item(tpl.format(fields), _ungrouped(piece, groups is not None), item.sources)
+                for tpl, piece in zip(fuse.hf, pieces)]
     return [replace(item, name=hf_name)]
 
 
@@ -457,6 +560,14 @@ class FromHF:
             )
 
     def _group_or_emit(self, item: Item) -> Iterator[Item]:
+        for split in self.scheme.splits:
+            fields = split.hf.match(item.name)
+            if fields is None:
+                continue
+            sizes = [config_product(x, self.spec) for x in split.sizes]
+            for part, piece in zip(split.parts, _split_along(item.data(), sizes, split.axis)):
+                yield self._finish(Item(split.to.format({**fields, "part": part}), piece, item.sources))
+            return
         for m_idx, merge in enumerate(self.scheme.merges):
             fields = merge.hf.match(item.name)
             if fields is None:
@@ -473,8 +584,12 @@ class FromHF:
             count = config_product(merge.count, self.spec)
             if len(buf) == count:
                 del self.merge_buffers[key]
-                merged = Item(merge.to.format(fields), _stack([buf[x] for x in range(count)], merge.transpose),
-                              tuple(s for x in range(count) for s in buf[x].sources))
+                group = [buf[x] for x in range(count)]
+                if not merge.transpose and _on_disk(group):
+                    merged = _stacked_on_disk(merge.to.format(fields), group)
+                else:
+                    merged = Item(merge.to.format(fields), _stack(group, merge.transpose),
+                                  tuple(s for p in group for s in p.sources))
                 yield self._finish(merged)
             return
         for f_idx, fuse in enumerate(self.scheme.fuses):
@@ -500,7 +615,9 @@ class FromHF:
             return
         if len({p.dtype for p in parts}) != 1:
             raise NemoconvError(f"cannot fuse {[p.name for p in parts]}: their dtypes differ")
-        yield self._finish(Item(fuse.to.format(fields), _cat([p.data() for p in parts], fuse.axis),
+        groups = config_product(fuse.groups, self.spec) if fuse.groups else None
+        fused = _cat([_grouped(p.data(), groups) for p in parts], fuse.axis + (groups is not None))
+        yield self._finish(Item(fuse.to.format(fields), _ungrouped(fused, groups is not None),
                                 tuple(s for p in parts for s in p.sources)))
         for p in companions:
             yield self._finish(p)
@@ -512,7 +629,7 @@ class FromHF:
         forced = self.scheme.cast_for(item.name, item.dtype)
         if forced is not None and item.dtype not in FP8_NAMES:
             item = _cast(item, forced, "scheme", self.journal, f"the {self.scheme.name} scheme stores it so")
-        new_name = self.scheme.to_scheme(item.name)
+        new_name = self.scheme.to_scheme(item.name, self.spec)
         if new_name is None:
             raise NemoconvError(f"the {self.scheme.name} scheme has no name for {item.name!r}")
         return replace(item, name=new_name)

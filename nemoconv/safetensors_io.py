@@ -16,7 +16,7 @@ import math
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import NemoconvError
@@ -137,6 +137,61 @@ class TensorEntry:
         return HostTensor(self.dtype_name, self.shape)
 
 
+@dataclass(frozen=True)
+class ChunkedEntry(TensorEntry):
+    """A tensor stored in several byte ranges (DCP chunks: tensor-parallel shards, per-expert slices; or experts
+    merged on the fly). `start`/`nbytes` are a
+    byte window of the row-major whole tensor (the pipeline narrows them to read one expert at a time)."""
+
+    full_shape: tuple[int, ...] = ()
+    pieces: tuple[tuple[tuple[int, ...], TensorEntry], ...] = ()  # (offsets, entry of that chunk)
+    rows_tiled: bool = False  # chunks cover whole rows, in order: the bytes are the chunks' bytes in sequence
+
+    def read_with(self, reader):
+        import numpy as np
+
+        itemsize = ITEMSIZE[self.dtype_name]
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        if self.rows_tiled:
+            pos = 0  # logical byte position of the current piece
+            for _, piece in self.pieces:
+                lo, hi = max(self.start, pos), min(self.start + self.nbytes, pos + piece.nbytes)
+                if lo < hi:
+                    reader.read_into(replace(piece, start=piece.start + lo - pos, nbytes=hi - lo),
+                                     memoryview(out[lo - self.start:hi - self.start]))
+                pos += piece.nbytes
+        else:
+            whole = np.empty(self.full_shape, dtype=bits_dtype(itemsize))
+            for offsets, piece in self.pieces:
+                bits = np.empty(piece.shape, dtype=bits_dtype(itemsize))
+                reader.read_into(piece, memoryview(bits.reshape(-1)).cast("B"))
+                whole[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape))] = bits
+            out[:] = whole.reshape(-1).view(np.uint8)[self.start:self.start + self.nbytes]
+        bits = out.view(bits_dtype(itemsize)).reshape(self.shape)
+        if reader.host:
+            return HostTensor(self.dtype_name, self.shape, bits)
+        import torch
+
+        signed = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]  # torch lacks wide uint views
+        return torch.from_numpy(bits.view(signed)).view(self.dtype)
+
+    def copy_to(self, dst) -> int:
+        """Append the window's bytes to `dst` (the writer's file-to-file path): kernel copies of the pieces it
+        overlaps when they tile the rows, else read, assembled and written."""
+        if self.rows_tiled:
+            pos = 0
+            for _, piece in self.pieces:
+                lo, hi = max(self.start, pos), min(self.start + self.nbytes, pos + piece.nbytes)
+                if lo < hi:
+                    _copy_range(replace(piece, start=piece.start + lo - pos, nbytes=hi - lo), dst)
+                pos += piece.nbytes
+            return self.nbytes
+        with TensorReader(host=True) as reader:
+            t = self.read_with(reader)
+        _write_all(dst, memoryview(t.bits.reshape(-1)).cast("B"))
+        return self.nbytes
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse and validate a shard's header; every entry must lie inside the file, without overlaps.
     The header is untrusted JSON: duplicate names, wrong types and impossible shapes are errors."""
@@ -229,6 +284,8 @@ class TensorReader:
 
     def read(self, entry: TensorEntry):
         """The tensor's values: a torch tensor, or a HostTensor for a host reader."""
+        if isinstance(entry, ChunkedEntry):
+            return entry.read_with(self)
         if self.host:
             import numpy as np
 
@@ -377,6 +434,8 @@ def _write_all(f, view: memoryview) -> None:
 
 def _copy_range(entry: TensorEntry, dst) -> int:
     """Copy `entry`'s bytes to the end of `dst` without passing them through Python (copy_file_range)."""
+    if isinstance(entry, ChunkedEntry):
+        return entry.copy_to(dst)
     with open(entry.file, "rb", buffering=0) as src:
         offset, left = entry.start, entry.nbytes
         try:

@@ -28,7 +28,7 @@ LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt",
 # Written anew by convert/quantize (the index, manifest, config and card describe the new tensors; a verify
 # record is about the source), so never copied.
 WRITTEN_ANEW = (INDEX_NAME, MANIFEST_NAME, "config.json", CARD_NAME, VERIFY_RECORD)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib", ".distcp")
 _BINARY = ("tokenizer.model",)  # sentencepiece protobuf: checked for pickles only
 MAX_SIDE_FILE = 256 << 20  # the largest tokenizer.json of a real model is ~30 MiB
 

@@ -1,0 +1,110 @@
+"""hf → megatron → hf of a multi-GB MoE checkpoint: wall time against `cp -r` and peak RSS, printed as JSON.
+
+    PYTHONPATH=$PWD python benchmarks/bench_megatron.py --size-gb 4 --dir /tmp/bench-megatron
+
+The checkpoint is generated (random bf16 values, tiled from one seeded block so generation is fast); each
+conversion runs in its own process (`python -m nemoconv.cli convert`), timed, with its peak RSS from wait4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(directory: Path, size_gb: float) -> int:
+    import torch
+
+    from nemoconv.config import parse_config
+    from nemoconv.demo_checkpoint import tiny_config
+    from nemoconv.safetensors_io import write_single_file
+
+    hidden, experts, inter = 1024, 64, 1024
+    per_moe_layer = 2 * experts * inter * hidden * 2  # bf16 up + down experts dominate
+    layers = max(1, round(size_gb * 1e9 / per_moe_layer))
+    pattern = ("ME" * layers)[: 2 * layers]
+    cfg = tiny_config("moe", hybrid_override_pattern=pattern, hidden_size=hidden, n_routed_experts=experts,
+                      moe_intermediate_size=inter, moe_shared_expert_intermediate_size=inter, intermediate_size=inter,
+                      mamba_num_heads=32, mamba_head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                      head_dim=128, vocab_size=32768, torch_dtype="bfloat16")
+    spec = parse_config(cfg)
+    block = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    tensors = {}
+    for name, shape in spec.hf_shapes().items():
+        n = 1
+        for d in shape:
+            n *= d
+        dtype = torch.float32 if name.endswith(("A_log", "e_score_correction_bias")) else torch.bfloat16
+        tensors[name] = block.repeat(n // block.numel() + 1)[:n].reshape(shape).to(dtype)
+    directory.mkdir(parents=True)
+    write_single_file(directory / "model.safetensors", tensors)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    """Each tensor's name, dtype, shape and a hash of its bytes (the headers' metadata differ by design)."""
+    import hashlib
+
+    from nemoconv.safetensors_io import read_header
+
+    entries, _ = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, e in entries.items():
+            f.seek(e.start)
+            out[name] = (e.dtype_name, e.shape, hashlib.sha256(f.read(e.nbytes)).hexdigest())
+    return out
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gb", type=float, default=4.0)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/bench-megatron"))
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    src = args.dir / "hf"
+    if args.make_only:  # in its own process, so the timed children do not inherit its memory high-water mark
+        print(make_checkpoint(src, args.size_gb))
+        return
+    shutil.rmtree(args.dir, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    made = subprocess.run([sys.executable, __file__, "--make-only", "--size-gb", str(args.size_gb), "--dir",
+                           str(args.dir)], env=env, check=True, capture_output=True, text=True)
+    nbytes = int(made.stdout.split()[-1])
+    cli = [sys.executable, "-m", "nemoconv.cli", "--quiet", "convert"]
+    cp_s, _ = timed(["cp", "-r", str(src), str(args.dir / "copy")])
+    to_mg_s, to_mg_rss = timed([*cli, str(src), str(args.dir / "mg"), "--to", "megatron"])
+    to_hf_s, to_hf_rss = timed([*cli, str(args.dir / "mg"), str(args.dir / "back"), "--to", "hf"])
+    same = _tensor_bytes(src / "model.safetensors") == _tensor_bytes(args.dir / "back" / "model.safetensors")
+    print(json.dumps({
+        "bytes": nbytes, "cp_s": round(cp_s, 2),
+        "hf_to_megatron_s": round(to_mg_s, 2), "megatron_to_hf_s": round(to_hf_s, 2),
+        "hf_to_megatron_vs_cp": round(to_mg_s / cp_s, 2), "megatron_to_hf_vs_cp": round(to_hf_s / cp_s, 2),
+        "peak_rss_bytes": max(to_mg_rss, to_hf_rss), "peak_rss_fraction": round(max(to_mg_rss, to_hf_rss) / nbytes, 3),
+        "round_trip_bytes_identical": same,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
