@@ -88,7 +88,7 @@ def measure_checkpoint(name: str, source: Path, heldout: Path, args) -> dict:
     ck = nemoconv.open_checkpoint(source)
     row = {"name": name, "path": str(source), "pattern": ck.spec.layer_codes,
            "parameters": sum(math.prod(e.shape) for e in ck.entries.values()),
-           "bytes": sum(f.stat().st_size for f in ck.files), "heldout_tokens": int(tokens.numel()),
+           "bytes": ck.total_bytes, "heldout_tokens": int(tokens.numel()),
            "heldout_loss": source_loss, "perplexity": math.exp(source_loss), "presets": {}}
     with tempfile.TemporaryDirectory(prefix="nemoconv-fidelity-") as work:
         for preset in args.presets:
