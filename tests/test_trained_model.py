@@ -13,7 +13,7 @@ import torch
 
 import nemoconv
 from nemoconv.data import heldout_loss, heldout_tokens, tiny_trained_checkpoint
-from tests.helpers import run_cli
+from helpers import run_cli
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "trained-tiny"
 HELDOUT_TOKENS = 2048  # enough to tell trained from random by far, a few seconds on CPU
