@@ -414,8 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     # --quiet and --debug may be written anywhere on the line: move them before the command
     flags = [a for a in argv if a in _GLOBAL_FLAGS]
     argv = flags + [a for a in argv if a not in _GLOBAL_FLAGS]
-    with _signals_unwind():
-        return _run(argv, debug="--debug" in argv)
+    _SIGNALLED.clear()
+    try:
+        with _signals_unwind():
+            return _run(argv, debug="--debug" in argv)
+    except Interrupted as exc:  # arrived between installing the handlers and _run's own try
+        _one_line(INTERRUPTED_LINE)
+        return exc.exit_code
 
 
 def _run(argv: list[str], debug: bool) -> int:
@@ -425,14 +430,29 @@ def _run(argv: list[str], debug: bool) -> int:
         # without standalone mode Typer returns the exit code of a typer.Exit instead of raising it
         code = command.main(args=argv, prog_name="nemoconv", standalone_mode=False)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0
+    except Interrupted as exc:
+        _one_line(INTERRUPTED_LINE)
+        return exc.exit_code
+    except BaseException as exc:
+        if _SIGNALLED and not debug:
+            # the signal surfaced as another error (it broke an import, or library code wrapped it): an interrupt
+            _one_line(INTERRUPTED_LINE)
+            return 128 + _SIGNALLED[0]
+        return _report(exc, click, debug)
+
+
+def _report(exc: BaseException, click, debug: bool) -> int:
+    """The exit code and one line for an exception that ended a command."""
+    try:
+        raise exc
     except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.NoArgsIsHelpError as exc:
-        out.print(exc.format_message() if hasattr(exc, "format_message") else "", markup=False, highlight=False)
-        return 0
     except typer.Abort:
         _one_line("aborted")
         return 2
+    except click.exceptions.NoArgsIsHelpError as exc:
+        out.print(exc.format_message() if hasattr(exc, "format_message") else "", markup=False, highlight=False)
+        return 0
     except click.ClickException as exc:  # usage errors: one line
         _one_line(f"error: {exc.format_message()}")
         return 2
@@ -446,9 +466,6 @@ def _run(argv: list[str], debug: bool) -> int:
             raise
         _one_line(f"error: {exc}")
         return 2
-    except Interrupted as exc:
-        _one_line(INTERRUPTED_LINE)
-        return exc.exit_code
     except KeyboardInterrupt:  # raised before our handler was installed, or by code that raises it itself
         _one_line(INTERRUPTED_LINE)
         return 128 + signal.SIGINT
@@ -463,6 +480,7 @@ def _run(argv: list[str], debug: bool) -> int:
 # record only after a complete run: an interrupt leaves nothing behind.
 INTERRUPTED_LINE = "interrupted: nothing written"
 INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+_SIGNALLED: list[int] = []  # the signals this process received while a command ran
 
 
 @contextmanager
@@ -477,6 +495,7 @@ def _signals_unwind():
     def handler(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
+        _SIGNALLED.append(signum)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -169,3 +169,27 @@ def _children(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return []
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """nemoconv's handlers are installed (Python itself catches SIGINT, never SIGTERM)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_ctrl_c_early_in_verify_still_exits_130(tiny_dir, tmp_path, delay):
+    """A signal that lands while torch or the kernels are still importing can surface as another error (an
+    interrupted import fails the next one); it is still an interrupt: 130, one line."""
+    ref, cand = _verify_pair(tiny_dir, tmp_path)
+    before = tree_digest(cand)
+    proc = _start("verify", ref, cand, "--device", "cpu", "--num-prompts", "64", "--seq-len", "256", "-q")
+    _wait_for(lambda: _catches_sigterm(proc.pid), proc, "the CLI installed its handlers", timeout=60)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _assert_interrupted(proc, 130)
+    assert tree_digest(cand) == before
