@@ -393,14 +393,13 @@ def upload(
 @app.command()
 def demo(
     directory: Optional[Path] = typer.Argument(None, metavar="[DIR]", help="Work directory (default: a temp dir)."),
-    kind: str = typer.Option("moe", "--kind", help="Tiny model kind: dense, moe or latent."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty DIR: the demo's own outputs in it "
                                    "are replaced; nothing else in it is touched."),
 ):
-    """Build a tiny Nemotron-H checkpoint (no download) and run the whole workflow on it."""
+    """Run the whole workflow on the small trained Nemotron-H that ships with nemoconv (no download)."""
     from .demo import run_demo
 
-    run_demo(directory, kind=kind, console=None if _state["quiet"] else out, overwrite=overwrite)
+    run_demo(directory, console=None if _state["quiet"] else out, overwrite=overwrite)
 
 
 # ---- entry point -------------------------------------------------------------------------------------
