@@ -250,6 +250,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Calibrator(str, Enum):
+    auto = "auto"
+    modelopt = "modelopt"
+    builtin = "builtin"
+
+
 class QuantScheme(str, Enum):
     hf = "hf"
     max = "max"
@@ -271,13 +277,17 @@ def quantize(
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
     to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    calibrator: Calibrator = typer.Option(Calibrator.auto, "--calibrator",
+                                          help="Who observes the input amax: modelopt (nvidia-modelopt 0.47), builtin "
+                                               "(nemoconv's hooks, same values), auto (modelopt when it imports, else "
+                                               "builtin; the summary says which)."),
 ):
     """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model."""
     from .quantize import quantize as do_quantize, render_summary
 
     result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
-                         to=to.value, overwrite=overwrite, quiet=_state["quiet"])
+                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], calibrator=calibrator.value)
     if not _state["quiet"]:
         render_summary(result, out)
 

@@ -278,7 +278,8 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
         "exclude_modules": len(rename_modules(plan.unquantized, hf, scheme, out_names)),
         "calibration": {**data.info, "samples": int(data.ids.shape[0]), "seq_len": int(data.ids.shape[1]),
                         "tokens": int(data.ids.numel()), "device": calib.device, "dtype": calib.dtype,
-                        "calibrator": calib.calibrator, "micro_batch_sequences": calib.micro_batch},
+                        "calibrator": calib.calibrator, "calibrator_used": getattr(calib, "calibrator_name", ""),
+                        "micro_batch_sequences": calib.micro_batch},
         "modules": modules,
         "notes": notes,
     }
@@ -341,6 +342,13 @@ class _progress:
         return False
 
 
+def _calibrator_hint(c: dict) -> str:
+    """Say how to get ModelOpt's calibrator when auto fell back to the builtin one."""
+    if c.get("calibrator_used") == "builtin" and "nvidia-modelopt" in c["calibrator"]:
+        return " — the builtin observers give ModelOpt's amax values; pip install 'nemoconv[modelopt]' for ModelOpt's own"
+    return ""
+
+
 def render_summary(result: dict, console) -> None:
     """What quantize did, for people: targets, exclusions and why, calibration, size, notes."""
     from .inspect import human_bytes
@@ -386,7 +394,9 @@ def render_summary(result: dict, console) -> None:
     never = ", ".join(f"{n} {WHY_NEVER[k]}{'s' if n > 1 else ''}" for k, n in q["never_quantized"].items())
     console.print(f"  never quantized: {never}; exclude_modules names {q['exclude_modules']} modules", highlight=False)
     console.print(f"  calibration: {c['samples']} × {c['seq_len']} tokens of {c['source']}, on {c['device']} "
-                  f"({c['dtype']}), {c['calibrator']}", markup=False, highlight=False, soft_wrap=True)
+                  f"({c['dtype']})", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  calibrator: {c['calibrator']}" + _calibrator_hint(c), markup=False, highlight=False,
+                  soft_wrap=True)
     filled = [(name, m) for name, m in q["modules"].items() if "input_amax_filled" in m]
     if filled:
         console.print(f"  [yellow]{len(filled)} expert projection(s) got no calibration token[/yellow]; their "

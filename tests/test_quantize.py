@@ -157,7 +157,7 @@ def test_quant_configs_name_every_unquantized_linear_exactly(src, tmp_path):
     quantize(src("latent"), tmp_path / "out", preset="aggressive", **FAST)
     t = load_all(tmp_path / "out")
     hq = read_json(tmp_path / "out" / "hf_quant_config.json")
-    assert hq == {"producer": {"name": "modelopt", "version": "0.47.0"},
+    assert hq == {"producer": {"name": "nemoconv", "version": nemoconv.__version__},
                   "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
                                    "exclude_modules": hq["quantization"]["exclude_modules"]}}
     excluded = hq["quantization"]["exclude_modules"]
@@ -169,7 +169,7 @@ def test_quant_configs_name_every_unquantized_linear_exactly(src, tmp_path):
     assert qc == {"config_groups": {"group_0": {
         "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
         "weights": {"dynamic": False, "num_bits": 8, "type": "float"}, "targets": ["Linear"]}},
-        "ignore": excluded, "quant_algo": "FP8", "producer": {"name": "modelopt", "version": "0.47.0"},
+        "ignore": excluded, "quant_algo": "FP8", "producer": {"name": "nemoconv", "version": nemoconv.__version__},
         "quant_method": "modelopt"}
 
 
@@ -523,3 +523,47 @@ def test_environment_chooses_the_calibrator_behind_auto(src, tmp_path, monkeypat
     monkeypatch.setenv("NEMOCONV_CALIBRATOR", "fastest")
     with pytest.raises(NemoconvError, match="calibrator must be"):
         quantize(src("dense"), tmp_path / "out2", calib_samples=2, calib_seq_len=8, device="cpu")
+
+
+# ---- the calibrator: chosen by --calibrator, shown in the summary, recorded in the manifest ---------------
+
+
+def _no_modelopt(monkeypatch):
+    monkeypatch.delenv("NEMOCONV_CALIBRATOR", raising=False)
+    monkeypatch.setattr(calibrate, "modelopt_status", lambda: (None, "not importable (ModuleNotFoundError: No "
+                                                                    "module named 'requests')"))
+
+
+def test_cli_calibrator_builtin_is_shown_and_recorded(src, tmp_path, capsys):
+    code, out, err = run_cli(["quantize", src("dense"), tmp_path / "out", "--calib-samples", "2",
+                              "--calib-seq-len", "8", "--device", "cpu", "--calibrator", "builtin"], capsys)
+    assert code == 0, err
+    assert "calibrator: nemoconv (forward pre-hooks, running max)" in out
+    calibration = read_json(tmp_path / "out" / "nemoconv-manifest.json")["quantization"]["calibration"]
+    assert calibration["calibrator_used"] == "builtin"
+
+
+def test_cli_calibrator_auto_without_modelopt_says_it_fell_back(src, tmp_path, capsys, monkeypatch):
+    _no_modelopt(monkeypatch)
+    code, out, err = run_cli(["quantize", src("dense"), tmp_path / "out", "--calib-samples", "2",
+                              "--calib-seq-len", "8", "--device", "cpu"], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if "calibrator:" in line)
+    assert "nvidia-modelopt not importable" in line and "nemoconv[modelopt]" in line
+    calibration = read_json(tmp_path / "out" / "nemoconv-manifest.json")["quantization"]["calibration"]
+    assert calibration["calibrator_used"] == "builtin"
+
+
+def test_cli_calibrator_modelopt_without_modelopt_is_refused(src, tmp_path, capsys, monkeypatch):
+    _no_modelopt(monkeypatch)
+    code, out, err = run_cli(["quantize", src("dense"), tmp_path / "out", "--calib-samples", "2",
+                              "--calib-seq-len", "8", "--device", "cpu", "--calibrator", "modelopt"], capsys)
+    assert code == 2 and "calibrator 'modelopt' requested" in err and "requests" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_modelopt_extra_pins_the_version_and_what_its_import_needs():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["modelopt"] == ["nvidia-modelopt==0.47.0", "requests"]
