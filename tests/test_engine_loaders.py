@@ -91,3 +91,18 @@ def test_max_finds_the_fp8_layers_from_the_tensors(fp8_output):
     layers = max_fp8_layers(tensors)
     spec = nemoconv.open_checkpoint(fp8_output).spec
     assert layers == {i for i, c in enumerate(spec.layer_codes) if c in "M-"}  # default preset: Mamba + MLP
+
+
+def test_fp8_card_names_the_engines_and_does_not_claim_transformers(fp8_output):
+    card = (fp8_output / "README.md").read_text()
+    front = card.split("---", 2)[1]
+    assert "library_name: nemoconv" in front and "transformers" not in front
+    assert "## Where this FP8 checkpoint runs" in card
+    for engine in ("vLLM", "TensorRT-LLM", "MAX", "Not transformers"):
+        assert engine in card
+
+
+def test_lossless_hf_conversion_card_still_says_transformers(tmp_path):
+    nemoconv.convert(tiny_trained_checkpoint(), tmp_path / "out", to="hf")
+    front = (tmp_path / "out" / "README.md").read_text().split("---", 2)[1]
+    assert "library_name: transformers" in front
