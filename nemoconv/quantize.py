@@ -31,6 +31,7 @@ from .paths import check_output_location
 from .pipeline import FromHF, Item, Journal, stream_converted
 from .quant import fp8
 from .quant.calibrate import calibration_tokens, run_calibration
+from .quant.exclusions import compact_exclusions
 from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
 from .sidefiles import select_side_files, write_side_files
@@ -105,7 +106,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
 
     # 3. write
     hf = get_scheme("hf")
-    unquantized = rename_modules(plan.unquantized, hf, scheme, out_names)
+    unquantized = _exclusion_list(plan, hf, scheme, out_names)
     hf_quant = fp8.hf_quant_config(unquantized)
     records: dict[str, dict] = {}
     carried, skipped = select_side_files(ck.path, ck.config)
@@ -144,6 +145,14 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     result["timings_s"] = {"plan": round(t_plan - t0, 3), "calibrate": round(t_calib - t_plan, 3),
                            "write": round(t_end - t_calib, 3), "total": round(t_end - t0, 3)}
     return result
+
+
+def _exclusion_list(plan: TargetPlan, hf, scheme, out_names: set[str]) -> list[str]:
+    """exclude_modules: short patterns in HF names (quant.exclusions, what vLLM and TensorRT-LLM read);
+    exact names for the max scheme (MAX reads FP8 from the weight_scale tensors, not from this list)."""
+    if scheme.name == "hf":
+        return compact_exclusions([m.name for m in plan.modules], plan.unquantized)
+    return rename_modules(plan.unquantized, hf, scheme, out_names)
 
 
 def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
@@ -275,7 +284,7 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
         "excluded": [_exclusion(e, out_name) for e in plan.excluded],
         "never_quantized": {kind: sum(1 for k in never.values() if k == kind) for kind in WHY_NEVER
                             if kind in never.values()},
-        "exclude_modules": len(rename_modules(plan.unquantized, hf, scheme, out_names)),
+        "exclude_modules": len(_exclusion_list(plan, hf, scheme, out_names)),
         "calibration": {**data.info, "samples": int(data.ids.shape[0]), "seq_len": int(data.ids.shape[1]),
                         "tokens": int(data.ids.numel()), "device": calib.device, "dtype": calib.dtype,
                         "calibrator": calib.calibrator, "calibrator_used": getattr(calib, "calibrator_name", ""),
