@@ -137,6 +137,11 @@ def inspect(
         print(json.dumps(info, indent=2))
     else:
         _render_inspect(info)
+    for warning in info["warnings"]:
+        if as_json:
+            print(f"warning: {warning}", file=sys.stderr)
+        else:
+            out.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if not info["check"]["ok"]:  # shown, then exit 2: the checkpoint cannot be converted or verified as it is
         raise NemoconvError(f"{info['path']}: {info['check']['error']}")
 
@@ -226,6 +231,8 @@ def convert(
         for step in manifest["lossy_steps"]:
             out.print(f"  {step['step']:<5} {step['tensor']}: {step['detail']}", markup=False, highlight=False,
                       soft_wrap=True)
+    for warning in manifest.get("warnings", []):
+        out.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if manifest["files_not_carried"]:
         from rich.markup import escape
 

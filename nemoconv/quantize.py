@@ -262,6 +262,13 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
             entry["input_amax_filled"] = calib.filled[hf_module]
         modules[out_name(hf_module)] = entry
     notes = list(plan.glob_notes)
+    from .inspect import mtp_warning
+
+    if mtp_warning(ck):
+        notes.append(mtp_warning(ck))
+    mtp = [m.name for m in plan.modules if m.kind == "mtp"]
+    if mtp:
+        notes.append(f"the MTP layers ({len(mtp)} linears, mtp.*) are kept unquantized, in the source dtype")
     if data.info.get("cycled"):
         notes.append(f"the calibration data holds {data.info['distinct_tokens']} tokens; it was cycled (in seeded "
                      f"random orders) to fill {data.ids.shape[0]} × {data.ids.shape[1]} tokens")
