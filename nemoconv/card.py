@@ -49,6 +49,26 @@ def _front_matter(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_WHERE_FP8_RUNS = [
+    "## Where this FP8 checkpoint runs",
+    "",
+    "Per-tensor static FP8 (E4M3) in nvidia-modelopt's HF format, written by nemoconv "
+    "(`hf_quant_config.json`, `config.json` `quantization_config` with `quant_method: modelopt`):",
+    "",
+    "| engine | loads it | hardware for native FP8 matmuls |",
+    "|---|---|---|",
+    "| vLLM | `vllm serve THIS_DIR` (quantization detected as `modelopt`), hf scheme | NVIDIA Ada / Hopper / Blackwell "
+    "(compute capability ≥ 8.9) |",
+    "| TensorRT-LLM | PyTorch backend, reads `hf_quant_config.json`, hf scheme | Ada / Hopper / Blackwell |",
+    "| MAX | Nemotron-H architecture, `max` scheme (`nemoconv quantize --to max`) | NVIDIA GPUs with FP8 |",
+    "| nemoconv | `nemoconv verify`, `nemoconv.load_model` (reference; any scheme, CPU too) | any |",
+    "",
+    "**Not transformers**: `AutoModelForCausalLM.from_pretrained` does not apply this ModelOpt FP8 config — it "
+    "loads the FP8 weights without their scales and, silently, gives garbage (a cosine of 0.16 to the source's "
+    "logits, measured on a small Nemotron-H).",
+]
+
+
 def write_card(out_dir: Path, source_dir: Path, manifest: dict, title: str, quantization: dict | None = None) -> None:
     """Write OUT/README.md: metadata header, what nemoconv did, and the source's card below."""
     source_card = source_dir / CARD_NAME
@@ -66,8 +86,10 @@ def write_card(out_dir: Path, source_dir: Path, manifest: dict, title: str, quan
     if quantization and "fp8" not in tags:
         tags.append("fp8")
     meta = {k: v for k, v in source_meta.items() if k not in ("base_model", "tags", "library_name")}
+    # transformers loads an FP8 output without error but ignores its ModelOpt config: never claim it for FP8
+    library = "transformers" if manifest["scheme_to"] == "hf" and not quantization else "nemoconv"
     meta = {**({"base_model": base_model} if base_model else {}),
-            "library_name": "transformers" if manifest["scheme_to"] == "hf" else "nemoconv", "tags": tags, **meta}
+            "library_name": library, "tags": tags, **meta}
     lines = [
         "<!-- nemoconv:card -->",
         f"# {title}",
@@ -90,6 +112,7 @@ def write_card(out_dir: Path, source_dir: Path, manifest: dict, title: str, quan
             f"| calibration | {quantization.get('calibration', {}).get('source', '')}, "
             f"{quantization.get('calibration', {}).get('samples', '')} × {quantization.get('calibration', {}).get('seq_len', '')} tokens |",
         ]
+        lines += ["", *_WHERE_FP8_RUNS]
         if excluded:
             lines += ["", "<details><summary>Excluded modules</summary>", ""]
             lines += [f"- `{e['module'] if isinstance(e, dict) else e}`" for e in excluded]

@@ -137,6 +137,11 @@ def inspect(
         print(json.dumps(info, indent=2))
     else:
         _render_inspect(info)
+    for warning in info["warnings"]:
+        if as_json:
+            print(f"warning: {warning}", file=sys.stderr)
+        else:
+            out.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if not info["check"]["ok"]:  # shown, then exit 2: the checkpoint cannot be converted or verified as it is
         raise NemoconvError(f"{info['path']}: {info['check']['error']}")
 
@@ -226,6 +231,8 @@ def convert(
         for step in manifest["lossy_steps"]:
             out.print(f"  {step['step']:<5} {step['tensor']}: {step['detail']}", markup=False, highlight=False,
                       soft_wrap=True)
+    for warning in manifest.get("warnings", []):
+        out.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if manifest["files_not_carried"]:
         from rich.markup import escape
 
@@ -250,6 +257,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Calibrator(str, Enum):
+    auto = "auto"
+    modelopt = "modelopt"
+    builtin = "builtin"
+
+
 class QuantScheme(str, Enum):
     hf = "hf"
     max = "max"
@@ -271,13 +284,17 @@ def quantize(
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
     to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    calibrator: Calibrator = typer.Option(Calibrator.auto, "--calibrator",
+                                          help="Who observes the input amax: modelopt (nvidia-modelopt 0.47), builtin "
+                                               "(nemoconv's hooks, same values), auto (modelopt when it imports, else "
+                                               "builtin; the summary says which)."),
 ):
     """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model."""
     from .quantize import quantize as do_quantize, render_summary
 
     result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
-                         to=to.value, overwrite=overwrite, quiet=_state["quiet"])
+                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], calibrator=calibrator.value)
     if not _state["quiet"]:
         render_summary(result, out)
 
@@ -393,14 +410,13 @@ def upload(
 @app.command()
 def demo(
     directory: Optional[Path] = typer.Argument(None, metavar="[DIR]", help="Work directory (default: a temp dir)."),
-    kind: str = typer.Option("moe", "--kind", help="Tiny model kind: dense, moe or latent."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty DIR: the demo's own outputs in it "
                                    "are replaced; nothing else in it is touched."),
 ):
-    """Build a tiny Nemotron-H checkpoint (no download) and run the whole workflow on it."""
+    """Run the whole workflow on the small trained Nemotron-H that ships with nemoconv (no download)."""
     from .demo import run_demo
 
-    run_demo(directory, kind=kind, console=None if _state["quiet"] else out, overwrite=overwrite)
+    run_demo(directory, console=None if _state["quiet"] else out, overwrite=overwrite)
 
 
 # ---- entry point -------------------------------------------------------------------------------------

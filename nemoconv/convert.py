@@ -126,6 +126,10 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
         "files_not_carried": skipped,
         "tensors": tensors,
     }
+    from .inspect import mtp_warning
+
+    if mtp_warning(ck):
+        manifest["warnings"] = [mtp_warning(ck)]
     if ck.not_read:
         manifest["keys_not_read"] = ck.not_read  # Megatron: optimizer state, Transformer Engine _extra_state
     if dry_run:

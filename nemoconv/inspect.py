@@ -36,7 +36,18 @@ def inspect_checkpoint(source, scheme: str = "auto") -> dict:
                    "files": [f.name for f in ck.shard_files]},
         "converted_by_nemoconv": bool(ck.manifest),
         "check": check,
+        "warnings": [w for w in (mtp_warning(ck),) if w],
     }
+
+
+def mtp_warning(ck) -> str | None:
+    """Why a config that declares MTP layers without their weights matters (transformers' save_pretrained
+    writes exactly that: num_nextn_predict_layers kept, the mtp.* tensors dropped); None when all is well."""
+    declared = ck.spec.num_mtp_layers
+    if not declared or any("mtp" in name for name in ck.entries):
+        return None
+    return (f"config.json declares {declared} MTP layer(s) (num_nextn_predict_layers) but the checkpoint holds no "
+            f"MTP weights (as transformers' save_pretrained writes it): MTP speculative decoding cannot run from it")
 
 
 def human_bytes(n: int) -> str:

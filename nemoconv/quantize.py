@@ -31,6 +31,7 @@ from .paths import check_output_location
 from .pipeline import FromHF, Item, Journal, stream_converted
 from .quant import fp8
 from .quant.calibrate import calibration_tokens, run_calibration
+from .quant.exclusions import compact_exclusions
 from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
 from .sidefiles import select_side_files, write_side_files
@@ -105,7 +106,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
 
     # 3. write
     hf = get_scheme("hf")
-    unquantized = rename_modules(plan.unquantized, hf, scheme, out_names)
+    unquantized = _exclusion_list(plan, hf, scheme, out_names)
     hf_quant = fp8.hf_quant_config(unquantized)
     records: dict[str, dict] = {}
     carried, skipped = select_side_files(ck.path, ck.config)
@@ -144,6 +145,14 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     result["timings_s"] = {"plan": round(t_plan - t0, 3), "calibrate": round(t_calib - t_plan, 3),
                            "write": round(t_end - t_calib, 3), "total": round(t_end - t0, 3)}
     return result
+
+
+def _exclusion_list(plan: TargetPlan, hf, scheme, out_names: set[str]) -> list[str]:
+    """exclude_modules: short patterns in HF names (quant.exclusions, what vLLM and TensorRT-LLM read);
+    exact names for the max scheme (MAX reads FP8 from the weight_scale tensors, not from this list)."""
+    if scheme.name == "hf":
+        return compact_exclusions([m.name for m in plan.modules], plan.unquantized)
+    return rename_modules(plan.unquantized, hf, scheme, out_names)
 
 
 def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
@@ -253,6 +262,13 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
             entry["input_amax_filled"] = calib.filled[hf_module]
         modules[out_name(hf_module)] = entry
     notes = list(plan.glob_notes)
+    from .inspect import mtp_warning
+
+    if mtp_warning(ck):
+        notes.append(mtp_warning(ck))
+    mtp = [m.name for m in plan.modules if m.kind == "mtp"]
+    if mtp:
+        notes.append(f"the MTP layers ({len(mtp)} linears, mtp.*) are kept unquantized, in the source dtype")
     if data.info.get("cycled"):
         notes.append(f"the calibration data holds {data.info['distinct_tokens']} tokens; it was cycled (in seeded "
                      f"random orders) to fill {data.ids.shape[0]} × {data.ids.shape[1]} tokens")
@@ -275,10 +291,11 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
         "excluded": [_exclusion(e, out_name) for e in plan.excluded],
         "never_quantized": {kind: sum(1 for k in never.values() if k == kind) for kind in WHY_NEVER
                             if kind in never.values()},
-        "exclude_modules": len(rename_modules(plan.unquantized, hf, scheme, out_names)),
+        "exclude_modules": len(_exclusion_list(plan, hf, scheme, out_names)),
         "calibration": {**data.info, "samples": int(data.ids.shape[0]), "seq_len": int(data.ids.shape[1]),
                         "tokens": int(data.ids.numel()), "device": calib.device, "dtype": calib.dtype,
-                        "calibrator": calib.calibrator, "micro_batch_sequences": calib.micro_batch},
+                        "calibrator": calib.calibrator, "calibrator_used": getattr(calib, "calibrator_name", ""),
+                        "micro_batch_sequences": calib.micro_batch},
         "modules": modules,
         "notes": notes,
     }
@@ -341,6 +358,13 @@ class _progress:
         return False
 
 
+def _calibrator_hint(c: dict) -> str:
+    """Say how to get ModelOpt's calibrator when auto fell back to the builtin one."""
+    if c.get("calibrator_used") == "builtin" and "nvidia-modelopt" in c["calibrator"]:
+        return " — the builtin observers give ModelOpt's amax values; pip install 'nemoconv[modelopt]' for ModelOpt's own"
+    return ""
+
+
 def render_summary(result: dict, console) -> None:
     """What quantize did, for people: targets, exclusions and why, calibration, size, notes."""
     from .inspect import human_bytes
@@ -386,7 +410,9 @@ def render_summary(result: dict, console) -> None:
     never = ", ".join(f"{n} {WHY_NEVER[k]}{'s' if n > 1 else ''}" for k, n in q["never_quantized"].items())
     console.print(f"  never quantized: {never}; exclude_modules names {q['exclude_modules']} modules", highlight=False)
     console.print(f"  calibration: {c['samples']} × {c['seq_len']} tokens of {c['source']}, on {c['device']} "
-                  f"({c['dtype']}), {c['calibrator']}", markup=False, highlight=False, soft_wrap=True)
+                  f"({c['dtype']})", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  calibrator: {c['calibrator']}" + _calibrator_hint(c), markup=False, highlight=False,
+                  soft_wrap=True)
     filled = [(name, m) for name, m in q["modules"].items() if "input_amax_filled" in m]
     if filled:
         console.print(f"  [yellow]{len(filled)} expert projection(s) got no calibration token[/yellow]; their "

@@ -61,3 +61,11 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def excluded_modules(entries: list[str], modules) -> set[str]:
+    """The modules an exclusion list names: exact entries and fnmatch patterns (TensorRT-LLM's rule; the
+    patterns quantize writes resolve the same under vLLM's, tests/test_exclusion_matching.py)."""
+    import fnmatch
+
+    return {m for m in modules if any(m == e or fnmatch.fnmatchcase(m, e) for e in entries)}

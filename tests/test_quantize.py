@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nemoconv
-from helpers import assert_same_tensors, load_all, read_json, run_cli, tree_digest
+from helpers import assert_same_tensors, excluded_modules, load_all, read_json, run_cli, tree_digest
 from nemoconv.calib_data import CALIBRATION_TEXTS
 from nemoconv.demo_checkpoint import write_tiny_checkpoint
 from nemoconv.errors import NemoconvError
@@ -157,19 +157,21 @@ def test_quant_configs_name_every_unquantized_linear_exactly(src, tmp_path):
     quantize(src("latent"), tmp_path / "out", preset="aggressive", **FAST)
     t = load_all(tmp_path / "out")
     hq = read_json(tmp_path / "out" / "hf_quant_config.json")
-    assert hq == {"producer": {"name": "modelopt", "version": "0.47.0"},
+    assert hq == {"producer": {"name": "nemoconv", "version": nemoconv.__version__},
                   "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
                                    "exclude_modules": hq["quantization"]["exclude_modules"]}}
     excluded = hq["quantization"]["exclude_modules"]
     quantized = {n[: -len(".weight_scale")] for n in t if n.endswith(".weight_scale")}
-    assert set(excluded) == weight_modules(t) - quantized and len(set(excluded)) == len(excluded)
+    assert excluded_modules(excluded, weight_modules(t)) == weight_modules(t) - quantized
+    assert len(set(excluded)) == len(excluded)
     assert "lm_head" in excluded and "backbone.layers.1.mixer.gate" in excluded
-    assert not any("*" in e for e in excluded)  # exact names, no wildcards or bare prefixes
+    assert all(e.endswith((".*", "experts*")) or "*" not in e or e == "backbone.layers.*.mixer.conv1d"
+               for e in excluded)  # no bare prefixes (vLLM also matches by substring)
     qc = read_json(tmp_path / "out" / "config.json")["quantization_config"]
     assert qc == {"config_groups": {"group_0": {
         "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
         "weights": {"dynamic": False, "num_bits": 8, "type": "float"}, "targets": ["Linear"]}},
-        "ignore": excluded, "quant_algo": "FP8", "producer": {"name": "modelopt", "version": "0.47.0"},
+        "ignore": excluded, "quant_algo": "FP8", "producer": {"name": "nemoconv", "version": nemoconv.__version__},
         "quant_method": "modelopt"}
 
 
@@ -321,7 +323,7 @@ def test_mtp_heads_are_never_quantized_and_are_excluded_by_name(tmp_path):
         t = load_all(tmp_path / to)
         excluded = read_json(tmp_path / to / "hf_quant_config.json")["quantization"]["exclude_modules"]
         mtp = {m for m in weight_modules(t) if m.startswith("mtp.")}
-        assert mtp and mtp <= set(excluded)
+        assert mtp and mtp <= excluded_modules(excluded, weight_modules(t))
         assert "mtp.layers.1.mixer.experts.0.up_proj" in mtp and "mtp.layers.0.eh_proj" in mtp
         assert not any(v.dtype == FP8 for n, v in t.items() if n.startswith("mtp."))
 
@@ -523,3 +525,47 @@ def test_environment_chooses_the_calibrator_behind_auto(src, tmp_path, monkeypat
     monkeypatch.setenv("NEMOCONV_CALIBRATOR", "fastest")
     with pytest.raises(NemoconvError, match="calibrator must be"):
         quantize(src("dense"), tmp_path / "out2", calib_samples=2, calib_seq_len=8, device="cpu")
+
+
+# ---- the calibrator: chosen by --calibrator, shown in the summary, recorded in the manifest ---------------
+
+
+def _no_modelopt(monkeypatch):
+    monkeypatch.delenv("NEMOCONV_CALIBRATOR", raising=False)
+    monkeypatch.setattr(calibrate, "modelopt_status", lambda: (None, "not importable (ModuleNotFoundError: No "
+                                                                    "module named 'requests')"))
+
+
+def test_cli_calibrator_builtin_is_shown_and_recorded(src, tmp_path, capsys):
+    code, out, err = run_cli(["quantize", src("dense"), tmp_path / "out", "--calib-samples", "2",
+                              "--calib-seq-len", "8", "--device", "cpu", "--calibrator", "builtin"], capsys)
+    assert code == 0, err
+    assert "calibrator: nemoconv (forward pre-hooks, running max)" in out
+    calibration = read_json(tmp_path / "out" / "nemoconv-manifest.json")["quantization"]["calibration"]
+    assert calibration["calibrator_used"] == "builtin"
+
+
+def test_cli_calibrator_auto_without_modelopt_says_it_fell_back(src, tmp_path, capsys, monkeypatch):
+    _no_modelopt(monkeypatch)
+    code, out, err = run_cli(["quantize", src("dense"), tmp_path / "out", "--calib-samples", "2",
+                              "--calib-seq-len", "8", "--device", "cpu"], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if "calibrator:" in line)
+    assert "nvidia-modelopt not importable" in line and "nemoconv[modelopt]" in line
+    calibration = read_json(tmp_path / "out" / "nemoconv-manifest.json")["quantization"]["calibration"]
+    assert calibration["calibrator_used"] == "builtin"
+
+
+def test_cli_calibrator_modelopt_without_modelopt_is_refused(src, tmp_path, capsys, monkeypatch):
+    _no_modelopt(monkeypatch)
+    code, out, err = run_cli(["quantize", src("dense"), tmp_path / "out", "--calib-samples", "2",
+                              "--calib-seq-len", "8", "--device", "cpu", "--calibrator", "modelopt"], capsys)
+    assert code == 2 and "calibrator 'modelopt' requested" in err and "requests" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_modelopt_extra_pins_the_version_and_what_its_import_needs():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["modelopt"] == ["nvidia-modelopt==0.47.0", "requests"]

@@ -195,7 +195,7 @@ class CalibResult:
     tokens: dict[str, int]                      # HF module → calibration tokens it saw
     weight_amax: dict[str, float] = field(default_factory=dict)  # HF module → amax of its stored weight
     filled: dict[str, str] = field(default_factory=dict)  # expert → why its amax was borrowed
-    calibrator: str = ""
+    calibrator: str = ""                        # who observed the amax, for people
     device: str = ""
     dtype: str = ""
     micro_batch: int = 0
@@ -338,8 +338,10 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
             if progress:
                 progress(i + 1, last + 1)
     filled = _fill_idle_experts(targets, amax, tokens)
-    return CalibResult(amax, tokens, weight_amax, filled, label, str(device), str(dtype).removeprefix("torch."),
-                       rows)
+    result = CalibResult(amax, tokens, weight_amax, filled, label, str(device), str(dtype).removeprefix("torch."),
+                         rows)
+    result.calibrator_name = observer.name  # "modelopt" | "builtin", for the manifest
+    return result
 
 
 def _weight_amax(tensors: list[tuple[str, torch.Tensor]], modules) -> dict[str, float]:

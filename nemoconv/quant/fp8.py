@@ -23,7 +23,10 @@ from ..errors import NemoconvError
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MODELOPT_VERSION = "0.47.0"  # the exporter whose format we write
-PRODUCER = {"name": "modelopt", "version": MODELOPT_VERSION}
+# The files say who wrote them: nemoconv (whatever observed the amax). Engines do not need "modelopt" here:
+# vLLM and TensorRT-LLM recognise the format by config.json's quant_method "modelopt" (or hf_quant_config.json's
+# "quantization" section), MAX by the float8 weights and their weight_scale tensors (tests/test_engine_loaders.py).
+PRODUCER_NAME = "nemoconv"
 # A scale must be positive: an all-zero weight (or an input that was always zero) gets 1.0, which
 # quantizes zeros exactly; the manifest notes it.
 ZERO_AMAX_SCALE = 1.0
@@ -90,9 +93,15 @@ def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = No
     return q.cpu(), scale, amax
 
 
+def producer() -> dict:
+    from .. import __version__
+
+    return {"name": PRODUCER_NAME, "version": __version__}
+
+
 def hf_quant_config(exclude_modules: list[str]) -> dict:
     """hf_quant_config.json, the file vLLM and TensorRT-LLM read first."""
-    return {"producer": dict(PRODUCER),
+    return {"producer": producer(),
             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
                              "exclude_modules": list(exclude_modules)}}
 

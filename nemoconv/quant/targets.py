@@ -4,7 +4,7 @@ Every weight-bearing module of the network (2-D linears, plus conv1d and the emb
 also lists) is classified by kind. A preset selects kinds; --exclude removes modules by glob; then each
 mixer is made all-or-nothing, because MAX marks a layer FP8 when any of its projections has a
 weight_scale and then reads all of them as FP8 (Mamba in/out, MLP up/down, MoE routed + shared experts).
-Everything not quantized is named in `exclude_modules`, exactly, in the output scheme's names.
+Everything not quantized is covered by `exclude_modules` (quant.exclusions: short patterns in hf, exact names in max).
 """
 
 from __future__ import annotations
