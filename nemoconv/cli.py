@@ -227,7 +227,8 @@ class QuantScheme(str, Enum):
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="bf16/fp32 source checkpoint (any scheme) or Hub repo id."),
-    dst: Path = typer.Argument(..., metavar="OUT", help="Output directory for the FP8 checkpoint."),
+    dst: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="Output directory for the FP8 checkpoint "
+                                         "(not with --analyze, which writes no checkpoint)."),
     preset: Preset = typer.Option(Preset.default, "--preset",
                                   help="default: Mamba in/out + MLP up/down; conservative: MLP only; "
                                        "aggressive: default + MoE routed and shared experts."),
@@ -240,15 +241,58 @@ def quantize(
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
     to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    analyze: bool = typer.Option(False, "--analyze", help="Write no checkpoint: measure, for every linear any preset "
+                                 "could quantize, its FP8 weight SQNR and the KL / top-1 change of the logits when "
+                                 "only it is FP8; a table sorted by harm."),
+    analyze_samples: Optional[int] = typer.Option(None, "--analyze-samples", min=1, max=MAX_CALIB_SAMPLES,
+                                                  help="Calibration sequences the --analyze probe runs "
+                                                       "(default: 1/16 of --calib-samples)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="With --analyze: write the analysis as JSON here."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Quality budget: keep the most harmful mixers in "
+                                           "bf16 until KL(ref‖FP8) on held-out prompts is at most this."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Quality budget: top-1 agreement on held-out "
+                                             "prompts at least this (with or without --max-kl)."),
 ):
-    """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model."""
+    """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model.
+
+    With --analyze, writes no checkpoint (OUT must be omitted) and reports which linears FP8 hurts.
+    """
     from .quantize import quantize as do_quantize, render_summary
 
+    if analyze:
+        _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
+                 analyze_samples, report, max_kl, min_top1)
+        return
+    if dst is None:
+        raise NemoconvError("quantize needs OUT (the output directory), unless --analyze is given")
+    if report is not None or analyze_samples is not None:
+        raise NemoconvError("--report and --analyze-samples go with --analyze")
     result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
-                         to=to.value, overwrite=overwrite, quiet=_state["quiet"])
+                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], max_kl=max_kl, min_top1=min_top1)
     if not _state["quiet"]:
         render_summary(result, out)
+
+
+def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
+             analyze_samples, report, max_kl, min_top1) -> None:
+    from .quant.analyze import analyze_fp8, render_analysis, write_analysis
+    from .verify import _check_report_path
+
+    unused = [flag for flag, given in (("OUT", dst is not None), ("--exclude", bool(exclude)),
+                                       ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
+                                       ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None)) if given]
+    if unused:
+        raise NemoconvError(f"--analyze writes no checkpoint; drop {', '.join(unused)} (use --report FILE for JSON)")
+    if report is not None:
+        _check_report_path(report)
+    result = analyze_fp8(src, preset=preset.value, calib_file=calib_file, calib_samples=calib_samples,
+                         calib_seq_len=calib_seq_len, probe_samples=analyze_samples, device=device.value,
+                         quiet=_state["quiet"])
+    if report is not None:
+        write_analysis(result, report)
+    if not _state["quiet"]:
+        render_analysis(result, out)
 
 
 # ---- verify ------------------------------------------------------------------------------------------

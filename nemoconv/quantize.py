@@ -54,13 +54,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         raise NemoconvError(f"--to must be hf or max for quantize, got {to!r}")
     if preset not in PRESETS:
         raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
-                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
-    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
-        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
-                            f"{MAX_CALIB_TOKENS} are calibrated on")
+    check_calibration_sizes(calib_samples, calib_seq_len)
     shard_limit = parse_size(max_shard_size)
     dev = _device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -144,6 +138,16 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     result["timings_s"] = {"plan": round(t_plan - t0, 3), "calibrate": round(t_calib - t_plan, 3),
                            "write": round(t_end - t_calib, 3), "total": round(t_end - t0, 3)}
     return result
+
+
+def check_calibration_sizes(calib_samples, calib_seq_len) -> None:
+    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
+                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
+    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
+        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
+                            f"{MAX_CALIB_TOKENS} are calibrated on")
 
 
 def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
