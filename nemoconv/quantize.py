@@ -30,6 +30,7 @@ from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output
 from .paths import check_output_location
 from .pipeline import FromHF, Item, Journal, stream_converted
 from .quant import fp8
+from .quant.budget import check_budget, fit_budget, verify_command
 from .quant.calibrate import calibration_tokens, run_calibration
 from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
 from .safetensors_io import PlannedTensor, TensorReader, dtype_name
@@ -42,11 +43,14 @@ DEVICES = ("auto", "cpu", "cuda")
 def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), calib_file=None,
              calib_samples: int = 128, calib_seq_len: int = 512, device: str = "auto", to: str = "hf",
              overwrite: bool = False, quiet: bool = True, max_shard_size: str | int = "5GB",
-             dtype: torch.dtype | None = None, calibrator: str = "auto") -> dict:
+             dtype: torch.dtype | None = None, calibrator: str = "auto", max_kl: float | None = None,
+             min_top1: float | None = None) -> dict:
     """Quantize SRC into OUT; returns the manifest written beside the tensors, plus `timings_s`.
 
     `dtype`: activations during calibration (default bfloat16 on CUDA, float32 on CPU).
     `calibrator`: "auto" (ModelOpt 0.47 when installed, else nemoconv's own hooks), "modelopt", "builtin".
+    `max_kl` / `min_top1`: a quality budget on held-out prompts; the most harmful mixers stay in bf16 until
+    it is met (quant.budget), else NemoconvError with the best reachable numbers.
     """
     t0 = time.perf_counter()
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -55,6 +59,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     if preset not in PRESETS:
         raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     check_calibration_sizes(calib_samples, calib_seq_len)
+    check_budget(max_kl, min_top1)
     shard_limit = parse_size(max_shard_size)
     dev = _device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -96,6 +101,16 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         _check_accounted(ck, planned, journal)
         out_names = {i.name for i in planned}
     t_calib = time.perf_counter()
+    budget = None
+    if max_kl is not None or min_top1 is not None:
+        with _progress(quiet, "fit the quality budget (layers)") as progress:
+            plan, budget = fit_budget(ck, plan, calib, data.ids, dev, act_dtype, max_kl, min_top1, progress)
+        budget["verify_command"] = verify_command(src, out_path, budget)
+        journal = Journal()
+        planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal))
+        _check_accounted(ck, planned, journal)
+        out_names = {i.name for i in planned}
+    t_budget = time.perf_counter()
 
     # 3. write
     hf = get_scheme("hf")
@@ -129,6 +144,8 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         manifest = _manifest(src, ck, to, plan, planned, journal, data, calib, records, scheme, out_names,
                              carried, skipped, bytes_out)
         manifest["shards"] = writer.writer.names
+        if budget is not None:
+            manifest["quantization"]["budget"] = budget
         write_json(tmp / MANIFEST_NAME, manifest)
         write_card(tmp, ck.path, manifest, title=f"{Path(str(src)).name} (FP8, {to} scheme)",
                    quantization=manifest["quantization"])
@@ -136,7 +153,8 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     result = dict(manifest)
     result["output"] = str(out_path)
     result["timings_s"] = {"plan": round(t_plan - t0, 3), "calibrate": round(t_calib - t_plan, 3),
-                           "write": round(t_end - t_calib, 3), "total": round(t_end - t0, 3)}
+                           "budget": round(t_budget - t_calib, 3), "write": round(t_end - t_budget, 3),
+                           "total": round(t_end - t0, 3)}
     return result
 
 
@@ -306,6 +324,11 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
     }
 
 
+def _budget_text(budget: dict) -> str:
+    return ", ".join(f"{flag} {budget[key]:g}" for flag, key in (("--max-kl", "max_kl"), ("--min-top1", "min_top1"))
+                     if budget.get(key) is not None)
+
+
 def _exclusion(e, out_name) -> dict:
     entry = {"module": out_name(e.module), "hf_module": e.module, "reason": e.reason, "detail": e.detail}
     if e.partner:
@@ -380,6 +403,15 @@ def render_summary(result: dict, console) -> None:
     if unscalable:
         lines.append(f"  excluded, no valid FP8 scale: {len(unscalable)}")
         lines += [f"    {e['module']}  ({e['detail']})" for e in unscalable[:8]]
+    budget = q.get("budget")
+    if budget:
+        r, p0 = budget["result"], budget["preset_result"]
+        held = budget["heldout"]
+        lines.append(f"  quality budget ({_budget_text(budget)}) on {held['prompts']} held-out prompts × "
+                     f"{held['seq_len']} tokens: the preset gives KL {p0['kl']:.3g}, top-1 {p0['top1_agreement']:.4f}; "
+                     f"with {r['kept']} mixer(s) kept in bf16: KL {r['kl']:.3g}, top-1 {r['top1_agreement']:.4f}")
+        for k in budget["kept_in_bf16"]:
+            lines.append(f"    {k['mixer']}  (rank {k['rank']}: FP8 in it alone costs KL {k['kl_alone']:.3g})")
     preset = reasons.get("preset", [])
     if preset:
         lines.append(f"  left out by the preset: {len(preset)} ({preset[0]['detail']})")
@@ -396,6 +428,9 @@ def render_summary(result: dict, console) -> None:
     for note in q["notes"]:
         if "no calibration token" not in note:
             console.print(f"  [yellow]note[/yellow]: {note}", highlight=False)
+    if budget:
+        console.print(f"  check it with the same budget: {budget['verify_command']}", markup=False, highlight=False,
+                      soft_wrap=True)
     t = result.get("timings_s")
     if t:
         console.print(f"  time: plan {t['plan']:.1f}s, calibrate {t['calibrate']:.1f}s, write {t['write']:.1f}s",

@@ -755,10 +755,19 @@ def _override_list(chosen: str, auto: dict, thresholds: dict, allow_tokenizer_di
     elif PROFILE_ORDER[chosen] > PROFILE_ORDER[auto["name"]]:
         out.append(f"--profile {chosen}, looser than auto's {auto['name']}")
     for key in thresholds["overridden"]:
+        if _tighter(key, thresholds[key], PROFILES[chosen].get(key)):
+            continue  # a stricter gate (e.g. quantize --max-kl's budget) needs no permission: recorded in thresholds
         out.append(f"{key} = {thresholds[key]!r} (profile {chosen}: {PROFILES[chosen].get(key, 'by dtype')!r})")
     if allow_tokenizer_diff:
         out.append(f"--allow-tokenizer-diff ({len(tokenizer_diffs)} difference(s) accepted)")
     return out
+
+
+def _tighter(key: str, value: float, profile_value) -> bool:
+    """Whether an overridden threshold is at least as strict as the profile's own."""
+    if profile_value is None:
+        return False
+    return value <= profile_value if key.startswith("max_") else value >= profile_value
 
 
 def _tokenizer_check(diffs: list[str], allow: bool) -> dict:
