@@ -224,6 +224,11 @@ class QuantScheme(str, Enum):
     max = "max"
 
 
+class KVCache(str, Enum):
+    none = "none"
+    fp8 = "fp8"
+
+
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="bf16/fp32 source checkpoint (any scheme) or Hub repo id."),
@@ -252,6 +257,9 @@ def quantize(
                                            "bf16 until KL(ref‖FP8) on held-out prompts is at most this."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Quality budget: top-1 agreement on held-out "
                                              "prompts at least this (with or without --max-kl)."),
+    kv_cache: KVCache = typer.Option(KVCache.none, "--kv-cache", help="fp8: also write FP8 KV-cache scales "
+                                     "(k_scale/v_scale) for the attention layers, as ModelOpt does (the max "
+                                     "scheme drops them)."),
 ):
     """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model.
 
@@ -261,7 +269,7 @@ def quantize(
 
     if analyze:
         _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
-                 analyze_samples, report, max_kl, min_top1)
+                 analyze_samples, report, max_kl, min_top1, kv_cache)
         return
     if dst is None:
         raise NemoconvError("quantize needs OUT (the output directory), unless --analyze is given")
@@ -269,19 +277,21 @@ def quantize(
         raise NemoconvError("--report and --analyze-samples go with --analyze")
     result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
-                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], max_kl=max_kl, min_top1=min_top1)
+                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], max_kl=max_kl, min_top1=min_top1,
+                         kv_cache=kv_cache.value)
     if not _state["quiet"]:
         render_summary(result, out)
 
 
 def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
-             analyze_samples, report, max_kl, min_top1) -> None:
+             analyze_samples, report, max_kl, min_top1, kv_cache) -> None:
     from .quant.analyze import analyze_fp8, render_analysis, write_analysis
     from .verify import _check_report_path
 
     unused = [flag for flag, given in (("OUT", dst is not None), ("--exclude", bool(exclude)),
                                        ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
-                                       ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None)) if given]
+                                       ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None),
+                                       ("--kv-cache", kv_cache != KVCache.none)) if given]
     if unused:
         raise NemoconvError(f"--analyze writes no checkpoint; drop {', '.join(unused)} (use --report FILE for JSON)")
     if report is not None:
