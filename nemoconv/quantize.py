@@ -243,8 +243,8 @@ def _quantized(items: Iterable[Item], targets: set[str], input_amax: dict[str, f
 
 def _kv_scales_planned(spec) -> dict[str, None]:
     """The KV-cache scale names of every attention layer (values come from calibration)."""
-    return {f"backbone.layers.{i}.mixer.{p}.{leaf}": None for i, code in enumerate(spec.layer_codes) if code == ATTENTION
-            for p, leaf in fp8.KV_SCALE_OF.items()}
+    attention = [i for i, code in enumerate(spec.layer_codes) if code == ATTENTION]
+    return {f"backbone.layers.{i}.mixer.{p}.{leaf}": None for i in attention for p, leaf in fp8.KV_SCALE_OF.items()}
 
 
 def _kv_scales(kv_amax: dict[str, float]) -> dict[str, torch.Tensor]:

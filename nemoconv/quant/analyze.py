@@ -31,6 +31,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import NemoconvError
 from ..pipeline import stream_converted
 from .calibrate import calibration_tokens, run_calibration
+from . import fp8
 from .sweep import Variant, compare_variants, layer_of
 from .targets import KIND_LABELS, PRESETS, network_modules
 
@@ -75,7 +76,8 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     t_calib = time.perf_counter()
 
     probe = data.ids[:probe_samples]
-    live = [m for m in targets if calib.amax.get(m, 0) > 0]
+    live = [m for m in targets if not (fp8.weight_scale_problem(calib.weight_amax.get(m, 0.0))
+                                       or fp8.input_scale_problem(calib.amax.get(m, 0.0)))]
     variants = [Variant(m, frozenset([m])) for m in live]
     sqnr: dict[str, float] = {}
     streams = max_streams(data.ids.numel(), probe.numel())
@@ -95,7 +97,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                         "top1_change": 1.0 - s["top1_agreement"], "cosine_mean": s["cosine_mean"]})
         else:
             row.update({"sqnr_db": None, "kl": None, "kl_max": None, "top1_change": None, "cosine_mean": None,
-                        "note": "input never non-zero in calibration: FP8 cannot scale it"})
+                        "note": "FP8 cannot scale it (see quantize's summary); quantize leaves it in bf16"})
         rows.append(row)
     rows.sort(key=_harm, reverse=True)
     for rank, row in enumerate(rows, 1):
