@@ -12,8 +12,10 @@ calibration tokens) gives every input_scale; 2. one sweep (`sweep.compare_varian
 tokens through the network once, and at layer i forks one stream per linear of layer i, computing the
 layer's output with only that linear in FP8, then propagates every live stream through the remaining
 layers. Each linear costs (layers after it) layer forwards on the probe tokens: about
-n_linears / 2 × probe_tokens / calib_tokens calibration-equivalents in all. With probe tokens = 1/16
-of the calibration tokens (the default) a 28-linear network analyses in about 1.9 calibrations. Memory:
+n_linears / 2 × probe_tokens / calib_tokens calibration-equivalents in all, plus per-call overheads that
+dominate small probes (streams without an FP8 linear in a layer run batched together to limit them).
+Measured on CPU, trained-tiny/dense (28 linears): calibration + analysis = 2.1× its calibration at
+16 × 256 calibration tokens, 4.4× at 16 × 128 (benchmarks/bench_quant_analysis.py). Memory:
 the streams are capped so that probe_tokens × (1 + streams) ≤ calibration tokens; more linears mean
 more sweeps (the layers are re-read), never more memory than calibration needs.
 The cheaper alternative, measuring only each layer's output error, would miss how the error grows or
