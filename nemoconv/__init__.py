@@ -18,7 +18,7 @@ from .errors import NemoconvError, VerificationFailed  # noqa: E402
 # `quantize` and `verify` (torch, transformers) are imported on first use, so `nemoconv convert` and
 # `inspect` start without torch. The submodules share the functions' names: the package keeps the function
 # when the import system binds the submodule of the same name to it.
-_LAZY = {"quantize": ".quantize", "verify": ".verify"}
+_LAZY = {"quantize": ".quantize", "verify": ".verify", "analyze_fp8": ".quant.analyze"}
 _FUNCTIONS = {"convert", "quantize", "verify"}
 
 
@@ -48,5 +48,5 @@ def load_model(path, device="cpu", dtype=None, **kwargs):
     return _load_model(path, device=device, dtype=dtype, **kwargs)
 
 
-__all__ = ["Checkpoint", "NemoconvError", "VerificationFailed", "convert", "load_model", "open_checkpoint",
+__all__ = ["Checkpoint", "NemoconvError", "VerificationFailed", "analyze_fp8", "convert", "load_model", "open_checkpoint",
            "quantize", "verify", "__version__"]

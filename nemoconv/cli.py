@@ -268,10 +268,16 @@ class QuantScheme(str, Enum):
     max = "max"
 
 
+class KVCache(str, Enum):
+    none = "none"
+    fp8 = "fp8"
+
+
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="bf16/fp32 source checkpoint (any scheme) or Hub repo id."),
-    dst: Path = typer.Argument(..., metavar="OUT", help="Output directory for the FP8 checkpoint."),
+    dst: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="Output directory for the FP8 checkpoint "
+                                         "(not with --analyze, which writes no checkpoint)."),
     preset: Preset = typer.Option(Preset.default, "--preset",
                                   help="default: Mamba in/out + MLP up/down; conservative: MLP only; "
                                        "aggressive: default + MoE routed and shared experts."),
@@ -288,15 +294,63 @@ def quantize(
                                           help="Who observes the input amax: modelopt (nvidia-modelopt 0.47), builtin "
                                                "(nemoconv's hooks, same values), auto (modelopt when it imports, else "
                                                "builtin; the summary says which)."),
+    analyze: bool = typer.Option(False, "--analyze", help="Write no checkpoint: measure, for every linear any preset "
+                                 "could quantize, its FP8 weight SQNR and the KL / top-1 change of the logits when "
+                                 "only it is FP8; a table sorted by harm."),
+    analyze_samples: Optional[int] = typer.Option(None, "--analyze-samples", min=1, max=MAX_CALIB_SAMPLES,
+                                                  help="Calibration sequences the --analyze probe runs "
+                                                       "(default: 1/16 of --calib-samples)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="With --analyze: write the analysis as JSON here."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Quality budget: keep the most harmful mixers in "
+                                           "bf16 until KL(ref‖FP8) on held-out prompts is at most this."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Quality budget: top-1 agreement on held-out "
+                                             "prompts at least this (with or without --max-kl)."),
+    kv_cache: KVCache = typer.Option(KVCache.none, "--kv-cache", help="fp8: also write FP8 KV-cache scales "
+                                     "(k_scale/v_scale) for the attention layers, as ModelOpt does (the max "
+                                     "scheme drops them)."),
 ):
-    """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model."""
+    """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model.
+
+    With --analyze, writes no checkpoint (OUT must be omitted) and reports which linears FP8 hurts.
+    """
     from .quantize import quantize as do_quantize, render_summary
 
+    if analyze:
+        _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
+                 analyze_samples, report, max_kl, min_top1, kv_cache)
+        return
+    if dst is None:
+        raise NemoconvError("quantize needs OUT (the output directory), unless --analyze is given")
+    if report is not None or analyze_samples is not None:
+        raise NemoconvError("--report and --analyze-samples go with --analyze")
     result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
-                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], calibrator=calibrator.value)
+                         to=to.value, overwrite=overwrite, quiet=_state["quiet"], calibrator=calibrator.value,
+                         max_kl=max_kl, min_top1=min_top1, kv_cache=kv_cache.value)
     if not _state["quiet"]:
         render_summary(result, out)
+
+
+def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
+             analyze_samples, report, max_kl, min_top1, kv_cache) -> None:
+    from .quant.analyze import analyze_fp8, render_analysis, write_analysis
+    from .verify import _check_report_path
+
+    unused = [flag for flag, given in (("OUT", dst is not None), ("--exclude", bool(exclude)),
+                                       ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
+                                       ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None),
+                                       ("--kv-cache", kv_cache != KVCache.none)) if given]
+    if unused:
+        raise NemoconvError(f"--analyze writes no checkpoint; drop {', '.join(unused)} (use --report FILE for JSON)")
+    if report is not None:
+        _check_report_path(report)
+    result = analyze_fp8(src, preset=preset.value, calib_file=calib_file, calib_samples=calib_samples,
+                         calib_seq_len=calib_seq_len, probe_samples=analyze_samples, device=device.value,
+                         quiet=_state["quiet"])
+    if report is not None:
+        write_analysis(result, report)
+    if not _state["quiet"]:
+        render_analysis(result, out)
 
 
 # ---- verify ------------------------------------------------------------------------------------------

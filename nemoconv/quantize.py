@@ -23,6 +23,7 @@ from . import __version__
 from .card import write_card
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .convert import rename_modules
+from .config import ATTENTION
 from .errors import NemoconvError
 from .limits import MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
 from .mapping import get_scheme
@@ -30,6 +31,7 @@ from .output import BackgroundWriter, ShardedWriter, atomic_output, check_output
 from .paths import check_output_location
 from .pipeline import FromHF, Item, Journal, stream_converted
 from .quant import fp8
+from .quant.budget import check_budget, fit_budget, verify_command
 from .quant.calibrate import calibration_tokens, run_calibration
 from .quant.exclusions import compact_exclusions
 from .quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
@@ -43,11 +45,16 @@ DEVICES = ("auto", "cpu", "cuda")
 def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), calib_file=None,
              calib_samples: int = 128, calib_seq_len: int = 512, device: str = "auto", to: str = "hf",
              overwrite: bool = False, quiet: bool = True, max_shard_size: str | int = "5GB",
-             dtype: torch.dtype | None = None, calibrator: str = "auto") -> dict:
+             dtype: torch.dtype | None = None, calibrator: str = "auto", max_kl: float | None = None,
+             min_top1: float | None = None, kv_cache: str | None = None) -> dict:
     """Quantize SRC into OUT; returns the manifest written beside the tensors, plus `timings_s`.
 
     `dtype`: activations during calibration (default bfloat16 on CUDA, float32 on CPU).
     `calibrator`: "auto" (ModelOpt 0.47 when installed, else nemoconv's own hooks), "modelopt", "builtin".
+    `max_kl` / `min_top1`: a quality budget on held-out prompts; the most harmful mixers stay in bf16 until
+    it is met (quant.budget), else NemoconvError with the best reachable numbers.
+    `kv_cache`: "fp8" adds k_scale/v_scale (calibrated amax of the keys/values / 448) to every attention
+    layer, as ModelOpt does; None or "none" writes none.
     """
     t0 = time.perf_counter()
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -55,13 +62,11 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         raise NemoconvError(f"--to must be hf or max for quantize, got {to!r}")
     if preset not in PRESETS:
         raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
-                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
-    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
-        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
-                            f"{MAX_CALIB_TOKENS} are calibrated on")
+    check_calibration_sizes(calib_samples, calib_seq_len)
+    check_budget(max_kl, min_top1)
+    if kv_cache not in (None, "none", "fp8"):
+        raise NemoconvError(f"--kv-cache must be none or fp8, got {kv_cache!r}")
+    kv = kv_cache == "fp8"
     shard_limit = parse_size(max_shard_size)
     dev = _device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -75,6 +80,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     check_output_free(out_path, overwrite)  # before spending time on calibration
 
     # 1. plan: names, shapes and every check, on meta tensors
+    kv_scales = _kv_scales_planned(ck.spec) if kv else {}
     hf_names = [item.name for item in stream_converted(ck, to="hf", meta=True)]
     scheme = get_scheme(to)
     plan = plan_targets(ck.spec, set(hf_names), preset, exclude, scheme.rename_module)
@@ -83,7 +89,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         raise NemoconvError(f"nothing to quantize: the {preset} preset ({kinds}){' minus --exclude' if exclude else ''} "
                             f"selects no linear of this network (layers {ck.spec.layer_codes})")
     journal = Journal()
-    planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal))
+    planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal, kv_scales=kv_scales))
     _check_accounted(ck, planned, journal)
     out_names = {i.name for i in planned}
     t_plan = time.perf_counter()
@@ -91,7 +97,10 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     # 2. calibrate
     data = calibration_tokens(ck, calib_file, calib_samples, calib_seq_len)
     with _progress(quiet, "calibrate (layers)") as progress:
-        calib = run_calibration(ck, plan.quantized, data.ids, dev, act_dtype, calibrator, progress)
+        calib = run_calibration(ck, plan.quantized, data.ids, dev, act_dtype, calibrator, progress, kv=kv)
+    if kv and not calib.kv_amax:
+        raise NemoconvError(f"--kv-cache fp8: the network has no attention layer (layers {ck.spec.layer_codes})")
+    kv_scales = _kv_scales(calib.kv_amax) if kv else {}
     problems = _unscalable(plan, calib)
     if problems:  # re-plan without them: their weights stay in the source dtype, with no scales
         plan = exclude_unscalable(plan, problems)
@@ -99,15 +108,27 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
             module, why = next(iter(problems.items()))
             raise NemoconvError(f"cannot quantize {module}: {why}; no linear is left to quantize")
         journal = Journal()
-        planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal))
+        planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal, kv_scales=kv_scales))
         _check_accounted(ck, planned, journal)
         out_names = {i.name for i in planned}
     t_calib = time.perf_counter()
+    budget = None
+    if max_kl is not None or min_top1 is not None:
+        with _progress(quiet, "fit the quality budget (layers)") as progress:
+            plan, budget = fit_budget(ck, plan, calib, data.ids, dev, act_dtype, max_kl, min_top1, progress)
+        budget["verify_command"] = verify_command(src, out_path, budget)
+        journal = Journal()
+        planned = list(_stream(ck, to, plan, {}, meta=True, journal=journal, kv_scales=kv_scales))
+        _check_accounted(ck, planned, journal)
+        out_names = {i.name for i in planned}
+    t_budget = time.perf_counter()
 
     # 3. write
     hf = get_scheme("hf")
     unquantized = _exclusion_list(plan, hf, scheme, out_names)
-    hf_quant = fp8.hf_quant_config(unquantized)
+    kv_written = bool(kv_scales) and not any(s["step"] == "drop" and s["tensor"].endswith(("k_scale", "v_scale"))
+                                             for s in journal.lossy)
+    hf_quant = fp8.hf_quant_config(unquantized, "FP8" if kv_written else None)
     records: dict[str, dict] = {}
     carried, skipped = select_side_files(ck.path, ck.config)
     bytes_out = sum(_planned(i).nbytes for i in planned)
@@ -118,7 +139,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         try:
             with TensorReader() as reader, _progress(quiet, f"write FP8 → {to}", in_bytes=True) as progress:
                 stream = _stream(ck, to, plan, calib.amax, meta=False, journal=Journal(), reader=reader,
-                                 device=dev, records=records)
+                                 device=dev, records=records, kv_scales=kv_scales)
                 for item, want in zip(stream, planned):
                     if item.name != want.name:
                         raise RuntimeError(f"internal error: wrote {item.name}, planned {want.name}")
@@ -136,6 +157,10 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
         manifest = _manifest(src, ck, to, plan, planned, journal, data, calib, records, scheme, out_names,
                              carried, skipped, bytes_out)
         manifest["shards"] = writer.writer.names
+        if budget is not None:
+            manifest["quantization"]["budget"] = budget
+        if kv:
+            manifest["quantization"]["kv_cache"] = _kv_manifest(calib.kv_amax, kv_scales, kv_written, to)
         write_json(tmp / MANIFEST_NAME, manifest)
         write_card(tmp, ck.path, manifest, title=f"{Path(str(src)).name} (FP8, {to} scheme)",
                    quantization=manifest["quantization"])
@@ -143,7 +168,8 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     result = dict(manifest)
     result["output"] = str(out_path)
     result["timings_s"] = {"plan": round(t_plan - t0, 3), "calibrate": round(t_calib - t_plan, 3),
-                           "write": round(t_end - t_calib, 3), "total": round(t_end - t0, 3)}
+                           "budget": round(t_budget - t_calib, 3), "write": round(t_end - t_budget, 3),
+                           "total": round(t_end - t0, 3)}
     return result
 
 
@@ -153,6 +179,16 @@ def _exclusion_list(plan: TargetPlan, hf, scheme, out_names: set[str]) -> list[s
     if scheme.name == "hf":
         return compact_exclusions([m.name for m in plan.modules], plan.unquantized)
     return rename_modules(plan.unquantized, hf, scheme, out_names)
+
+
+def check_calibration_sizes(calib_samples, calib_seq_len) -> None:
+    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
+                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
+    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
+        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
+                            f"{MAX_CALIB_TOKENS} are calibrated on")
 
 
 def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
@@ -180,10 +216,13 @@ def _device(device: str) -> torch.device:
 
 def _stream(ck: Checkpoint, to: str, plan: TargetPlan, input_amax: dict[str, float], meta: bool,
             journal: Journal, reader: TensorReader | None = None, device: torch.device | None = None,
-            records: dict | None = None) -> Iterator[Item]:
-    """The checkpoint in `hf` names with targets quantized, then renamed into `to` by the scheme rules."""
+            records: dict | None = None, kv_scales: dict | None = None) -> Iterator[Item]:
+    """The checkpoint in `hf` names with targets quantized (and KV-cache scales beside k_proj/v_proj),
+    then renamed into `to` by the scheme rules."""
     items = stream_converted(ck, to="hf", meta=meta, journal=journal, reader=reader, lazy=True)
     items = _quantized(items, set(plan.quantized), input_amax, device, records)
+    if kv_scales:
+        items = _with_kv_scales(items, kv_scales, meta)
     if to != "hf":
         items = FromHF(get_scheme(to), ck.spec, journal, None)(items)
     return items
@@ -209,6 +248,32 @@ def _quantized(items: Iterable[Item], targets: set[str], input_amax: dict[str, f
         yield Item(item.name, q, item.sources, cast_from={"dtype": source_dtype, "by": "quantize"})
         yield Item(f"{module}.weight_scale", weight_scale, item.sources)
         yield Item(f"{module}.input_scale", input_scale, ())  # from calibration, not from a tensor
+
+
+def _kv_scales_planned(spec) -> dict[str, None]:
+    """The KV-cache scale names of every attention layer (values come from calibration)."""
+    attention = [i for i, code in enumerate(spec.layer_codes) if code == ATTENTION]
+    return {f"backbone.layers.{i}.mixer.{p}.{leaf}": None for i in attention for p, leaf in fp8.KV_SCALE_OF.items()}
+
+
+def _kv_scales(kv_amax: dict[str, float]) -> dict[str, torch.Tensor]:
+    """HF `<attn>.k_proj.k_scale` / `<attn>.v_proj.v_scale` → float32 0-d amax / 448 (ModelOpt's formula)."""
+    out = {}
+    for module, amax in kv_amax.items():
+        name = f"{module}.{fp8.KV_SCALE_OF[module.rsplit('.', 1)[1]]}"
+        out[name] = fp8.check_scale(fp8.scale_from_amax(amax), f"{name} (keys/values amax {amax:.3g})")
+    return out
+
+
+def _with_kv_scales(items: Iterable[Item], kv_scales: dict[str, torch.Tensor], meta: bool) -> Iterator[Item]:
+    for item in items:
+        yield item
+        module, _, leaf = item.name.rpartition(".")
+        if leaf == "weight" and module.rsplit(".", 1)[-1] in fp8.KV_SCALE_OF:
+            name = f"{module}.{fp8.KV_SCALE_OF[module.rsplit('.', 1)[-1]]}"
+            if name in kv_scales:
+                scale = torch.empty((), dtype=torch.float32, device="meta") if meta else kv_scales[name]
+                yield Item(name, scale, ())  # from calibration, not from a tensor
 
 
 def _planned(item: Item) -> PlannedTensor:
@@ -319,6 +384,23 @@ def _manifest(src, ck: Checkpoint, to: str, plan: TargetPlan, planned: list[Item
     }
 
 
+def _kv_manifest(kv_amax: dict, kv_scales: dict, written: bool, to: str) -> dict:
+    entry = {"algo": "FP8", "format": "k_scale / v_scale = amax of the keys / values over calibration / 448, "
+                                      "float32 0-d, beside k_proj / v_proj (nvidia-modelopt 0.47 HF export)",
+             "written": written,
+             "scales": {name: {"amax": kv_amax[name.rsplit(".", 1)[0]], "scale": float(scale)}
+                        for name, scale in kv_scales.items()}}
+    if not written:
+        entry["note"] = (f"the {to} scheme drops KV-cache scales (MAX does not read them): this checkpoint has "
+                         f"none, and kv_cache_quant_algo is null")
+    return entry
+
+
+def _budget_text(budget: dict) -> str:
+    return ", ".join(f"{flag} {budget[key]:g}" for flag, key in (("--max-kl", "max_kl"), ("--min-top1", "min_top1"))
+                     if budget.get(key) is not None)
+
+
 def _exclusion(e, out_name) -> dict:
     entry = {"module": out_name(e.module), "hf_module": e.module, "reason": e.reason, "detail": e.detail}
     if e.partner:
@@ -402,6 +484,15 @@ def render_summary(result: dict, console) -> None:
     if unscalable:
         lines.append(f"  excluded, no valid FP8 scale: {len(unscalable)}")
         lines += [f"    {e['module']}  ({e['detail']})" for e in unscalable[:8]]
+    budget = q.get("budget")
+    if budget:
+        r, p0 = budget["result"], budget["preset_result"]
+        held = budget["heldout"]
+        lines.append(f"  quality budget ({_budget_text(budget)}) on {held['prompts']} held-out prompts × "
+                     f"{held['seq_len']} tokens: the preset gives KL {p0['kl']:.3g}, top-1 {p0['top1_agreement']:.4f}; "
+                     f"with {r['kept']} mixer(s) kept in bf16: KL {r['kl']:.3g}, top-1 {r['top1_agreement']:.4f}")
+        for k in budget["kept_in_bf16"]:
+            lines.append(f"    {k['mixer']}  (rank {k['rank']}: FP8 in it alone costs KL {k['kl_alone']:.3g})")
     preset = reasons.get("preset", [])
     if preset:
         lines.append(f"  left out by the preset: {len(preset)} ({preset[0]['detail']})")
@@ -420,6 +511,16 @@ def render_summary(result: dict, console) -> None:
     for note in q["notes"]:
         if "no calibration token" not in note:
             console.print(f"  [yellow]note[/yellow]: {note}", highlight=False)
+    kv = q.get("kv_cache")
+    if kv and kv["written"]:
+        top = max(v["scale"] for v in kv["scales"].values())
+        console.print(f"  KV cache: FP8 scales for {len(kv['scales']) // 2} attention layer(s) (k_scale/v_scale = "
+                      f"amax / 448, largest {top:.3g}); kv_cache_quant_algo FP8", highlight=False)
+    elif kv:
+        console.print(f"  [yellow]KV cache[/yellow]: {kv['note']}", highlight=False)
+    if budget:
+        console.print(f"  check it with the same budget: {budget['verify_command']}", markup=False, highlight=False,
+                      soft_wrap=True)
     t = result.get("timings_s")
     if t:
         console.print(f"  time: plan {t['plan']:.1f}s, calibrate {t['calibrate']:.1f}s, write {t['write']:.1f}s",

@@ -755,10 +755,19 @@ def _override_list(chosen: str, auto: dict, thresholds: dict, allow_tokenizer_di
     elif PROFILE_ORDER[chosen] > PROFILE_ORDER[auto["name"]]:
         out.append(f"--profile {chosen}, looser than auto's {auto['name']}")
     for key in thresholds["overridden"]:
+        if _tighter(key, thresholds[key], PROFILES[chosen].get(key)):
+            continue  # a stricter gate (e.g. quantize --max-kl's budget) needs no permission: recorded in thresholds
         out.append(f"{key} = {thresholds[key]!r} (profile {chosen}: {PROFILES[chosen].get(key, 'by dtype')!r})")
     if allow_tokenizer_diff:
         out.append(f"--allow-tokenizer-diff ({len(tokenizer_diffs)} difference(s) accepted)")
     return out
+
+
+def _tighter(key: str, value: float, profile_value) -> bool:
+    """Whether an overridden threshold is at least as strict as the profile's own."""
+    if profile_value is None:
+        return False
+    return value <= profile_value if key.startswith("max_") else value >= profile_value
 
 
 def _tokenizer_check(diffs: list[str], allow: bool) -> dict:
@@ -805,8 +814,9 @@ def _cache_summary(items: list[dict]) -> dict:
 
 def _describe_ck(ck: Checkpoint, fp: dict) -> dict:
     q = ck.quantization()
+    kv = sum(1 for n in ck.tensor_names() if n.endswith((".k_scale", ".v_scale")))
     return {"path": str(ck.path), "scheme": ck.scheme, "fingerprint": fp, "dtypes": ck.dtype_counts(),
-            "quantization": q, "manifest": None if ck.manifest is None else {
+            "quantization": q, "kv_cache_scales": kv, "manifest": None if ck.manifest is None else {
                 k: ck.manifest.get(k) for k in ("source", "scheme_from", "scheme_to", "lossless", "dtype")}}
 
 
@@ -884,6 +894,10 @@ def render_report(report: VerifyReport, console, fail_line: bool = True) -> None
     console.print(f"[bold]verify[/bold] {report.reference['path']} → {report.candidate['path']} "
                   f"({report.device}, {report.dtype})")
     console.print(f"profile [cyan]{report.profile}[/cyan]: {report.profile_reason}")
+    if report.candidate.get("kv_cache_scales"):
+        console.print(f"candidate has an FP8 KV cache ({report.candidate['kv_cache_scales']} k_scale/v_scale tensors): "
+                      f"its keys and values pass through FP8, so every number below includes the cache's effect",
+                      highlight=False)
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, collapse_padding=True)
     for col in ("prompt", "max|Δ|", "mean|Δ|", "cos", "cos min", "KL", "top-1", "greedy", "cache"):
         table.add_column(col, justify="left" if col == "prompt" else "right", no_wrap=True)

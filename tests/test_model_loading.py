@@ -102,7 +102,7 @@ def test_fp8_linears_load_as_fp8_and_approximate_the_original():
                "backbone.layers.1.mixer.up_proj", "backbone.layers.1.mixer.down_proj"]
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     quantize_in_place(tensors, targets, calibrate(original, targets, ids))
-    tensors["backbone.layers.3.mixer.k_proj.k_scale"] = torch.tensor(1.0)   # KV-cache scales are ignored
+    tensors["backbone.layers.3.mixer.k_proj.k_scale"] = torch.tensor(1.0)   # an FP8 KV cache: keys through e4m3
     model = build_model(spec, tensors.items())
     in_proj = model.get_submodule(targets[0])
     assert in_proj.weight.dtype == FP8_DTYPE and in_proj.quantized

@@ -21,8 +21,8 @@ from .fp8 import FP8_DTYPE, Linear
 from .modeling import NemotronHLM
 
 _SCALES = ("weight_scale", "input_scale")
-# KV-cache quantization scales (ModelOpt may write them beside k_proj / v_proj). Our KV cache stays in
-# the model dtype, so they do not enter the computation.
+# KV-cache quantization scales (ModelOpt writes them beside k_proj / v_proj; some tools on the attention
+# module itself). They go to the attention module, whose keys/values then pass through FP8 (modeling.Attention).
 _KV_SCALES = ("k_scale", "v_scale")
 
 
@@ -47,6 +47,25 @@ def _dtype(value, device: torch.device) -> torch.dtype:
     if value not in names:
         raise NemoconvError(f"unsupported dtype {value!r} (use float32, bfloat16 or float16)")
     return names[value]
+
+
+def _set_kv_scale(model: NemotronHLM, attn_name: str, leaf: str, tensor: torch.Tensor, device) -> str | None:
+    """Put a KV-cache scale on its attention module; why not, if it cannot be used."""
+    from .modeling import Attention
+
+    try:
+        attn = model.get_submodule(attn_name)
+    except AttributeError:
+        attn = None
+    if not isinstance(attn, Attention):
+        return "not beside an attention layer the model has"
+    if tensor.numel() != 1 or not tensor.is_floating_point():
+        return f"a KV-cache scale must be one float, got shape {list(tensor.shape)} {tensor.dtype}"
+    value = tensor.detach().reshape(()).to(device, torch.float32)
+    if not (torch.isfinite(value) and value > 0):
+        return f"a KV-cache scale must be finite and positive, got {float(value)!r}"
+    setattr(attn, leaf, value)
+    return None
 
 
 def _summary(names: list[str], limit: int = 8) -> str:
@@ -86,6 +105,10 @@ def build_model(spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], de
         module_name, _, leaf = name.rpartition(".")
         if leaf in _SCALES or leaf in _KV_SCALES:
             if leaf in _KV_SCALES and module_name.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "mixer"):
+                attn = module_name if module_name.endswith(".mixer") else module_name.rsplit(".", 1)[0]
+                kv_problem = _set_kv_scale(model, attn, leaf, tensor, device)
+                if kv_problem:
+                    problems.append(f"{raw_name}: {kv_problem}")
                 continue
             target = slots.get(f"{module_name}.weight")
             if target is None or not isinstance(target[0], Linear) or tensor.numel() != 1:

@@ -206,6 +206,20 @@ class Attention(nn.Module):
         self.k_proj = Linear(spec.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(spec.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.heads * self.head_dim, spec.hidden_size, bias=bias)
+        # FP8 KV cache (a checkpoint's k_proj.k_scale / v_proj.v_scale, float32 []): when set, keys and values
+        # are read as an FP8 cache holds them, e4m3(k / k_scale) · k_scale, in every path (whole sequence,
+        # prefill, decode), so the cached and uncached logits agree and verify sees the cache's effect.
+        # This is an exact emulation (a round trip through float8_e4m3fn) on CPU and on CUDA alike; the
+        # cache buffer itself keeps the model dtype.
+        self.register_buffer("k_scale", None)
+        self.register_buffer("v_scale", None)
+
+    def _kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_scale is not None:
+            k = fp8.quantize_fp8(k, self.k_scale).float().mul(self.k_scale).to(k.dtype)
+        if self.v_scale is not None:
+            v = fp8.quantize_fp8(v, self.v_scale).float().mul(self.v_scale).to(v.dtype)
+        return k, v
 
     def forward(self, hidden: torch.Tensor, ctx: _Pass) -> torch.Tensor:
         if ctx.pos is not None:
@@ -214,6 +228,7 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(b, s, self.heads, self.head_dim).transpose(1, 2)     # [b, hq, s, d]
         k = self.k_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, hk, s, d]
         v = self.v_proj(hidden).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        k, v = self._kv(k, v)
         if ctx.cache is not None:
             # the cache stores the new keys/values and hands back every key/value so far (a
             # HybridCache slices its contiguous buffer; a paged cache gathers its blocks)
@@ -228,6 +243,7 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(b, self.heads, self.head_dim)                        # [b, hq, d]
         k = self.k_proj(hidden).view(b, self.kv_heads, 1, self.head_dim)                  # [b, hk, 1, d]
         v = self.v_proj(hidden).view(b, self.kv_heads, 1, self.head_dim)
+        k, v = self._kv(k, v)
         out = ctx.cache.decode_attend(self.layer_idx, q, k, v, ctx.pos)                   # [b, hq, d]
         return self.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
 

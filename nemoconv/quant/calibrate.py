@@ -32,7 +32,7 @@ from torch import nn
 
 from ..calib_data import CALIBRATION_TEXTS
 from ..checkpoint import Checkpoint
-from ..config import LAYER_KIND_NAMES
+from ..config import ATTENTION, LAYER_KIND_NAMES
 from ..errors import NemoconvError
 from ..pipeline import Item, Journal, to_hf
 from ..prompts import check_ids, encode, find_tokenizer, read_prompt_file
@@ -199,6 +199,7 @@ class CalibResult:
     device: str = ""
     dtype: str = ""
     micro_batch: int = 0
+    kv_amax: dict[str, float] = field(default_factory=dict)  # attention k_proj/v_proj → amax of its output
 
 
 def _source_index(ck: Checkpoint) -> dict[object, list[str]]:
@@ -264,8 +265,10 @@ def _router_counter(block: nn.Module, counts: dict):
 
 def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, device: torch.device,
                     dtype: torch.dtype, calibrator: str = "auto",
-                    progress: Callable[[int, int], None] | None = None) -> CalibResult:
-    """Input amax of every targeted linear (HF module names), streaming the network layer by layer."""
+                    progress: Callable[[int, int], None] | None = None, kv: bool = False) -> CalibResult:
+    """Input amax of every targeted linear (HF module names), streaming the network layer by layer; with
+    `kv`, also the amax of every attention layer's k_proj/v_proj output (the keys and values an FP8 KV
+    cache stores: Nemotron-H's attention has no positional rotation, so they are the projections' outputs)."""
     observer, label = _pick_observer(calibrator)
     spec = ck.spec
     by_layer: dict[int, dict[str, str]] = {}      # layer → {path inside the block: HF module}
@@ -280,6 +283,7 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
     amax: dict[str, float] = {}
     weight_amax: dict[str, float] = {}
     tokens: dict[str, int] = {}
+    kv_amax: dict[str, torch.Tensor] = {}
     total_tokens = ids.numel()
 
     with TensorReader() as reader, ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemoconv-calib") as pool, \
@@ -290,6 +294,8 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
         del embed
         # Layers without targets after the last targeted one change no scale: stop there.
         last = max(by_layer) if by_layer else -1
+        if kv:
+            last = max([last] + [i for i, c in enumerate(spec.layer_codes) if c == ATTENTION])
         pending = pool.submit(_read_hf, ck, index.get(0, []), reader) if last >= 0 else None
         for i in range(last + 1):
             tensors = pending.result()
@@ -300,6 +306,7 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
             del tensors
             counts: dict = {}
             counter = _router_counter(block, counts)
+            kv_hooks = _kv_observers(block, i, kv_amax) if kv else []
             outputs: list[torch.Tensor] = []
             finite = torch.ones((), dtype=torch.bool, device=device)
 
@@ -323,6 +330,8 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
                 found = {}
             if counter is not None:
                 counter.remove()
+            for h in kv_hooks:
+                h.remove()
             if not bool(finite):
                 raise NemoconvError(_nonfinite(i, spec))
             routed = counts["experts"].tolist() if counts.get("experts") is not None else None
@@ -338,10 +347,27 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
             if progress:
                 progress(i + 1, last + 1)
     filled = _fill_idle_experts(targets, amax, tokens)
+    kv_found = {m: float(a.float()) for m, a in kv_amax.items()}
+    for m, a in kv_found.items():
+        _check_finite(a, m)
     result = CalibResult(amax, tokens, weight_amax, filled, label, str(device), str(dtype).removeprefix("torch."),
-                         rows)
+                         rows, kv_found)
     result.calibrator_name = observer.name  # "modelopt" | "builtin", for the manifest
     return result
+
+
+def _kv_observers(block: nn.Module, i: int, kv_amax: dict) -> list:
+    """Forward hooks keeping the running amax of an attention layer's k_proj and v_proj outputs."""
+    if getattr(block, "code", None) != ATTENTION:
+        return []
+
+    def observe(name):
+        def hook(module, args, output):
+            a = output.detach().abs().amax()
+            kv_amax[name] = a if name not in kv_amax else torch.maximum(kv_amax[name], a)
+        return hook
+    return [getattr(block.mixer, p).register_forward_hook(observe(f"backbone.layers.{i}.mixer.{p}"))
+            for p in ("k_proj", "v_proj")]
 
 
 def _weight_amax(tensors: list[tuple[str, torch.Tensor]], modules) -> dict[str, float]:

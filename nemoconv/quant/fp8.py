@@ -99,10 +99,17 @@ def producer() -> dict:
     return {"name": PRODUCER_NAME, "version": __version__}
 
 
-def hf_quant_config(exclude_modules: list[str]) -> dict:
-    """hf_quant_config.json, the file vLLM and TensorRT-LLM read first."""
+# KV-cache scales, as ModelOpt 0.47's HF export names them: its attention module's k_bmm_quantizer /
+# v_bmm_quantizer amax becomes `<attn>.k_proj.k_scale` / `<attn>.v_proj.v_scale` (quant_utils.py
+# _KV_CACHE_REPLACEMENTS), float32 amax / 448, a 0-d tensor for a per-tensor amax.
+KV_SCALE_OF = {"k_proj": "k_scale", "v_proj": "v_scale"}
+
+
+def hf_quant_config(exclude_modules: list[str], kv_cache: str | None = None) -> dict:
+    """hf_quant_config.json, the file vLLM and TensorRT-LLM read first. `kv_cache`: "FP8" when the
+    attention layers carry k_scale/v_scale."""
     return {"producer": producer(),
-            "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
+            "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": kv_cache,
                              "exclude_modules": list(exclude_modules)}}
 
 
@@ -117,8 +124,10 @@ def config_quantization(hf_quant: dict) -> dict:
                                          "targets": ["Linear"]}},
            "ignore": list(q.get("exclude_modules") or []),
            "quant_algo": "FP8"}
-    if q.get("kv_cache_quant_algo"):
-        raise ValueError("KV-cache quantization is not written")
+    if q.get("kv_cache_quant_algo") == "FP8":  # as convert_hf_quant_config_format writes it
+        out["kv_cache_scheme"] = dict(fp8)
+    elif q.get("kv_cache_quant_algo"):
+        raise ValueError("only an FP8 KV cache is written")
     out["producer"] = dict(hf_quant["producer"])
     out["quant_method"] = "modelopt"
     return out
