@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import nemoconv  # noqa: E402
-from nemoconv.data import heldout_loss, heldout_tokens, tiny_trained_checkpoint  # noqa: E402
+from nemoconv.data import heldout_loss, heldout_tokens, tiny_trained_checkpoint
 
 PRESETS = ("default", "conservative", "aggressive")
 FIXTURES = REPO.parent / "shared" / "fixtures" / "trained-tiny"

@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 def make_checkpoint(directory: Path, size_gb: float) -> int:
     import torch
 
-    from nemoconv.config import parse_config
-    from nemoconv.demo_checkpoint import tiny_config
-    from nemoconv.safetensors_io import write_single_file
+    from nemoconv.storage.config import parse_config
+    from nemoconv.data.demo_checkpoint import tiny_config
+    from nemoconv.storage.safetensors_io import write_single_file
 
     hidden, experts, inter = 1024, 64, 1024
     per_moe_layer = 2 * experts * inter * hidden * 2  # bf16 up + down experts dominate
@@ -54,7 +54,7 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
     """Each tensor's name, dtype, shape and a hash of its bytes (the headers' metadata differ by design)."""
     import hashlib
 
-    from nemoconv.safetensors_io import read_header
+    from nemoconv.storage.safetensors_io import read_header
 
     entries, _ = read_header(path)
     out = {}

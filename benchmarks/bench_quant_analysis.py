@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import load_file
 
 import nemoconv
-from nemoconv.checkpoint import open_checkpoint
-from nemoconv.metrics import LogitStats
+from nemoconv.checkpoint.local.local import open_checkpoint
+from nemoconv.verification.metrics import LogitStats
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.targets import plan_targets
-from nemoconv.pipeline import stream_converted
+from nemoconv.stream.pipeline import stream_converted
 
 
 def plain_calibration_s(src, samples, seq_len) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import NemoconvError
+from nemoconv.errors import NemoconvError
 
 MAX_JSON_BYTES = 64 << 20  # no config, index or record of a real checkpoint comes near this
 MAX_DEPTH = 64             # nesting deeper than any file nemoconv reads needs

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemoconv.demo_checkpoint import write_tiny_checkpoint
+from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def transformers_checkpoint(directory: Path, kind: str = "moe", dtype=torch.floa
     """A real HF checkpoint written by transformers' NemotronHForCausalLM.save_pretrained."""
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.disable_progress_bar()
-    from nemoconv.demo_checkpoint import tiny_config
+    from nemoconv.data.demo_checkpoint import tiny_config
 
     cfg = tiny_config(kind, **overrides)
     cfg.pop("architectures", None)

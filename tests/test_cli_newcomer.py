@@ -16,7 +16,7 @@ import torch
 
 import nemoconv
 from nemoconv.errors import NemoconvError
-from nemoconv.hub import hub_error
+from nemoconv.checkpoint.local.hub import hub_error
 
 from helpers import rewrite, run_cli
 
@@ -164,7 +164,7 @@ class FolderApi:
 
 def test_a_large_upload_goes_through_the_resumable_folder_upload_of_exactly_its_files(tiny_dir, tmp_path,
                                                                                        monkeypatch):
-    from nemoconv import hub
+    from nemoconv.checkpoint import hub
 
     ck = tmp_path / "ck"
     shutil.copytree(tiny_dir("dense"), ck)

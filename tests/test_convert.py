@@ -282,7 +282,7 @@ def _converted(src, out, to):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_host_and_torch_streams_agree_bit_for_bit(hf_dir, tmp_path, kind, to, dtype):
     """One stream, two array kinds: numpy bits (convert) and torch tensors (model loading, quantize)."""
-    from nemoconv.pipeline import stream_converted
+    from nemoconv.stream.pipeline import stream_converted
 
     src = hf_dir(kind, dtype)
     if to != "hf":  # and back: splits, unfusions and restores
@@ -303,8 +303,8 @@ def test_host_and_torch_streams_agree_bit_for_bit(hf_dir, tmp_path, kind, to, dt
                                   ("float16", "bfloat16"), ("bfloat16", "float16")])
 def test_host_casts_round_like_torch(pair):
     """Every cast, NaN, infinities, ties and subnormals included, gives torch's bits."""
-    from nemoconv.pipeline import _convert_dtype
-    from nemoconv.safetensors_io import HostTensor
+    from nemoconv.stream.pipeline import _convert_dtype
+    from nemoconv.storage.safetensors_io import HostTensor
 
     src, dst = (getattr(torch, p) for p in pair)
     g = torch.Generator().manual_seed(0)
@@ -324,7 +324,7 @@ def test_host_casts_round_like_torch(pair):
 def test_fast_transpose_is_a_transpose(itemsize, shape):
     import numpy as np
 
-    from nemoconv.pipeline import _transpose_into
+    from nemoconv.stream.pipeline import _transpose_into
 
     a = np.arange(int(np.prod(shape)), dtype=f"u{itemsize}").reshape(shape)
     out = np.empty(shape[::-1], dtype=a.dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nemoconv.data import tiny_trained_checkpoint
-from nemoconv.verify import PROFILES
+from nemoconv.commands.verify import PROFILES
 from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -183,7 +183,7 @@ def test_successful_overwrite_replaces_output(tiny_dir, tmp_path, capsys):
 
 def test_interrupted_write_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     import nemoconv
-    from nemoconv import output
+    from nemoconv.stream import output
 
     def explode(self, name, tensor, entry=None):
         raise OSError(28, "No space left on device")
@@ -211,7 +211,7 @@ def test_usage_error_is_one_line(capsys):
 
 
 def test_debug_shows_the_exception(tmp_path):
-    from nemoconv.cli import main
+    from nemoconv.cli.main import main
     from nemoconv.errors import NemoconvError
 
     with pytest.raises(NemoconvError):

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import nemoconv
-from nemoconv.config import parse_config
-from nemoconv.demo_checkpoint import tiny_config, write_tiny_checkpoint
+from nemoconv.storage.config import parse_config
+from nemoconv.data.demo_checkpoint import tiny_config, write_tiny_checkpoint
 from nemoconv.quant.exclusions import compact_exclusions
 from nemoconv.quant.targets import plan_targets
 from helpers import load_all, read_json

@@ -74,7 +74,7 @@ def _assert_interrupted(proc: subprocess.Popen, code: int) -> str:
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory):
     """A dense checkpoint of ~200 MB: converting it with a cast takes seconds, time to interrupt it."""
-    from nemoconv.demo_checkpoint import write_tiny_checkpoint
+    from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("big") / "src", "dense", vocab_size=16384,
                                  hidden_size=1024, intermediate_size=2048, mamba_num_heads=32, mamba_head_dim=32)

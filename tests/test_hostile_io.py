@@ -19,9 +19,9 @@ import torch
 
 import nemoconv
 from helpers import assert_same_tensors, load_all, tree_digest
-from nemoconv import output
+from nemoconv.stream import output
 from nemoconv.errors import NemoconvError
-from nemoconv.hub import plan_upload
+from nemoconv.checkpoint.local.hub import plan_upload
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"TOPSECRET-0123456789"  # the first bytes of a file outside every checkpoint

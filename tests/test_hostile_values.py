@@ -136,8 +136,8 @@ def test_transformers_infinity_in_config_is_still_read(tiny_dir, tmp_path):
 
 
 def test_parameter_count_equals_the_sum_of_expected_shapes():
-    from nemoconv.config import parse_config
-    from nemoconv.demo_checkpoint import tiny_config
+    from nemoconv.storage.config import parse_config
+    from nemoconv.data.demo_checkpoint import tiny_config
 
     for kind in ("dense", "moe", "latent"):
         for tied in (False, True):
@@ -272,7 +272,7 @@ def test_out_of_range_option_is_refused_up_front(tiny_dir, tmp_path, case, args,
                                    True, 1.5])
 def test_parse_size_refuses_non_sizes(value):
     from nemoconv.errors import NemoconvError
-    from nemoconv.output import parse_size
+    from nemoconv.stream.output import parse_size
 
     with pytest.raises(NemoconvError, match="invalid size"):
         parse_size(value)

@@ -55,7 +55,7 @@ def test_local_path_wins_over_repo_id(tiny_dir, tmp_path, monkeypatch):
     def no_hub(*a, **k):
         raise AssertionError("the Hub must not be asked when a local directory exists")
 
-    monkeypatch.setattr("nemoconv.hub.download_checkpoint", no_hub)
+    monkeypatch.setattr("nemoconv.checkpoint.hub.download_checkpoint", no_hub)
     assert nemoconv.open_checkpoint("nvidia/tiny").path == Path("nvidia/tiny")
 
 

@@ -31,7 +31,7 @@ def test_inspect_json_reports_layout_dims_params_and_shards(hf_dir, capsys):
 @pytest.mark.parametrize("to", ["nemo", "max"])
 def test_inspect_detects_every_scheme(tiny_dir, tmp_path, to):
     nemoconv.convert(tiny_dir("moe"), tmp_path / to, to=to)
-    from nemoconv.inspect import inspect_checkpoint
+    from nemoconv.commands.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(tmp_path / to)
     assert info["scheme"] == to and info["converted_by_nemoconv"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemoconv.config import ATTENTION, MAMBA, parse_config
-from nemoconv.demo_checkpoint import random_tensors, tiny_config
+from nemoconv.storage.config import ATTENTION, MAMBA, parse_config
+from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import HybridCache, build_model
 

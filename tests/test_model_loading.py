@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemoconv.config import parse_config
-from nemoconv.demo_checkpoint import random_tensors, tiny_config
+from nemoconv.storage.config import parse_config
+from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import build_model, quantize_fp8
 from nemoconv.model.fp8 import FP8_DTYPE
@@ -142,7 +142,7 @@ def test_fp8_is_refused_outside_linear_weights():
 
 def test_load_model_reads_a_checkpoint_directory(tiny_dir):
     from nemoconv.model import load_model
-    from nemoconv.config import load_config
+    from nemoconv.storage.config import load_config
     from helpers import load_all
 
     directory = tiny_dir("moe")
@@ -157,7 +157,7 @@ def test_load_model_reads_a_checkpoint_directory(tiny_dir):
 def test_load_model_gives_the_same_model_from_every_scheme(tiny_dir, tmp_path, scheme):
     import nemoconv
     from helpers import load_all
-    from nemoconv.config import load_config
+    from nemoconv.storage.config import load_config
     from nemoconv.model import load_model
 
     source = tiny_dir("moe")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import load_all
-from nemoconv.config import load_config
+from nemoconv.storage.config import load_config
 from nemoconv.model import build_model
 
 transformers = pytest.importorskip("transformers")

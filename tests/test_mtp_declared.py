@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from nemoconv.demo_checkpoint import write_tiny_checkpoint
+from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 from helpers import load_all, read_json, run_cli
 
 QUICK = ["--calib-samples", "2", "--calib-seq-len", "8", "--device", "cpu", "--calibrator", "builtin"]

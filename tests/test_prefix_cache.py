@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemoconv.config import parse_config
-from nemoconv.demo_checkpoint import random_tensors, tiny_config
+from nemoconv.storage.config import parse_config
+from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import build_model
-from nemoconv.model.engine import PrefixCachingEngine, check_prefix_caching
-from nemoconv.model.prefix_cache import StateStore, chain_hashes
+from nemoconv.serving.engine import PrefixCachingEngine, check_prefix_caching
+from nemoconv.serving.prefix_cache import StateStore, chain_hashes
 
 B = 16          # block size used throughout (= the tiny models' SSM chunk size)
 _models: dict = {}
@@ -299,7 +299,7 @@ def test_check_prefix_caching_passes_and_catches_a_broken_restore(monkeypatch):
     assert good["passed"] and good["modes"]["state"]["stats"]["tokens_skipped"] > 0
     assert all(m["first_logits_bitwise"] and m["logits_bitwise"] for m in good["modes"].values())
 
-    from nemoconv.model import paged
+    from nemoconv.serving import paged
 
     def broken(self, slot, state):                    # restores the conv state only: a plausible bug
         self.conv[:, slot].copy_(state[0])
@@ -326,7 +326,7 @@ def test_verify_prefix_cache_flag_gates_and_reports(tiny_dir, tmp_path, capsys, 
     assert any(c["metric"] == "prefix_cache_identical" and c["passed"] for c in data["checks"])
     assert "prefix cache state" in out
 
-    from nemoconv.model import paged
+    from nemoconv.serving import paged
     monkeypatch.setattr(paged.SlotPool, "restore", lambda self, slot, state: self.reset(slot))
     code, out, err = run_cli(["verify", src, tmp_path / "max", *fast, "--prefix-cache"], capsys)
     assert code == 1 and "prefix cache (state)" in err
@@ -341,7 +341,7 @@ def test_check_prefix_caching_sizes_its_pool_for_partial_blocks():
 
 def test_paged_decode_attention_reads_each_rows_blocks_up_to_its_position():
     """The paged decode attention (CPU path: gathered blocks) against plain attention per row."""
-    from nemoconv.model import kernels
+    from nemoconv.model.cuda import kernels
 
     g = torch.Generator().manual_seed(1)
     blocks, bs, hk, hq, d = 12, 4, 2, 4, 8

@@ -19,7 +19,7 @@ TRAINED_MOE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tra
 @pytest.fixture(scope="module")
 def preset_numbers(tmp_path_factory):
     """What the default preset alone gives on the held-out prompts of a trained-like dense model."""
-    from nemoconv.demo_checkpoint import write_tiny_checkpoint
+    from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
     import nemoconv
 
     src = write_tiny_checkpoint(tmp_path_factory.mktemp("budget") / "src", "dense", trained_like=True, seed=5)

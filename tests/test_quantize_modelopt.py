@@ -23,7 +23,7 @@ import torch
 from conftest import transformers_checkpoint
 from helpers import assert_same_tensors, excluded_modules, load_all, read_json
 from nemoconv.quant.calibrate import modelopt_status
-from nemoconv.quantize import quantize
+from nemoconv.commands.quantize import quantize
 
 transformers = pytest.importorskip("transformers")
 mtq, MODELOPT_VERSION = modelopt_status()
@@ -109,7 +109,7 @@ def test_config_json_quantization_config_is_modelopts_conversion(both):
 
 @pytest.mark.parametrize("kind", ["moe", "latent"])
 def test_modelopt_and_builtin_calibration_agree_exactly(tmp_path, kind):
-    from nemoconv.demo_checkpoint import write_tiny_checkpoint
+    from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 
     src = write_tiny_checkpoint(tmp_path / "src", kind, dtype=torch.bfloat16)
     runs = {}

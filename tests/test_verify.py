@@ -176,9 +176,9 @@ def write_fp8_pair(directory: Path) -> tuple[Path, Path]:
     otherwise dominate the residual stream, far more than in a trained model, and the next-token
     distribution is nearly flat, so FP8 noise alone would flip ~10 % of argmaxes.
     """
-    from nemoconv.demo_checkpoint import write_tiny_checkpoint
+    from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
     from nemoconv.model import quantize_fp8
-    from nemoconv.prompts import builtin_prompts
+    from nemoconv.verification.prompts import builtin_prompts
 
     ref = write_tiny_checkpoint(directory / "ref", "dense", seed=0)
     tensors = load_file(str(ref / "model.safetensors"))

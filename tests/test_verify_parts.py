@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import nemoconv
 from nemoconv.errors import NemoconvError
-from nemoconv.metrics import LogitStats, cache_consistency, first_divergence
-from nemoconv.prompts import BUILTIN_TEXTS, builtin_prompts, read_prompt_file
+from nemoconv.verification.metrics import LogitStats, cache_consistency, first_divergence
+from nemoconv.verification.prompts import BUILTIN_TEXTS, builtin_prompts, read_prompt_file
 
-importlib.import_module("nemoconv.verify")
-verify_mod = sys.modules["nemoconv.verify"]  # the module, whatever the package attribute `verify` holds
+importlib.import_module("nemoconv.commands.verify")
+verify_mod = sys.modules["nemoconv.commands.verify"]  # the module, whatever the package attribute `verify` holds
 FAST = dict(num_prompts=2, seq_len=16, max_new_tokens=4)
 
 
@@ -211,8 +211,8 @@ def test_prompts_given_as_a_python_list(tiny_dir):
 
 
 def test_quantization_fields_and_pattern_spelling_are_not_network_differences(tiny_dir):
-    from nemoconv.config import codes_to_block_types, parse_config
-    from nemoconv.demo_checkpoint import tiny_config
+    from nemoconv.storage.config import codes_to_block_types, parse_config
+    from nemoconv.data.demo_checkpoint import tiny_config
 
     cfg = tiny_config("dense")
     other = dict(cfg, quantization_config={"quant_method": "modelopt", "quant_algo": "FP8"})

@@ -7,17 +7,15 @@
     logits = model.decode_step(tokens, cache)                       # [b, vocab]
     tokens = model.generate(input_ids, max_new_tokens=16)           # [b, s + 16], greedy by default
 
-Modules: `modeling` (layers and the LM), `cache` (HybridCache), `kernels` (Triton / reference
-dispatch), `reference` (torch definitions of the sequence ops), `fp8` (FP8 linears), `loading`,
-`paged` (KV blocks and Mamba state slots), `prefix_cache` (hashing, state store, metrics) and
-`engine` (PrefixCachingEngine: many requests, prefix caching).
+Layer 5. Modules: `modeling` (layers and the LM), `cache` (HybridCache), `reference` (torch definitions of the
+sequence ops), `fp8` (FP8 linears), `loading`; `cuda/` (kernel dispatch, Triton, graphs, warm-up). Many requests
+with prefix caching are `nemoconv.serving`.
 """
 
-from .cache import HybridCache
-from .engine import PrefixCachingEngine
-from .fp8 import Linear, fp8_linear, fp8_linear_emulated, quantize_fp8
-from .loading import build_model, canonical_name, load_model
-from .modeling import NemotronHLM
+from nemoconv.model.cache import HybridCache
+from nemoconv.model.fp8 import Linear, fp8_linear, fp8_linear_emulated, quantize_fp8
+from nemoconv.model.loading import build_model, canonical_name, load_model
+from nemoconv.model.modeling import NemotronHLM
 
-__all__ = ["HybridCache", "Linear", "NemotronHLM", "PrefixCachingEngine", "build_model", "canonical_name", "fp8_linear",
+__all__ = ["HybridCache", "Linear", "NemotronHLM", "build_model", "canonical_name", "fp8_linear",
            "fp8_linear_emulated", "load_model", "quantize_fp8"]

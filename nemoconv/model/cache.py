@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ATTENTION, MAMBA, ModelSpec
-from ..errors import NemoconvError
-from . import kernels
+from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
+from nemoconv.errors import NemoconvError
+from nemoconv.model.cuda import kernels
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,7 +92,7 @@ class HybridCache:
         """The static decode buffers and CUDA graph of this cache (made on first use; see `graphs`).
         They stay valid through `reset` and `reorder_cache`, which work in place."""
         if self._decoder is None:
-            from .graphs import StaticDecoder
+            from nemoconv.model.cuda.graphs import StaticDecoder
 
             self._decoder = StaticDecoder(self.batch_size, self.device)
         return self._decoder

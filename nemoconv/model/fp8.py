@@ -58,7 +58,7 @@ def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _quantize_padded(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
     """quantize_fp8 of x2 [m, in] zero-padded to `rows` rows: one fused Triton launch where available."""
-    from . import kernels
+    from nemoconv.model.cuda import kernels
 
     if kernels.backend(x2) == "triton":
         return kernels.triton_kernels().fused.quantize_fp8(x2, scale, rows)

@@ -15,10 +15,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..config import ModelSpec
-from ..errors import NemoconvError
-from .fp8 import FP8_DTYPE, Linear
-from .modeling import NemotronHLM
+from nemoconv.storage.config import ModelSpec
+from nemoconv.errors import NemoconvError
+from nemoconv.model.fp8 import FP8_DTYPE, Linear
+from nemoconv.model.modeling import NemotronHLM
 
 _SCALES = ("weight_scale", "input_scale")
 # KV-cache quantization scales (ModelOpt writes them beside k_proj / v_proj; some tools on the attention
@@ -51,7 +51,7 @@ def _dtype(value, device: torch.device) -> torch.dtype:
 
 def _set_kv_scale(model: NemotronHLM, attn_name: str, leaf: str, tensor: torch.Tensor, device) -> str | None:
     """Put a KV-cache scale on its attention module; why not, if it cannot be used."""
-    from .modeling import Attention
+    from nemoconv.model.modeling import Attention
 
     try:
         attn = model.get_submodule(attn_name)
@@ -169,7 +169,7 @@ def build_model(spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], de
 
 def load_model(path, device="cpu", dtype: torch.dtype | str | None = torch.float32) -> NemotronHLM:
     """The built-in hybrid model for a checkpoint of any scheme (hf, nemo, max; FP8 too)."""
-    from ..checkpoint import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     ck = open_checkpoint(path)
     return build_model(ck.spec, ck.iter_tensors(to="hf"), device=device, dtype=dtype)

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ATTENTION, MAMBA, MOE, ModelSpec
-from ..config import MLP as MLP_CODE
-from ..errors import NemoconvError
-from . import kernels
-from .cache import HybridCache
-from . import fp8
-from .fp8 import Linear
+from nemoconv.storage.config import ATTENTION, MAMBA, MOE, ModelSpec
+from nemoconv.storage.config import MLP as MLP_CODE
+from nemoconv.errors import NemoconvError
+from nemoconv.model.cuda import kernels
+from nemoconv.model.cache import HybridCache
+from nemoconv.model import fp8
+from nemoconv.model.fp8 import Linear
 
 # Prefills of at most this many rows × positions are captured as CUDA graphs (a graph keeps its
 # activations' memory).
@@ -645,7 +645,7 @@ class NemotronHLM(nn.Module):
         else:
             graphs = cache.__dict__.get("_prefill_graphs")
             if graphs is None:
-                from .graphs import GraphCache
+                from nemoconv.model.cuda.graphs import GraphCache
 
                 graphs = cache.__dict__["_prefill_graphs"] = GraphCache()
             logits, static = graphs.run(key, run, input_ids, pad)

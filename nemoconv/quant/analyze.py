@@ -29,13 +29,13 @@ import time
 
 import torch
 
-from ..checkpoint import open_checkpoint
-from ..errors import NemoconvError
-from ..pipeline import stream_converted
-from .calibrate import calibration_tokens, run_calibration
-from . import fp8
-from .sweep import Variant, compare_variants, layer_of
-from .targets import KIND_LABELS, PRESETS, network_modules
+from nemoconv.checkpoint.local import open_checkpoint
+from nemoconv.errors import NemoconvError
+from nemoconv.stream.pipeline import stream_converted
+from nemoconv.quant.calibrate import calibration_tokens, run_calibration
+from nemoconv.quant import fp8
+from nemoconv.quant.sweep import Variant, compare_variants, layer_of
+from nemoconv.quant.targets import KIND_LABELS, PRESETS, network_modules
 
 PROBE_FRACTION = 16   # default probe: 1/16 of the calibration sequences (at least one)
 
@@ -50,7 +50,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                 quiet: bool = True, calibrator: str = "auto") -> dict:
     """Per-linear FP8 sensitivity of SRC (see the module docstring). Returns a JSON-ready dict whose
     "modules" list is sorted by harm (KL, then top-1 change, then SQNR)."""
-    from ..quantize import _device, _progress, check_calibration_sizes
+    from nemoconv.commands.quantize import _device, _progress, check_calibration_sizes
 
     t0 = time.perf_counter()
     if preset not in PRESETS:

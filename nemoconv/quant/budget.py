@@ -20,12 +20,12 @@ import shlex
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..errors import NemoconvError
-from ..prompts import builtin_prompts, find_tokenizer
-from .analyze import PROBE_FRACTION, max_streams
-from .sweep import Variant, compare_variants
-from .targets import Exclusion, TargetPlan, _group
+from nemoconv.checkpoint.local import Checkpoint
+from nemoconv.errors import NemoconvError
+from nemoconv.verification.prompts import builtin_prompts, find_tokenizer
+from nemoconv.quant.analyze import PROBE_FRACTION, max_streams
+from nemoconv.quant.sweep import Variant, compare_variants
+from nemoconv.quant.targets import Exclusion, TargetPlan, _group
 
 HELDOUT_PROMPTS = 8
 HELDOUT_SEQ_LEN = 64

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calib_data import CALIBRATION_TEXTS
-from ..checkpoint import Checkpoint
-from ..config import ATTENTION, LAYER_KIND_NAMES
-from ..errors import NemoconvError
-from ..pipeline import Item, Journal, to_hf
-from ..prompts import check_ids, encode, find_tokenizer, read_prompt_file
-from ..safetensors_io import TensorReader
+from nemoconv.data.calib_data import CALIBRATION_TEXTS
+from nemoconv.checkpoint.local import Checkpoint
+from nemoconv.storage.config import ATTENTION, LAYER_KIND_NAMES
+from nemoconv.errors import NemoconvError
+from nemoconv.stream.pipeline import Item, Journal, to_hf
+from nemoconv.verification.prompts import check_ids, encode, find_tokenizer, read_prompt_file
+from nemoconv.storage.safetensors_io import TensorReader
 
 SEED = 20250117                      # random calibration tokens and the order texts are cycled in
 TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 2048}
@@ -224,7 +224,7 @@ def _read_hf(ck: Checkpoint, names: list[str], reader: TensorReader) -> list[tup
 
 
 def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, dtype) -> nn.Module:
-    from ..model.modeling import Block
+    from nemoconv.model.modeling import Block
 
     with torch.device("meta"):
         block = Block(spec, i)
@@ -244,7 +244,7 @@ def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, 
 
 
 def _layer_context():
-    from ..model.modeling import _Pass
+    from nemoconv.model.modeling import _Pass
 
     # Whole sequences without cache or padding: the model's plain causal forward.
     return _Pass(cache=None, start=0, pad_mask=None, attn_mask=None, causal=True, decode=False)

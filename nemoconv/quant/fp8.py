@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..errors import NemoconvError
+from nemoconv.errors import NemoconvError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -94,7 +94,7 @@ def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = No
 
 
 def producer() -> dict:
-    from .. import __version__
+    from nemoconv import __version__
 
     return {"name": PRODUCER_NAME, "version": __version__}
 

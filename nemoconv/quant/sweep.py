@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint
-from ..errors import NemoconvError
-from ..metrics import LogitStats
-from ..safetensors_io import TensorReader
-from . import fp8
-from .calibrate import _LAYER, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
+from nemoconv.checkpoint.local import Checkpoint
+from nemoconv.errors import NemoconvError
+from nemoconv.verification.metrics import LogitStats
+from nemoconv.storage.safetensors_io import TensorReader
+from nemoconv.quant import fp8
+from nemoconv.quant.calibrate import _LAYER, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def _final_weights(ck: Checkpoint, reader: TensorReader, device, dtype) -> tuple
 
 
 def _logits(hidden: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> torch.Tensor:
-    from ..model import kernels
+    from nemoconv.model.cuda import kernels
 
     # as NemotronHLM: norm_f(hidden in the model dtype), then lm_head, logits in float32
     return F.linear(kernels.rmsnorm(hidden.to(norm_w.dtype), norm_w, eps), head_w).float()

@@ -29,10 +29,11 @@ import torch
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")   # IEEE fp32 dots in mamba-ssm's kernels (see test_cuda_model)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from nemoconv.config import parse_config  # noqa: E402
-from nemoconv.demo_checkpoint import random_tensors, tiny_config  # noqa: E402
-from nemoconv.model import build_model, kernels  # noqa: E402
-from nemoconv.model.fp8 import quantize_fp8  # noqa: E402
+from nemoconv.storage.config import parse_config
+from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
+from nemoconv.model import build_model
+from nemoconv.model.cuda import kernels
+from nemoconv.model.fp8 import quantize_fp8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_model import skip_reason  # noqa: E402  (one definition of when GPU checks can run)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_model import build, skip_reason  # noqa: E402
 from test_fast_path import build as build_dense  # noqa: E402
-from nemoconv.model.engine import PrefixCachingEngine  # noqa: E402
+from nemoconv.serving.engine import PrefixCachingEngine
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 NEW = 12
@@ -95,7 +95,7 @@ def graphs_vs_eager(fp8: bool) -> dict:
 
 def paged_attention_check(dtype) -> dict:
     """The Triton paged decode attention against attention over each row's gathered keys (float64)."""
-    from nemoconv.model import kernels
+    from nemoconv.model.cuda import kernels
 
     g = torch.Generator(device="cuda").manual_seed(5)
     blocks, B, hk, hq, d = 40, 16, 2, 8, 64

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from nemoconv.demo_checkpoint import write_tiny_checkpoint
-from nemoconv.safetensors_io import write_single_file
+from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
+from nemoconv.storage.safetensors_io import write_single_file
 
 CASES = {
     "dense-fp32": dict(kind="dense", dtype=torch.float32),

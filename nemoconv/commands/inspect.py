@@ -1,0 +1,65 @@
+"""`nemoconv inspect`: what a checkpoint is, from its config and headers alone (no tensor data read)."""
+
+from __future__ import annotations
+
+import math
+
+from nemoconv.checkpoint.local import open_checkpoint
+from nemoconv.stream.pipeline import SCALE_SUFFIXES
+
+
+def inspect_checkpoint(source, scheme: str = "auto") -> dict:
+    """What the checkpoint is, and `check`: whether every tensor fits config.json and none is missing or left
+    over (the checks convert and verify make before they read a byte of data)."""
+    from nemoconv.commands.convert import plan_conversion
+    from nemoconv.errors import NemoconvError
+
+    ck = open_checkpoint(source, scheme=scheme)
+    try:
+        plan_conversion(ck, "hf", None)
+        check = {"ok": True, "error": None}
+    except NemoconvError as exc:
+        check = {"ok": False, "error": str(exc)}
+    spec = ck.spec
+    params = sum(math.prod(e.shape) for n, e in ck.entries.items() if n.rpartition(".")[2] not in SCALE_SUFFIXES)
+    mtp_params = sum(math.prod(e.shape) for n, e in ck.entries.items() if n.startswith("mtp."))
+    return {
+        "path": str(ck.path),
+        "scheme": ck.scheme,
+        "model": spec.to_dict(),
+        "parameters": params,
+        "mtp_parameters": mtp_params,
+        "tensors": len(ck.entries),
+        "dtypes": ck.dtype_counts(),
+        "quantization": ck.quantization(),
+        "shards": {"count": len(ck.shard_files), "bytes": ck.total_bytes,
+                   "files": [f.name for f in ck.shard_files]},
+        "converted_by_nemoconv": bool(ck.manifest),
+        "check": check,
+        "warnings": [w for w in (mtp_warning(ck),) if w],
+    }
+
+
+def mtp_warning(ck) -> str | None:
+    """Why a config that declares MTP layers without their weights matters (transformers' save_pretrained
+    writes exactly that: num_nextn_predict_layers kept, the mtp.* tensors dropped); None when all is well."""
+    declared = ck.spec.num_mtp_layers
+    if not declared or any("mtp" in name for name in ck.entries):
+        return None
+    return (f"config.json declares {declared} MTP layer(s) (num_nextn_predict_layers) but the checkpoint holds no "
+            f"MTP weights (as transformers' save_pretrained writes it): MTP speculative decoding cannot run from it")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)

@@ -1,0 +1,374 @@
+"""One small function per sequence operation: Triton kernels on CUDA, the torch reference elsewhere.
+
+The model calls only these, so it never branches on the device itself. CUDA uses
+  - mamba-ssm's `mamba_chunk_scan_combined` (chunked SSD scan) for whole sequences and prefill,
+  - mamba-ssm's `selective_state_update` for single-token decode,
+  - mamba-ssm's `rmsnorm_fn` (layernorm_gated) for the grouped gated RMSNorm,
+  - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), relu², the
+    causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A),
+  - torch's scaled_dot_product_attention (flash / memory-efficient kernels) for prefill attention,
+    and a static-shape masked attention over the whole preallocated KV cache for decode, so that a
+    decode step has the same shapes at every position and can be captured in a CUDA graph.
+None of the CUDA paths synchronises with the host.
+
+If mamba-ssm (or Triton) is missing, CUDA tensors fall back to the reference with a one-time warning.
+Setting NEMOCONV_KERNELS=reference forces the reference everywhere (to compare the two on one GPU).
+
+Autotuning. mamba-ssm's SSD kernels are `@triton.autotune`d: on the first call for a key (chunk size,
+head and state sizes, dtypes) every config of the kernel is compiled and timed (42 configs over the
+5 forward kernels), most of a cold `verify`'s start-up. On Hopper (sm90) the choices autotune makes for
+known Nemotron-H shapes are recorded below (`SM90_AUTOTUNE`) and put into each autotuner's cache
+beforehand, so those keys compile one config and time none; any other key, and every other GPU, is
+autotuned as before. NEMOCONV_AUTOTUNE=full turns the recorded choices off; NEMOCONV_AUTOTUNE_TABLE=
+file.json adds choices of your own (the format `autotune_choices()` returns, recorded on your GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nemoconv.model import reference
+
+_triton = None      # SimpleNamespace of the three kernels once imported, False if unavailable
+_warned = False
+
+
+def _load_submodules():
+    ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
+    fused = importlib.import_module(__package__ + ".triton_ops")
+    # The forward functions under the autograd wrappers, where this mamba-ssm has them: inference needs no
+    # autograd bookkeeping, and in a long prefill the host's launch overhead is what the GPU waits for.
+    return SimpleNamespace(chunk_scan=ssd.mamba_chunk_scan_combined, state_update=ssu.selective_state_update,
+                           rmsnorm=norm.rmsnorm_fn, fused=fused,
+                           chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None),
+                           layer_norm_fwd=getattr(norm, "_layer_norm_fwd", None))
+
+
+# Autotune choices of mamba-ssm's SSD forward kernels on sm90 (H100 80GB HBM3, triton 3.6, mamba-ssm 2.3.2),
+# as `autotune_choices()` reported them after a cold `verify` of a Nemotron-H-8B-shaped bf16 pair
+# (benchmarks/bench_verify.py; the keys hold chunk size, head/state sizes, h·p and dtypes, not lengths):
+# kernel → [[autotune key, str(triton.Config)], …]. A config no longer in the kernel's list is ignored.
+SM90_AUTOTUNE: dict[str, list] = {
+    '_chunk_cumsum_fwd_kernel': [
+        [[128, 128, 'torch.float32', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE_H: 1, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
+    ],
+    '_chunk_state_fwd_kernel': [
+        [[64, 128, 128, 'torch.bfloat16', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE_M: 64, BLOCK_SIZE_N: 128, BLOCK_SIZE_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None'],
+    ],
+    '_state_passing_fwd_kernel': [
+        [[8192, 'torch.float32', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE: 2048, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
+        [[8192, 'torch.float32', 'torch.bfloat16', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE: 2048, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
+    ],
+    '_bmm_chunk_fwd_kernel': [
+        [[128, 128, False, 'torch.bfloat16', 'torch.bfloat16', 'torch.float32'], 'BLOCK_SIZE_M: 128, BLOCK_SIZE_N: 32, BLOCK_SIZE_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None'],
+    ],
+    '_chunk_scan_fwd_kernel': [
+        [[128, 64, 128, True, 'torch.float32', 'torch.bfloat16', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.bfloat16', 'torch.bfloat16', 'torch.float32'], 'BLOCK_SIZE_M: 64, BLOCK_SIZE_N: 64, BLOCK_SIZE_K: 32, num_warps: 2, num_ctas: 1, num_stages: 4, maxnreg: None'],
+    ],
+}
+
+_SSD_MODULES = ("ssd_chunk_state", "ssd_state_passing", "ssd_bmm", "ssd_chunk_scan", "ssd_combined")
+
+
+def _autotuners():
+    """(kernel name, triton Autotuner) of mamba-ssm's SSD modules."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = set()
+    for mod_name in _SSD_MODULES:
+        mod = sys.modules.get("mamba_ssm.ops.triton." + mod_name)
+        for obj in list(vars(mod).values()) if mod is not None else ():
+            if isinstance(obj, Autotuner) and id(obj) not in seen:
+                seen.add(id(obj))
+                yield getattr(obj.base_fn, "__name__", "?"), obj
+
+
+def _jsonable(key) -> list:
+    return [k if isinstance(k, (bool, int, float, str)) or k is None else str(k) for k in key]
+
+
+def autotune_choices() -> dict[str, list]:
+    """What mamba-ssm's autotuners chose so far in this process: kernel → [[key, str(config)], …]."""
+    out: dict[str, list] = {}
+    for name, tuner in _autotuners():
+        for key, config in tuner.cache.items():
+            out.setdefault(name, []).append([_jsonable(key), str(config)])
+    return out
+
+
+def _seed_autotune() -> dict:
+    """Put the recorded sm90 choices (and NEMOCONV_AUTOTUNE_TABLE's) into the autotuners' caches."""
+    mode = os.environ.get("NEMOCONV_AUTOTUNE", "table")
+    table: dict[str, list] = {}
+    try:
+        if mode != "full" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+            table = {k: list(v) for k, v in SM90_AUTOTUNE.items()}
+    except Exception:  # noqa: BLE001 - no usable device: nothing to seed
+        table = {}
+    extra = os.environ.get("NEMOCONV_AUTOTUNE_TABLE")
+    if extra and mode != "full":
+        for k, v in json.loads(open(extra).read()).items():
+            table.setdefault(k, []).extend(v)
+    seeded = 0
+    for name, tuner in _autotuners():
+        by_str = {str(c): c for c in tuner.configs}
+        for key, config in table.get(name, ()):
+            c = by_str.get(config)
+            if c is not None and len(tuner.configs) > 1:
+                tuner.cache.setdefault(tuple(key), c)
+                seeded += 1
+    return {"mode": mode, "seeded": seeded}
+
+
+_autotune_state: dict = {}
+
+
+def _import_mamba_triton():
+    """Import the Triton kernels by submodule path, even where `import mamba_ssm` itself fails.
+
+    The package root imports the Mamba-1 CUDA extension (`selective_scan_cuda`), which Triton-only
+    installs (MAMBA_SKIP_CUDA_BUILD=TRUE) lack. There, the package is registered from its spec
+    without running its `__init__.py`, and the pure-Triton submodules then import normally.
+    """
+    if importlib.util.find_spec("mamba_ssm") is None:
+        raise ImportError("mamba-ssm is not installed")
+    try:
+        return _load_submodules()
+    except ImportError:
+        if "mamba_ssm" in sys.modules:  # the root imported fine: the failure is elsewhere
+            raise
+    spec = importlib.util.find_spec("mamba_ssm")
+    sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)  # __path__ set, body not run
+    return _load_submodules()
+
+
+def triton_kernels():
+    """The mamba-ssm Triton kernels, or None when they cannot be imported (cached)."""
+    global _triton
+    if _triton is None:
+        try:
+            _triton = _import_mamba_triton()
+        except Exception as exc:  # ImportError, or triton failing to initialise
+            _triton = False
+            _triton_error[0] = f"{type(exc).__name__}: {exc}"
+        if _triton:
+            try:
+                _autotune_state.update(_seed_autotune())
+            except Exception as exc:  # noqa: BLE001 - a bad table only costs autotuning time
+                _autotune_state["error"] = f"{type(exc).__name__}: {exc}"
+    return _triton or None
+
+
+_triton_error = [""]
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    global _warned
+    if not t.is_cuda or os.environ.get("NEMOCONV_KERNELS", "auto") == "reference":
+        return False
+    if triton_kernels() is not None:
+        return True
+    if not _warned:
+        _warned = True
+        warnings.warn("mamba-ssm's Triton kernels are unavailable (" + _triton_error[0] + "); "
+                      "running the torch reference on CUDA (slow)", stacklevel=3)
+    return False
+
+
+def backend(t: torch.Tensor) -> str:
+    """Which implementation runs for tensors like `t`: 'triton' or 'reference'."""
+    return "triton" if _use_triton(t) else "reference"
+
+
+def _fused():
+    return triton_kernels().fused
+
+
+_zeros: dict = {}
+
+
+def _zeros_like_heads(h: int, device) -> torch.Tensor:
+    """A persistent float32 zeros [h] (never allocated while a CUDA graph is being captured)."""
+    key = (h, str(device))
+    z = _zeros.get(key)
+    if z is None:
+        z = torch.zeros(h, device=device, dtype=torch.float32)
+        if not torch.cuda.is_current_stream_capturing():
+            _zeros[key] = z
+    return z
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and activations
+# ---------------------------------------------------------------------------------------------
+def rmsnorm(x, weight, eps):
+    """RMSNorm(x) · weight in float32 → weight's dtype (x is first cast to weight's dtype)."""
+    if _use_triton(x):
+        return _fused().rmsnorm(x, weight, eps)
+    return reference.rmsnorm(x.to(weight.dtype), weight, eps)
+
+
+def add_rmsnorm(residual, delta, weight, eps):
+    """(residual + delta in residual's dtype, RMSNorm of that sum) — the pre-norm of the next block."""
+    if _use_triton(residual):
+        return _fused().rmsnorm(residual, weight, eps, delta=delta)
+    out = residual + delta
+    return out, reference.rmsnorm(out.to(weight.dtype), weight, eps)
+
+
+def rmsnorm_fp8(residual, delta, weight, eps, input_scale, rows):
+    """CUDA only: rmsnorm (delta None) or add_rmsnorm, plus the normed rows quantized to FP8 for the
+    next linear ([rows, n], zero-padded) in the same launch → (…as before…, x_q)."""
+    return _fused().rmsnorm(residual, weight, eps, delta=delta, quant=(input_scale, rows))
+
+
+def relu2_fp8(x2, input_scale, rows):
+    """CUDA only: quantize_fp8(relu2(x2)) [rows, n] (zero-padded) in one launch."""
+    return _fused().relu2_fp8(x2, input_scale, rows)
+
+
+def relu2(x):
+    """relu(x)², Nemotron-H's MLP activation."""
+    if _use_triton(x):
+        return _fused().relu2(x)
+    return torch.square(F.relu(x))
+
+
+def gated_rmsnorm(y, z, weight, eps, group_size):
+    """RMSNorm(y · silu(z)) per group of `group_size` channels, times weight → y's dtype."""
+    if _use_triton(y):
+        # The kernel reads rows at any stride (z is a column slice of in_proj's output): no copies.
+        tk = triton_kernels()
+        if tk.layer_norm_fwd is None:
+            return tk.rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+        shape = y.shape
+        y2, z2 = y.reshape(-1, shape[-1]), z.reshape(-1, shape[-1])
+        y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+        z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+        out, _, _ = tk.layer_norm_fwd(y2, weight.contiguous(), None, eps, z=z2, group_size=group_size,
+                                      norm_before_gate=False, is_rms_norm=True)
+        return out.reshape(shape)
+    return reference.gated_rmsnorm(y, z, weight, eps, group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-2: conv and scan
+# ---------------------------------------------------------------------------------------------
+def causal_conv1d_silu(x, weight, bias, conv_state=None):
+    """x [b, s, c] → silu(causal depthwise conv) [b, s, c]; conv_state [b, c, k-1] is read and refreshed."""
+    if _use_triton(x):
+        return _fused().conv_silu(x, weight, bias, conv_state)
+    return reference.causal_conv1d_silu(x, weight, bias, conv_state)
+
+
+def causal_conv1d_silu_step(x, weight, bias, conv_state):
+    """x [b, c] → [b, c]; shifts conv_state [b, c, k-1] by one in place."""
+    return reference.causal_conv1d_silu_step(x, weight, bias, conv_state)
+
+
+def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
+    """The element-wise front of a Mamba decode step, in one launch on CUDA.
+
+    xbc [b, c], dt [b, h] raw → (silu(conv step) [b, c], softplus(dt + dt_bias) clamped to dt_limit
+    [b, h] float32, A = -exp(A_log) [h] float32); conv_state [b, c, k-1] shifts by one in place.
+    """
+    if _use_triton(xbc):
+        return _fused().conv_step(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log)
+    out = reference.causal_conv1d_silu_step(xbc, weight, bias, conv_state)
+    return out, F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+
+
+def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False):
+    """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h] → y [b, s, h, p] (, state)."""
+    if _use_triton(x):
+        # dt arrives already softplus'd and clamped, so the kernel applies neither (its defaults).
+        tk = triton_kernels()
+        args = (x, dt.float().contiguous(), A.float(), B, C, chunk_size)
+        init = initial_state.float().contiguous() if initial_state is not None else None
+        if tk.chunk_scan_fwd is None:
+            return tk.chunk_scan(*args, D=D.float(), initial_states=init, return_final_states=return_final_state)
+        out, _, _, _, _, final_state, *_ = tk.chunk_scan_fwd(*args, D=D.float(), initial_states=init)
+        return (out, final_state) if return_final_state else out
+    return reference.ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state)
+
+
+def ssm_step(state, x, dt, A, B, C, D):
+    """One decode step: state [b, h, p, n] updated in place; x [b, h, p], dt [b, h], B/C [b, g, n] → y [b, h, p]."""
+    if _use_triton(x):
+        b, h, p = x.shape
+        n = state.shape[-1]
+        # The kernel takes per-(head, channel) parameters; stride-0 expansions select its tied-head path.
+        zeros = _zeros_like_heads(h, x.device)
+        return triton_kernels().state_update(
+            state, x, dt.float()[:, :, None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
+            B, C, D=D.float()[:, None].expand(h, p), z=None,
+            dt_bias=zeros[:, None].expand(h, p), dt_softplus=False)
+    return reference.ssm_step(state, x, dt, A, B, C, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+def attention(q, k, v, mask, causal):
+    """q [b, hq, s, d], k/v [b, hk, t, d], mask [b, 1, s, t] bool or None → [b, hq, s, d]."""
+    if q.is_cuda:
+        if mask is not None and q.shape[1] != k.shape[1]:
+            # The memory-efficient kernel takes a mask but not grouped KV heads: expand them (else SDPA
+            # would fall back to its unfused math path).
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if mask is not None and os.environ.get("NEMOCONV_SDPA_MASKED", "efficient") == "efficient":
+            # With a mask, torch 2.11 may pick cuDNN's attention, whose results on an H100 were not bitwise
+            # repeatable run to run (decode logits of two identical runs differed by ~2 bf16 ulps and flipped
+            # a near-tie token); the memory-efficient kernel is. NEMOCONV_SDPA_MASKED=auto lets torch choose.
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    return reference.attention(q, k, v, mask, causal)
+
+
+def static_decode_ok(q) -> bool:
+    """Whether decode attention can run with static shapes (position read from a device tensor)."""
+    d = q.shape[-1]
+    return _use_triton(q) and d >= 16 and d & (d - 1) == 0
+
+
+def decode_attention(q, keys, values, valid, pos):
+    """One query per row over the whole cache: q [b, hq, d]; keys/values [b, hk, max_len, d]; valid
+    [b, max_len] bool; pos int64 [1] on the device → [b, hq, d] (keys 0 … pos that are valid)."""
+    if static_decode_ok(q):
+        return _fused().decode_attention(q, keys, values, valid, pos)
+    end = int(pos.reshape(-1)[0]) + 1
+    mask = valid[:, None, None, :end]
+    out = attention(q[:, :, None], keys[:, :, :end], values[:, :, :end], mask, False)
+    return out[:, :, 0]
+
+
+def paged_decode_attention(q, keys, values, table, pos, block: int):
+    """One query per row over its blocks of a paged pool: q [b, hq, d]; keys/values [blocks · block, hk, d]
+    (one layer, flat); table [b, W] int64 block ids; pos int64 [b] each row's position → [b, hq, d] (keys
+    0 … pos of each row). Static shapes on CUDA (Triton); elsewhere the blocks are gathered."""
+    if static_decode_ok(q):
+        return _fused().paged_decode_attention(q, keys, values, table, pos, block)
+    from nemoconv.serving.paged import flat_rows
+
+    end = int(pos.max()) + 1
+    p = torch.arange(end, device=q.device)
+    rows = flat_rows(table, p.expand(table.shape[0], end), block)                 # [b, end]
+    k = keys[rows].transpose(1, 2)                                                # [b, hk, end, d]
+    v = values[rows].transpose(1, 2)
+    mask = (p[None, :] <= pos[:, None])[:, None, None]                           # [b, 1, 1, end]
+    return attention(q[:, :, None], k, v, mask, False)[:, :, 0]
