@@ -2,7 +2,7 @@
 
 A random bf16 model with the Nemotron-H-8B layout (as in bench_generate) serves N requests that share
 a `--prefix`-token prefix (4096 by default) followed by `--suffix` unique tokens each, with the
-engine (nemoconv.model.engine) in each mode on a fresh engine:
+engine (nemoconv.serving.engine) in each mode on a fresh engine:
   off      every request prefills its whole prompt
   memory   KV blocks of the prefix are shared (no new blocks), every token still runs
   state    the first request saves the Mamba state where the prompts branch; the others restore it

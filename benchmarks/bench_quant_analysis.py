@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import nemoconv
-from nemoconv.checkpoint.local.local import open_checkpoint
+from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.verification.metrics import LogitStats
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.targets import plan_targets

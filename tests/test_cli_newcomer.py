@@ -16,7 +16,7 @@ import torch
 
 import nemoconv
 from nemoconv.errors import NemoconvError
-from nemoconv.checkpoint.local.hub import hub_error
+from nemoconv.checkpoint.hub import hub_error
 
 from helpers import rewrite, run_cli
 

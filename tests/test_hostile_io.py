@@ -21,7 +21,7 @@ import nemoconv
 from helpers import assert_same_tensors, load_all, tree_digest
 from nemoconv.stream import output
 from nemoconv.errors import NemoconvError
-from nemoconv.checkpoint.local.hub import plan_upload
+from nemoconv.checkpoint.hub import plan_upload
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"TOPSECRET-0123456789"  # the first bytes of a file outside every checkpoint

@@ -60,7 +60,7 @@ def test_torch_dcp_loads_what_we_write_bit_exactly(megatron_dir):
     metadata = dcp.FileSystemReader(mg).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()}
     dcp.load(state, storage_reader=dcp.FileSystemReader(mg), no_dist=True)
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     ck = open_checkpoint(mg)
     assert set(state) == set(ck.entries)
@@ -69,7 +69,7 @@ def test_torch_dcp_loads_what_we_write_bit_exactly(megatron_dir):
 
 
 def test_megatron_keys_and_layouts_are_megatron_cores(megatron_dir):
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     _, mg = megatron_dir("mtp")
     ck = open_checkpoint(mg)
@@ -89,7 +89,7 @@ def test_megatron_keys_and_layouts_are_megatron_cores(megatron_dir):
 
 
 def test_qkv_is_interleaved_per_kv_group(megatron_dir):
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     src, mg = megatron_dir("dense")
     hf, spec = load_all(src), open_checkpoint(src).spec
@@ -147,7 +147,7 @@ def test_training_layout_picks_latest_iteration_or_the_one_asked(megatron_dir, t
     for it in (100, 200):
         shutil.copytree(mg, run / f"iter_{it:07d}")
     (run / "latest_checkpointed_iteration.txt").write_text("200\n")
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     assert open_checkpoint(run).path.name == "iter_0000200"
     assert open_checkpoint(run, iteration=100).path.name == "iter_0000100"
@@ -163,7 +163,7 @@ def test_training_layout_picks_latest_iteration_or_the_one_asked(megatron_dir, t
 def test_nemo2_weights_layout_is_found(megatron_dir, tmp_path):
     _, mg = megatron_dir("dense")
     shutil.copytree(mg, tmp_path / "nemo2" / "weights")
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     assert open_checkpoint(tmp_path / "nemo2").path == tmp_path / "nemo2" / "weights"
 
@@ -210,7 +210,7 @@ def test_optimizer_state_and_extra_state_are_skipped_with_a_note(megatron_dir, t
     import torch.distributed.checkpoint as dcp
 
     src, mg = megatron_dir("dense")
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     state = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
     state["optimizer.state.exp_avg.decoder.final_norm.weight"] = torch.zeros(4)
@@ -247,7 +247,7 @@ def test_megatron_core_loads_what_we_write_with_the_expected_keys_shapes_and_val
 
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
         pytest.skip("megatron-core is not installed")
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     _, mg = megatron_dir("mtp")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -311,7 +311,7 @@ def test_bridge_qkv_in_proj_and_conv1d_mappings_give_our_tensors(megatron_dir, l
     pm = _bridge_param_mapping()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     src, mg = megatron_dir(layout)
     spec = open_checkpoint(src).spec
@@ -364,7 +364,7 @@ def _bridge_rename_table(root: Path) -> list[tuple[str, str]]:
 def test_our_renames_are_among_the_bridges_nemotron_h_mappings(megatron_dir, layout):
     import re
 
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
     from nemoconv.schemes.mapping import get_scheme
 
     pairs = _bridge_rename_table(_bridge_root())
@@ -409,7 +409,7 @@ def test_we_read_what_megatron_core_saves_per_expert_and_tensor_parallel_shards(
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     shutil.copy(mg / "config.json", saved)  # megatron-core writes no HF config
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     entries = open_checkpoint(saved).entries
     assert len(entries["decoder.layers.1.mlp.experts.linear_fc1.weight"].pieces) == 8  # one chunk per expert
@@ -422,7 +422,7 @@ def test_we_read_what_megatron_core_saves_per_expert_and_tensor_parallel_shards(
 def test_vocab_padding_rows_are_cut_on_read_and_reported(megatron_dir, tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     src, mg = megatron_dir("dense")
     state = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))

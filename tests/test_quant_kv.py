@@ -41,7 +41,7 @@ def test_kv_scales_are_written_with_modelopt_names_shapes_and_dtypes(kv_pair):
 
 def test_kv_scale_is_the_amax_of_the_keys_over_calibration(kv_pair):
     src, _, out = kv_pair
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
     from nemoconv.quant.calibrate import calibration_tokens
 
     ids = calibration_tokens(open_checkpoint(src), None, 4, 32).ids

@@ -20,7 +20,7 @@ if __name__ == "__main__":
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from nemoconv.checkpoint.local.local import open_checkpoint
+    from nemoconv.checkpoint.local import open_checkpoint
 
     src, out = sys.argv[1], sys.argv[2]
     tensors = dict(open_checkpoint(src).iter_tensors(to="megatron", prefetch=0))
