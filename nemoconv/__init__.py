@@ -6,7 +6,7 @@ Python API (mirrors the CLI, DESIGN.md §4):
     model = nemoconv.load_model(path, device="cpu", dtype=torch.float32)
 """
 
-__version__ = "0.1.0"
+from nemoconv.version import __version__
 
 from nemoconv.checkpoint.local import Checkpoint, open_checkpoint
 from nemoconv.commands.convert import convert

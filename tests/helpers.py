@@ -52,7 +52,7 @@ def tree_digest(directory: Path) -> dict[str, str]:
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from nemoconv.cli.main import main
+    from nemoconv.cli import main
 
     code = main([str(a) for a in args])
     captured = capsys.readouterr()

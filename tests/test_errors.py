@@ -211,7 +211,7 @@ def test_usage_error_is_one_line(capsys):
 
 
 def test_debug_shows_the_exception(tmp_path):
-    from nemoconv.cli.main import main
+    from nemoconv.cli import main
     from nemoconv.errors import NemoconvError
 
     with pytest.raises(NemoconvError):

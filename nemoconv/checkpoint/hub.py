@@ -108,7 +108,7 @@ def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool
     status = verdict.clause
     if verdict.forced:
         status += f"; uploaded with --force despite: {'; '.join(verdict.forced)}"
-    from nemoconv import __version__
+    from nemoconv.version import __version__
 
     return {
         "repo_id": repo_id,

@@ -1,5 +1,5 @@
 """Layer 9 — the command line: flags, rendering, exit codes."""
 
-from nemoconv.cli.main import run
+from nemoconv.cli.app import main, run
 
-__all__ = ["run"]
+__all__ = ["main", "run"]

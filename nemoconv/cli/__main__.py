@@ -1,5 +1,5 @@
 """`python -m nemoconv.cli …` runs the command line (the tests call it this way)."""
 
-from nemoconv.cli.main import run
+from nemoconv.cli.app import run
 
 run()

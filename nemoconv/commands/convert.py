@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 from typing import Callable
 
-from nemoconv import __version__
+from nemoconv.version import __version__
 from nemoconv.stream.card import write_card
 from nemoconv.checkpoint.local import MANIFEST_NAME, QUANT_CONFIG_NAME, Checkpoint, open_checkpoint
 from nemoconv.errors import NemoconvError

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from nemoconv import __version__
+from nemoconv.version import __version__
 from nemoconv.stream.card import write_card
 from nemoconv.checkpoint.local import MANIFEST_NAME, Checkpoint, open_checkpoint
 from nemoconv.commands.convert import rename_modules

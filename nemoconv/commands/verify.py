@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from nemoconv import __version__
+from nemoconv.version import __version__
 from nemoconv.stream.card import update_card_with_verify
 from nemoconv.checkpoint.local import Checkpoint, natural_key, open_checkpoint
 from nemoconv.storage.config import ModelSpec
@@ -390,7 +390,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    from nemoconv import load_model
+    from nemoconv.model.loading import load_model
     from nemoconv.model.cuda import warmup
 
     model = load_model(path, device=device, dtype=dtype)

@@ -94,7 +94,7 @@ def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = No
 
 
 def producer() -> dict:
-    from nemoconv import __version__
+    from nemoconv.version import __version__
 
     return {"name": PRODUCER_NAME, "version": __version__}
 

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from nemoconv import __version__
+from nemoconv.version import __version__
 from nemoconv.storage.paths import read_owned
 
 CARD_NAME = "README.md"

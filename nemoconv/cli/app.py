@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from nemoconv import __version__
+from nemoconv.version import __version__
 from nemoconv.errors import Interrupted, NemoconvError, VerificationFailed
 from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEQ_LEN
 
@@ -602,6 +602,3 @@ def run() -> None:
         os._exit(code)
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    run()
