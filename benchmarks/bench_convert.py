@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import tiny_config
-from nemoconv.stream.output import ShardedWriter
+from nemoconv.storage.config import parse_config
 from nemoconv.storage.safetensors_io import PlannedTensor
+from nemoconv.stream.output import ShardedWriter
 
 
 def build(directory: Path, gb: float) -> tuple[Path, int]:

@@ -39,14 +39,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import tiny_config
 from nemoconv.model import build_model
 from nemoconv.model.cuda import kernels
 from nemoconv.model.fp8 import FP8_MAX, Linear, quantize_fp8
+from nemoconv.storage.config import parse_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, random_tensor, sync, timed  # noqa: E402
+
 TARGETS = {"prefill_tok_s": 35_000, "decode_b1_tok_s": 160, "decode_b8_tok_s": 1_000, "fp8_over_bf16_b1": 1.4}
 
 

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 def make_checkpoint(directory: Path, size_gb: float) -> int:
     import torch
 
-    from nemoconv.storage.config import parse_config
     from nemoconv.data.demo_checkpoint import tiny_config
+    from nemoconv.storage.config import parse_config
     from nemoconv.storage.safetensors_io import write_single_file
 
     hidden, experts, inter = 1024, 64, 1024

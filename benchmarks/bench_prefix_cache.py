@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import build_ours, config  # noqa: E402
+
+from nemoconv.serving.engine import PrefixCachingEngine
 from nemoconv.storage.config import parse_config
 from nemoconv.verification.metrics import first_divergence
-from nemoconv.serving.engine import PrefixCachingEngine
 
 
 def main() -> None:

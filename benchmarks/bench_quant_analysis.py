@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 
 import nemoconv
 from nemoconv.checkpoint.local import open_checkpoint
-from nemoconv.verification.metrics import LogitStats
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.targets import plan_targets
 from nemoconv.stream.pipeline import stream_converted
+from nemoconv.verification.metrics import LogitStats
 
 
 def plain_calibration_s(src, samples, seq_len) -> float:

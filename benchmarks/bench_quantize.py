@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import tiny_config
-from nemoconv.stream.output import ShardedWriter
+from nemoconv.storage.config import parse_config
 from nemoconv.storage.safetensors_io import PlannedTensor
+from nemoconv.stream.output import ShardedWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, random_tensor, timed  # noqa: E402
+
 DIMS_8B, DIMS_SMALL = SHAPE_8B, SHAPE_SMALL
 GOAL_QUANTIZE_S = 120
 
@@ -120,8 +121,8 @@ def main() -> None:
         args.prompt = min(args.prompt, 32)
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
 
-    from nemoconv.quant.calibrate import modelopt_status
     from nemoconv.commands.quantize import quantize
+    from nemoconv.quant.calibrate import modelopt_status
 
     shutil.rmtree(args.dir, ignore_errors=True)
     src, out = args.dir / "src", args.dir / "fp8"

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 import nemoconv  # noqa: E402
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import tiny_config
-from nemoconv.stream.output import ShardedWriter
+from nemoconv.storage.config import parse_config
 from nemoconv.storage.safetensors_io import PlannedTensor
+from nemoconv.stream.output import ShardedWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL  # noqa: E402

@@ -6,11 +6,10 @@ Python API (mirrors the CLI, DESIGN.md §4):
     model = nemoconv.load_model(path, device="cpu", dtype=torch.float32)
 """
 
-from nemoconv.version import __version__
-
 from nemoconv.checkpoint.local import Checkpoint, open_checkpoint
 from nemoconv.commands.convert import convert
 from nemoconv.errors import NemoconvError, VerificationFailed
+from nemoconv.version import __version__
 
 # `quantize`, `verify` and `analyze_fp8` (torch, transformers) are imported on first use, so `nemoconv convert`
 # and `inspect` start without torch.

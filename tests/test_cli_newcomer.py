@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rewrite, run_cli
 
 import nemoconv
-from nemoconv.errors import NemoconvError
 from nemoconv.checkpoint.hub import hub_error
-
-from helpers import rewrite, run_cli
+from nemoconv.errors import NemoconvError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_tensors, load_all, read_json, rewrite, run_cli, tree_digest
 from safetensors import safe_open
 
 import nemoconv
-from helpers import assert_same_tensors, load_all, read_json, rewrite, run_cli, tree_digest
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
 from cases import add_fp8_weights  # noqa: E402
@@ -303,8 +303,8 @@ def test_host_and_torch_streams_agree_bit_for_bit(hf_dir, tmp_path, kind, to, dt
                                   ("float16", "bfloat16"), ("bfloat16", "float16")])
 def test_host_casts_round_like_torch(pair):
     """Every cast, NaN, infinities, ties and subnormals included, gives torch's bits."""
-    from nemoconv.stream.pipeline import _convert_dtype
     from nemoconv.storage.safetensors_io import HostTensor
+    from nemoconv.stream.pipeline import _convert_dtype
 
     src, dst = (getattr(torch, p) for p in pair)
     g = torch.Generator().manual_seed(0)

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from nemoconv.data import tiny_trained_checkpoint
-from nemoconv.commands.verify import PROFILES
 from helpers import run_cli
+
+from nemoconv.commands.verify import PROFILES
+from nemoconv.data import tiny_trained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

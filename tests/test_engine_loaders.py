@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import load_all, read_json
 
 import nemoconv
 from nemoconv.data import tiny_trained_checkpoint
-from helpers import load_all, read_json
 
 VLLM_FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO"}
 

@@ -8,7 +8,6 @@ import struct
 
 import pytest
 import torch
-
 from helpers import load_all, rewrite, run_cli, tree_digest
 
 

@@ -19,13 +19,13 @@ import re
 
 import pytest
 import torch
+from helpers import load_all, read_json
 
 import nemoconv
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import tiny_config, write_tiny_checkpoint
 from nemoconv.quant.exclusions import compact_exclusions
 from nemoconv.quant.targets import plan_targets
-from helpers import load_all, read_json
+from nemoconv.storage.config import parse_config
 
 NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"  # 52 layers, like Nemotron-3 Nano
 LAYOUTS = {

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_tensors, load_all, tree_digest
 
 import nemoconv
-from helpers import assert_same_tensors, load_all, tree_digest
-from nemoconv.stream import output
-from nemoconv.errors import NemoconvError
 from nemoconv.checkpoint.hub import plan_upload
+from nemoconv.errors import NemoconvError
+from nemoconv.stream import output
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"TOPSECRET-0123456789"  # the first bytes of a file outside every checkpoint

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import excluded_modules, load_all, rewrite, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,8 +135,8 @@ def test_transformers_infinity_in_config_is_still_read(tiny_dir, tmp_path):
 
 
 def test_parameter_count_equals_the_sum_of_expected_shapes():
-    from nemoconv.storage.config import parse_config
     from nemoconv.data.demo_checkpoint import tiny_config
+    from nemoconv.storage.config import parse_config
 
     for kind in ("dense", "moe", "latent"):
         for tied in (False, True):

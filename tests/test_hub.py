@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 import nemoconv
-from helpers import run_cli
 
 
 def populate_cache(hf_home: Path, repo_id: str, checkpoint: Path, commit: str = "a" * 40) -> None:

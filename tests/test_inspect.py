@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli
 
 import nemoconv
-from helpers import run_cli
 
 
 def test_inspect_json_reports_layout_dims_params_and_shards(hf_dir, capsys):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import assert_same_tensors, load_all, tree_digest
+
 from nemoconv.commands.convert import convert
 from nemoconv.errors import NemoconvError
 from nemoconv.storage.megatron.config import hf_config_from_megatron, split_layer_pattern

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemoconv.storage.config import ATTENTION, MAMBA, parse_config
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import HybridCache, build_model
+from nemoconv.storage.config import ATTENTION, MAMBA, parse_config
 
 KINDS = ["dense", "moe", "latent"]
 _models: dict = {}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import build_model, quantize_fp8
 from nemoconv.model.fp8 import FP8_DTYPE
+from nemoconv.storage.config import parse_config
 
 
 def spec_and_tensors(kind="dense", **overrides):
@@ -141,9 +141,10 @@ def test_fp8_is_refused_outside_linear_weights():
 
 
 def test_load_model_reads_a_checkpoint_directory(tiny_dir):
+    from helpers import load_all
+
     from nemoconv.model import load_model
     from nemoconv.storage.config import load_config
-    from helpers import load_all
 
     directory = tiny_dir("moe")
     model = load_model(directory)
@@ -155,10 +156,11 @@ def test_load_model_reads_a_checkpoint_directory(tiny_dir):
 
 @pytest.mark.parametrize("scheme", ["nemo", "max"])
 def test_load_model_gives_the_same_model_from_every_scheme(tiny_dir, tmp_path, scheme):
-    import nemoconv
     from helpers import load_all
-    from nemoconv.storage.config import load_config
+
+    import nemoconv
     from nemoconv.model import load_model
+    from nemoconv.storage.config import load_config
 
     source = tiny_dir("moe")
     nemoconv.convert(source, tmp_path / scheme, to=scheme)

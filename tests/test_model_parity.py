@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import load_all
-from nemoconv.storage.config import load_config
+
 from nemoconv.model import build_model
+from nemoconv.storage.config import load_config
 
 transformers = pytest.importorskip("transformers")
 

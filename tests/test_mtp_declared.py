@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import torch
+from helpers import load_all, read_json, run_cli
 
 from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
-from helpers import load_all, read_json, run_cli
 
 QUICK = ["--calib-samples", "2", "--calib-seq-len", "8", "--device", "cpu", "--calibrator", "builtin"]
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_all
 from safetensors.torch import load_file
 
 import nemoconv
-from helpers import load_all
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
 from cases import CASES, build_case, fingerprint  # noqa: E402

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import build_model
 from nemoconv.serving.engine import PrefixCachingEngine, check_prefix_caching
 from nemoconv.serving.prefix_cache import StateStore, chain_hashes
+from nemoconv.storage.config import parse_config
 
 B = 16          # block size used throughout (= the tiny models' SSM chunk size)
 _models: dict = {}
@@ -310,8 +310,9 @@ def test_check_prefix_caching_passes_and_catches_a_broken_restore(monkeypatch):
 
 
 def test_verify_prefix_cache_flag_gates_and_reports(tiny_dir, tmp_path, capsys, monkeypatch):
-    import nemoconv
     from helpers import read_json, run_cli
+
+    import nemoconv
 
     src = tiny_dir("moe")
     nemoconv.convert(src, tmp_path / "max", to="max")

@@ -55,9 +55,9 @@ def test_layerwise_kl_matches_the_quantized_model_run_whole(tiny_dir, tmp_path):
     """The sweep's KL for a set of FP8 linears equals the KL of the checkpoint quantize writes with exactly
     that set, run whole by the built-in model."""
     from nemoconv.checkpoint.local import open_checkpoint
-    from nemoconv.verification.metrics import LogitStats
     from nemoconv.quant.calibrate import calibration_tokens, run_calibration
     from nemoconv.quant.sweep import Variant, compare_variants
+    from nemoconv.verification.metrics import LogitStats
 
     src = tiny_dir("dense", trained_like=True)
     pair = frozenset({"backbone.layers.2.mixer.in_proj", "backbone.layers.2.mixer.out_proj"})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-
 import json
 import shlex
 from pathlib import Path
@@ -19,8 +18,8 @@ TRAINED_MOE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tra
 @pytest.fixture(scope="module")
 def preset_numbers(tmp_path_factory):
     """What the default preset alone gives on the held-out prompts of a trained-like dense model."""
-    from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
     import nemoconv
+    from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 
     src = write_tiny_checkpoint(tmp_path_factory.mktemp("budget") / "src", "dense", trained_like=True, seed=5)
     out = tmp_path_factory.mktemp("loose") / "q"

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_tensors, excluded_modules, load_all, read_json, run_cli, tree_digest
 from safetensors.torch import load_file, save_file
 
 import nemoconv
-from helpers import assert_same_tensors, excluded_modules, load_all, read_json, run_cli, tree_digest
+from nemoconv.commands.quantize import quantize, render_summary
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.quant import calibrate
-from nemoconv.commands.quantize import quantize, render_summary
 
 FAST = dict(calib_samples=4, calib_seq_len=16, device="cpu", calibrator="builtin")
 FP8 = torch.float8_e4m3fn

@@ -16,14 +16,13 @@ import re
 import warnings
 
 import pytest
-
-import nemoconv
 import torch
-
 from conftest import transformers_checkpoint
 from helpers import assert_same_tensors, excluded_modules, load_all, read_json
-from nemoconv.quant.calibrate import modelopt_status
+
+import nemoconv
 from nemoconv.commands.quantize import quantize
+from nemoconv.quant.calibrate import modelopt_status
 
 transformers = pytest.importorskip("transformers")
 mtq, MODELOPT_VERSION = modelopt_status()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 import nemoconv
 from nemoconv.data import heldout_loss, heldout_tokens, tiny_trained_checkpoint
-from helpers import run_cli
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "trained-tiny"
 HELDOUT_TOKENS = 2048  # enough to tell trained from random by far, a few seconds on CPU

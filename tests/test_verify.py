@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_json, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import nemoconv
-from helpers import read_json, run_cli
 
 FAST = ["--num-prompts", "2", "--seq-len", "24", "--max-new-tokens", "6"]
 # bf16 weights make MAX's router cast lossless, so every scheme's conversion is bit-exact

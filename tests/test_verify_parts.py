@@ -211,8 +211,8 @@ def test_prompts_given_as_a_python_list(tiny_dir):
 
 
 def test_quantization_fields_and_pattern_spelling_are_not_network_differences(tiny_dir):
-    from nemoconv.storage.config import codes_to_block_types, parse_config
     from nemoconv.data.demo_checkpoint import tiny_config
+    from nemoconv.storage.config import codes_to_block_types, parse_config
 
     cfg = tiny_config("dense")
     other = dict(cfg, quantization_config={"quant_method": "modelopt", "quant_algo": "FP8"})

@@ -92,8 +92,8 @@ def plan_upload(directory: Path, repo_id: str, revision: str | None, force: bool
     """What `upload` would send: the files, their sizes, the commit message. Refuses a checkpoint whose verify
     record does not bind a PASS to the files on disk now (nemoconv.record), unless `force`."""
     from nemoconv.checkpoint.local import open_checkpoint
-    from nemoconv.verification.record import check_record
     from nemoconv.checkpoint.sidefiles import upload_files
+    from nemoconv.verification.record import check_record
 
     directory = Path(directory)
     if not directory.is_dir():

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from nemoconv.storage.config import ModelSpec, check_stored_sizes, load_config
 from nemoconv.errors import NemoconvError
 from nemoconv.schemes.mapping import Scheme, get_scheme, load_schemes
+from nemoconv.storage.config import ModelSpec, check_stored_sizes, load_config
 from nemoconv.storage.paths import check_plain_name, owned_file
 from nemoconv.storage.safetensors_io import FP8_NAMES, TensorEntry, read_header
 from nemoconv.untrusted import load_json, want_dict, want_list, want_str

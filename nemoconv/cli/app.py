@@ -15,9 +15,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from nemoconv.version import __version__
 from nemoconv.errors import Interrupted, NemoconvError, VerificationFailed
 from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEQ_LEN
+from nemoconv.progress import Progress
+from nemoconv.version import __version__
 
 app = typer.Typer(
     name="nemoconv",
@@ -82,41 +83,9 @@ def _main(
     _state["debug"] = debug
 
 
-def progress_bar(description: str):
-    """A rich byte-progress bar as a callback `(done, total)`, or a no-op when quiet or when stderr is not a
-    terminal (a log gets no bar and no stray blank line)."""
-    if _state["quiet"] or not sys.stderr.isatty():
-        return _NullProgress()
-    return _ByteProgress(description)
-
-
-class _NullProgress:
-    def __enter__(self):
-        return lambda done, total: None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _ByteProgress:
-    def __init__(self, description: str):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-        self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
-        self.description = description
-        self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        self.task = self.progress.add_task(self.description, total=None)
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        self.progress.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+def progress_bar(description: str) -> Progress:
+    """A byte-progress bar as a `(done, total)` callback; nothing when quiet or when stderr is not a terminal."""
+    return Progress(description, quiet=_state["quiet"], unit="bytes")
 
 
 # ---- inspect -----------------------------------------------------------------------------------------
@@ -313,7 +282,8 @@ def quantize(
 
     With --analyze, writes no checkpoint (OUT must be omitted) and reports which linears FP8 hurts.
     """
-    from nemoconv.commands.quantize import quantize as do_quantize, render_summary
+    from nemoconv.commands.quantize import quantize as do_quantize
+    from nemoconv.commands.quantize import render_summary
 
     if analyze:
         _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
@@ -333,8 +303,8 @@ def quantize(
 
 def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
              analyze_samples, report, max_kl, min_top1, kv_cache) -> None:
-    from nemoconv.quant.analyze import analyze_fp8, render_analysis, write_analysis
     from nemoconv.commands.verify import _check_report_path
+    from nemoconv.quant.analyze import analyze_fp8, render_analysis, write_analysis
 
     unused = [flag for flag, given in (("OUT", dst is not None), ("--exclude", bool(exclude)),
                                        ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
@@ -409,7 +379,8 @@ def verify(
     0.99); fp8 (cos ≥ 0.99, top-1 ≥ 0.90, KL ≤ 0.05). auto picks one from the two checkpoints' tensors: FP8
     on one side only → fp8, a narrowing cast → bf16, otherwise exact.
     """
-    from nemoconv.commands.verify import render_report, verify as do_verify
+    from nemoconv.commands.verify import render_report
+    from nemoconv.commands.verify import verify as do_verify
 
     result = do_verify(reference, candidate, prompts=prompts, num_prompts=num_prompts, seq_len=seq_len,
                        max_new_tokens=max_new_tokens, device=device.value, dtype=dtype.value,

@@ -6,17 +6,25 @@ import copy
 from pathlib import Path
 from typing import Callable
 
-from nemoconv.version import __version__
-from nemoconv.stream.card import write_card
 from nemoconv.checkpoint.local import MANIFEST_NAME, QUANT_CONFIG_NAME, Checkpoint, open_checkpoint
+from nemoconv.checkpoint.sidefiles import SideFile, select_side_files, write_side_files
 from nemoconv.errors import NemoconvError
 from nemoconv.schemes.mapping import Scheme, get_scheme
-from nemoconv.stream.output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, json_bytes, parse_size, write_json
 from nemoconv.storage.paths import check_output_location
-from nemoconv.stream.pipeline import Journal, stream_converted
 from nemoconv.storage.safetensors_io import PlannedTensor, TensorReader, dtype_name
-from nemoconv.checkpoint.sidefiles import SideFile, select_side_files, write_side_files
+from nemoconv.stream.card import write_card
+from nemoconv.stream.output import (
+    BackgroundWriter,
+    ShardedWriter,
+    atomic_output,
+    check_output_free,
+    json_bytes,
+    parse_size,
+    write_json,
+)
+from nemoconv.stream.pipeline import Journal, stream_converted
 from nemoconv.untrusted import parse_json, want_dict, want_str
+from nemoconv.version import __version__
 
 _DTYPE_OPTIONS = {"keep": None, "bfloat16": "bfloat16", "float32": "float32"}
 

@@ -19,24 +19,32 @@ from typing import Iterable, Iterator
 
 import torch
 
-from nemoconv.version import __version__
-from nemoconv.stream.card import write_card
 from nemoconv.checkpoint.local import MANIFEST_NAME, Checkpoint, open_checkpoint
+from nemoconv.checkpoint.sidefiles import select_side_files, write_side_files
 from nemoconv.commands.convert import rename_modules
-from nemoconv.storage.config import ATTENTION
 from nemoconv.errors import NemoconvError
 from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
-from nemoconv.schemes.mapping import get_scheme
-from nemoconv.stream.output import BackgroundWriter, ShardedWriter, atomic_output, check_output_free, parse_size, write_json
-from nemoconv.storage.paths import check_output_location
-from nemoconv.stream.pipeline import FromHF, Item, Journal, stream_converted
+from nemoconv.progress import Progress
 from nemoconv.quant import fp8
 from nemoconv.quant.budget import check_budget, fit_budget, verify_command
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.exclusions import compact_exclusions
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
+from nemoconv.schemes.mapping import get_scheme
+from nemoconv.storage.config import ATTENTION
+from nemoconv.storage.paths import check_output_location
 from nemoconv.storage.safetensors_io import PlannedTensor, TensorReader, dtype_name
-from nemoconv.checkpoint.sidefiles import select_side_files, write_side_files
+from nemoconv.stream.card import write_card
+from nemoconv.stream.output import (
+    BackgroundWriter,
+    ShardedWriter,
+    atomic_output,
+    check_output_free,
+    parse_size,
+    write_json,
+)
+from nemoconv.stream.pipeline import FromHF, Item, Journal, stream_converted
+from nemoconv.version import __version__
 
 OUTPUT_SCHEMES = ("hf", "max")
 DEVICES = ("auto", "cpu", "cuda")
@@ -96,7 +104,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
 
     # 2. calibrate
     data = calibration_tokens(ck, calib_file, calib_samples, calib_seq_len)
-    with _progress(quiet, "calibrate (layers)") as progress:
+    with Progress("calibrate (layers)", quiet=quiet) as progress:
         calib = run_calibration(ck, plan.quantized, data.ids, dev, act_dtype, calibrator, progress, kv=kv)
     if kv and not calib.kv_amax:
         raise NemoconvError(f"--kv-cache fp8: the network has no attention layer (layers {ck.spec.layer_codes})")
@@ -114,7 +122,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     t_calib = time.perf_counter()
     budget = None
     if max_kl is not None or min_top1 is not None:
-        with _progress(quiet, "fit the quality budget (layers)") as progress:
+        with Progress("fit the quality budget (layers)", quiet=quiet) as progress:
             plan, budget = fit_budget(ck, plan, calib, data.ids, dev, act_dtype, max_kl, min_top1, progress)
         budget["verify_command"] = verify_command(src, out_path, budget)
         journal = Journal()
@@ -137,7 +145,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
                                                 {"format": "pt", "nemoconv_scheme": to}))
         done = 0
         try:
-            with TensorReader() as reader, _progress(quiet, f"write FP8 → {to}", in_bytes=True) as progress:
+            with TensorReader() as reader, Progress(f"write FP8 → {to}", quiet=quiet, unit="bytes") as progress:
                 stream = _stream(ck, to, plan, calib.amax, meta=False, journal=Journal(), reader=reader,
                                  device=dev, records=records, kv_scales=kv_scales)
                 for item, want in zip(stream, planned):
@@ -410,34 +418,6 @@ def _exclusion(e, out_name) -> dict:
 
 
 # ---- progress and summary ------------------------------------------------------------------------
-
-
-class _progress:
-    """A transient rich progress bar on stderr as a `(done, total)` callback; a no-op when quiet."""
-
-    def __init__(self, quiet: bool, description: str, in_bytes: bool = False):
-        self.quiet, self.description, self.in_bytes = quiet, description, in_bytes
-        self.bar = None
-
-    def __enter__(self):
-        import sys
-
-        if self.quiet or not sys.stderr.isatty():  # a log gets no bar (and no stray blank line)
-            return lambda done, total: None
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(),
-                            DownloadColumn() if self.in_bytes else MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.description, total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            return self.bar.__exit__(*exc)
-        return False
 
 
 def _calibrator_hint(c: dict) -> str:

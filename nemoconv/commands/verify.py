@@ -51,17 +51,26 @@ from pathlib import Path
 
 import torch
 
-from nemoconv.version import __version__
-from nemoconv.stream.card import update_card_with_verify
-from nemoconv.checkpoint.local import Checkpoint, natural_key, open_checkpoint
-from nemoconv.storage.config import ModelSpec
-from nemoconv.errors import NemoconvError
 from nemoconv.checkpoint.hub import VERIFY_REPORT
-from nemoconv.verification.metrics import LogitStats, cache_consistency, first_divergence
-from nemoconv.stream.pipeline import SCALE_SUFFIXES, is_lossless_cast
-from nemoconv.verification.prompts import Prompt, builtin_prompts, find_tokenizer, fit_prompts, prompts_from_list, read_prompt_file, tokenizer_differences
-from nemoconv.verification.record import hash_checkpoint, make_record
+from nemoconv.checkpoint.local import Checkpoint, natural_key, open_checkpoint
+from nemoconv.errors import NemoconvError
+from nemoconv.progress import Progress
+from nemoconv.storage.config import ModelSpec
 from nemoconv.storage.safetensors_io import FP8_NAMES
+from nemoconv.stream.card import update_card_with_verify
+from nemoconv.stream.pipeline import SCALE_SUFFIXES, is_lossless_cast
+from nemoconv.verification.metrics import LogitStats, cache_consistency, first_divergence
+from nemoconv.verification.prompts import (
+    Prompt,
+    builtin_prompts,
+    find_tokenizer,
+    fit_prompts,
+    prompts_from_list,
+    read_prompt_file,
+    tokenizer_differences,
+)
+from nemoconv.verification.record import hash_checkpoint, make_record
+from nemoconv.version import __version__
 
 # ---- profiles ------------------------------------------------------------------------------------
 
@@ -390,8 +399,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    from nemoconv.model.loading import load_model
     from nemoconv.model.cuda import warmup
+    from nemoconv.model.loading import load_model
 
     model = load_model(path, device=device, dtype=dtype)
     warmup.wait_all()  # kernel warm-up hook (see verify()): done before the model runs anything
@@ -635,20 +644,20 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     # ---- end of the warm-up hook ----
 
     stop = threading.Event()  # set on an error, so the hashing threads end early
-    with ThreadPoolExecutor(max_workers=2) as pool, _Progress(quiet, len(prompt_list)) as progress, \
+    with ThreadPoolExecutor(max_workers=2) as pool, Progress("", quiet=quiet) as progress, \
             _set_on_error(stop):
         # every bound file is hashed whole in the background while the models load and run (the record)
         fp_ref = pool.submit(hash_checkpoint, ref_ck, stop)
         fp_cand = pool.submit(hash_checkpoint, cand_ck, stop)
-        progress.phase("reference")
-        ref_run = run_model(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short), progress.step)
+        progress.phase("verify: reference", total=len(prompt_list))
+        ref_run = run_model(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short), progress.advance)
         if ref_run.nonfinite:
             raise NemoconvError(f"{ref_ck.path}: the reference produces {ref_run.nonfinite} non-finite logits "
                                 f"in {dt}; it cannot serve as a reference")
-        progress.phase("candidate")
-        cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.step,
+        progress.phase("verify: candidate", total=len(prompt_list))
+        cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.advance,
                              prefix_cache=prefix_cache)
-        progress.phase("compare")
+        progress.phase("verify: compare")
         t0 = time.perf_counter()
         overall_stats = LogitStats()
         per_prompt = []
@@ -845,41 +854,6 @@ def write_report(report: VerifyReport, path: Path) -> None:
 
 
 # ---- progress and rendering ----------------------------------------------------------------------
-
-
-class _Progress:
-    """A transient rich progress bar on stderr (prompts done per model), or nothing when quiet."""
-
-    def __init__(self, quiet: bool, prompts: int):
-        self.quiet, self.prompts = quiet, prompts
-        self.bar = self.task = None
-
-    def __enter__(self):
-        if not self.quiet:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-            console = Console(stderr=True)
-            if not console.is_terminal:  # a log or a CI capture gets no bar (and no stray newline)
-                return self
-            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=True)
-            self.bar.__enter__()
-        return self
-
-    def phase(self, name: str) -> None:
-        if self.bar is not None:
-            total = self.prompts if name != "compare" else None
-            self.task = self.bar.add_task(f"verify: {name}", total=total)
-
-    def step(self, n: int) -> None:
-        if self.bar is not None and self.task is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
 
 
 def render_report(report: VerifyReport, console, fail_line: bool = True) -> None:

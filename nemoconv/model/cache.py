@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cuda import kernels
+from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -15,10 +15,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from nemoconv.storage.config import ModelSpec
 from nemoconv.errors import NemoconvError
 from nemoconv.model.fp8 import FP8_DTYPE, Linear
 from nemoconv.model.modeling import NemotronHLM
+from nemoconv.storage.config import ModelSpec
 
 _SCALES = ("weight_scale", "input_scale")
 # KV-cache quantization scales (ModelOpt writes them beside k_proj / v_proj; some tools on the attention

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemoconv.errors import NemoconvError
+from nemoconv.model import fp8
+from nemoconv.model.cache import HybridCache
+from nemoconv.model.cuda import kernels
+from nemoconv.model.fp8 import Linear
 from nemoconv.storage.config import ATTENTION, MAMBA, MOE, ModelSpec
 from nemoconv.storage.config import MLP as MLP_CODE
-from nemoconv.errors import NemoconvError
-from nemoconv.model.cuda import kernels
-from nemoconv.model.cache import HybridCache
-from nemoconv.model import fp8
-from nemoconv.model.fp8 import Linear
 
 # Prefills of at most this many rows × positions are captured as CUDA graphs (a graph keeps its
 # activations' memory).

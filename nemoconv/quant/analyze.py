@@ -31,11 +31,11 @@ import torch
 
 from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.errors import NemoconvError
-from nemoconv.stream.pipeline import stream_converted
-from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant import fp8
+from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.sweep import Variant, compare_variants, layer_of
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, network_modules
+from nemoconv.stream.pipeline import stream_converted
 
 PROBE_FRACTION = 16   # default probe: 1/16 of the calibration sequences (at least one)
 
@@ -50,7 +50,8 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                 quiet: bool = True, calibrator: str = "auto") -> dict:
     """Per-linear FP8 sensitivity of SRC (see the module docstring). Returns a JSON-ready dict whose
     "modules" list is sorted by harm (KL, then top-1 change, then SQNR)."""
-    from nemoconv.commands.quantize import _device, _progress, check_calibration_sizes
+    from nemoconv.commands.quantize import _device, check_calibration_sizes
+    from nemoconv.progress import Progress
 
     t0 = time.perf_counter()
     if preset not in PRESETS:
@@ -73,7 +74,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     targets = [m.name for m in modules]
 
     data = calibration_tokens(ck, calib_file, calib_samples, calib_seq_len)
-    with _progress(quiet, "calibrate (layers)") as progress:
+    with Progress("calibrate (layers)", quiet=quiet) as progress:
         calib = run_calibration(ck, targets, data.ids, dev, act_dtype, calibrator, progress)
     t_calib = time.perf_counter()
 
@@ -83,7 +84,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     variants = [Variant(m, frozenset([m])) for m in live]
     sqnr: dict[str, float] = {}
     streams = max_streams(data.ids.numel(), probe.numel())
-    with _progress(quiet, "analyse (layers × sweeps)") as progress:
+    with Progress("analyse (layers × sweeps)", quiet=quiet) as progress:
         stats = compare_variants(ck, probe, variants, calib.amax, dev, act_dtype, streams, progress, sqnr)
     t_end = time.perf_counter()
 

@@ -22,10 +22,10 @@ import torch
 
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
-from nemoconv.verification.prompts import builtin_prompts, find_tokenizer
 from nemoconv.quant.analyze import PROBE_FRACTION, max_streams
 from nemoconv.quant.sweep import Variant, compare_variants
 from nemoconv.quant.targets import Exclusion, TargetPlan, _group
+from nemoconv.verification.prompts import builtin_prompts, find_tokenizer
 
 HELDOUT_PROMPTS = 8
 HELDOUT_SEQ_LEN = 64

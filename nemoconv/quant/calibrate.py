@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.checkpoint.local import Checkpoint
-from nemoconv.storage.config import ATTENTION, LAYER_KIND_NAMES
+from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.errors import NemoconvError
+from nemoconv.storage.config import ATTENTION, LAYER_KIND_NAMES
+from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.stream.pipeline import Item, Journal, to_hf
 from nemoconv.verification.prompts import check_ids, encode, find_tokenizer, read_prompt_file
-from nemoconv.storage.safetensors_io import TensorReader
 
 SEED = 20250117                      # random calibration tokens and the order texts are cycled in
 TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 2048}

@@ -32,10 +32,10 @@ from torch import nn
 
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
-from nemoconv.verification.metrics import LogitStats
-from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.quant import fp8
 from nemoconv.quant.calibrate import _LAYER, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
+from nemoconv.storage.safetensors_io import TensorReader
+from nemoconv.verification.metrics import LogitStats
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from nemoconv.storage.config import ATTENTION, MAMBA, MLP, MOE, ModelSpec
 from nemoconv.errors import NemoconvError
+from nemoconv.storage.config import ATTENTION, MAMBA, MLP, MOE, ModelSpec
 
 # Kinds a preset may select; every other kind is never quantized.
 QUANTIZABLE = ("mamba", "mlp", "moe")

@@ -23,10 +23,11 @@ the alternatives, any other `{name}` one dotted component. The same templates re
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+import tomllib
 
 from nemoconv.errors import NemoconvError
 from nemoconv.storage.safetensors_io import dtype_name

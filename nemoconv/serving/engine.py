@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from nemoconv.errors import NemoconvError
-from nemoconv.verification.metrics import first_divergence
 from nemoconv.model.cuda.graphs import GraphCache
 from nemoconv.model.modeling import NemotronHLM, _Pass
 from nemoconv.serving.paged import BlockPool, PagedBatch, PagedStep, SlotPool, to_device
 from nemoconv.serving.prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
+from nemoconv.verification.metrics import first_divergence
 
 DEFAULT_PREFILL_CHUNK = 1024
 GRAPHS_PER_SLOT = 16            # prefill chunk graphs per state slot (one memory pool; later chunks run eagerly)

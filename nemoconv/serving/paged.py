@@ -28,10 +28,10 @@ from collections import OrderedDict
 
 import torch
 
-from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
 from nemoconv.errors import NemoconvError
-from nemoconv.model.cuda import kernels
 from nemoconv.model.cache import resolve_ssm_dtype
+from nemoconv.model.cuda import kernels
+from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from nemoconv.version import __version__
 from nemoconv.storage.paths import read_owned
+from nemoconv.version import __version__
 
 CARD_NAME = "README.md"
 _VERIFY_START, _VERIFY_END = "<!-- nemoconv:verify:start -->", "<!-- nemoconv:verify:end -->"

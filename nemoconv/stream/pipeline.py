@@ -12,10 +12,20 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 from nemoconv.checkpoint.local import Checkpoint
-from nemoconv.storage.config import ModelSpec
 from nemoconv.errors import NemoconvError
 from nemoconv.schemes.mapping import Scheme, config_product, get_scheme
-from nemoconv.storage.safetensors_io import FP8_NAMES, FLOAT_NAMES, ChunkedEntry, HostTensor, TensorEntry, TensorReader, bits_dtype, dtype_name, torch_dtype
+from nemoconv.storage.config import ModelSpec
+from nemoconv.storage.safetensors_io import (
+    FLOAT_NAMES,
+    FP8_NAMES,
+    ChunkedEntry,
+    HostTensor,
+    TensorEntry,
+    TensorReader,
+    bits_dtype,
+    dtype_name,
+    torch_dtype,
+)
 
 # The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
 # no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,

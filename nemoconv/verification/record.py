@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemoconv.errors import NemoconvError
 from nemoconv.checkpoint.hub import VERIFY_REPORT
+from nemoconv.errors import NemoconvError
 from nemoconv.untrusted import load_json, want_dict, want_list, want_str
 
 RECORD_FORMAT = 1

@@ -23,12 +23,11 @@ import torch
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
-from nemoconv.model import build_model
+from nemoconv.model import build_model, fp8, reference
 from nemoconv.model.cuda import kernels
-from nemoconv.model import fp8, reference
 from nemoconv.model.fp8 import fp8_linear, fp8_linear_emulated, quantize_fp8
+from nemoconv.storage.config import parse_config
 
 CONFIG = dict(
     hybrid_override_pattern="M*EM-ME*M", vocab_size=1024, hidden_size=512,

@@ -29,11 +29,11 @@ import torch
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")   # IEEE fp32 dots in mamba-ssm's kernels (see test_cuda_model)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from nemoconv.storage.config import parse_config
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.model import build_model
 from nemoconv.model.cuda import kernels
 from nemoconv.model.fp8 import quantize_fp8
+from nemoconv.storage.config import parse_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_model import skip_reason  # noqa: E402  (one definition of when GPU checks can run)
@@ -168,8 +168,9 @@ def moe_parity() -> dict:
     """Diagnosis for tests/gpu/test_cuda_model.py's float32 MoE model: the fast CUDA path vs the CPU
     reference, per position, beside each MoE layer's routing (GPU vs CPU) and the CPU's routing margin
     where they differ (a near tie flips on any rounding difference)."""
-    from nemoconv.model.modeling import MoE
     import test_cuda_model as cm
+
+    from nemoconv.model.modeling import MoE
 
     ids, mask = cm.inputs()
     real = mask.bool()

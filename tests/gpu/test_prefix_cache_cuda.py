@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_model import build, skip_reason  # noqa: E402
 from test_fast_path import build as build_dense  # noqa: E402
+
 from nemoconv.serving.engine import PrefixCachingEngine
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))

@@ -62,7 +62,6 @@ def stand_in_spec(spec):
 def _tensors(spec, device, dtype, fp8: bool):
     """Made-up weights of plausible magnitude, drawn on the device (no NaN/inf: routing must pick real experts)."""
     from nemoconv.model.fp8 import FP8_MAX, quantize_fp8
-
     from nemoconv.quant.targets import PRESETS, network_modules
 
     g = torch.Generator(device=device).manual_seed(0)

@@ -20,9 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemoconv.errors import NemoconvError
-from nemoconv.storage.safetensors_io import ITEMSIZE, HostTensor, PlannedTensor, TensorEntry, _copy_range, _write_all, dtype_name
-from nemoconv.storage.safetensors_io import ChunkedEntry
 from nemoconv.storage.megatron.restricted import DCP_CLASSES, load_dcp_metadata, load_tensor_record
+from nemoconv.storage.safetensors_io import (
+    ITEMSIZE,
+    ChunkedEntry,
+    HostTensor,
+    PlannedTensor,
+    TensorEntry,
+    _copy_range,
+    _write_all,
+    dtype_name,
+)
 
 METADATA_NAME = ".metadata"
 _MAX_METADATA = 1 << 30

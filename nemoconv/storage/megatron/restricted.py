@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from nemoconv.errors import NemoconvError
 
+
 class DcpRecord:
     """A DCP metadata object as read: its pickled fields as attributes, and nothing else (no torch class)."""
 
