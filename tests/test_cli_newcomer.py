@@ -163,14 +163,14 @@ class FolderApi:
 
 def test_a_large_upload_goes_through_the_resumable_folder_upload_of_exactly_its_files(tiny_dir, tmp_path,
                                                                                        monkeypatch):
-    from nemoconv.checkpoint import hub
+    from nemoconv.commands import upload
 
     ck = tmp_path / "ck"
     shutil.copytree(tiny_dir("dense"), ck)
     (ck / "notes.txt").write_text("not part of the checkpoint")
-    monkeypatch.setattr(hub, "LARGE_UPLOAD_BYTES", 0)
+    monkeypatch.setattr(upload, "LARGE_UPLOAD_BYTES", 0)
     api = FolderApi()
-    plan = hub.upload(ck, "me/tiny", force=True, api=api, quiet=True)
+    plan = upload.upload(ck, "me/tiny", force=True, api=api, quiet=True)
     assert plan["method"] == "resumable folder upload" and [c[0] for c in api.calls] == ["create_repo",
                                                                                         "upload_folder"]
     kw = api.calls[1][1]

@@ -19,7 +19,7 @@ import torch
 from helpers import assert_same_tensors, load_all, tree_digest
 
 import nemoconv
-from nemoconv.checkpoint.hub import plan_upload
+from nemoconv.commands.upload import plan_upload
 from nemoconv.errors import NemoconvError
 from nemoconv.stream import output
 

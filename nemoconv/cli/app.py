@@ -411,7 +411,7 @@ def upload(
     Up to 2 GB: one commit. Larger: huggingface_hub's resumable folder upload (run the same command again after
     an interruption; what was committed is skipped), with its progress bars.
     """
-    from nemoconv.checkpoint.hub import upload as do_upload
+    from nemoconv.commands.upload import upload as do_upload
     from nemoconv.commands.inspect import human_bytes
 
     plan = do_upload(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force,
