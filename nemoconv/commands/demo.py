@@ -2,13 +2,17 @@
 
 The FP8 output is verified at the CLI's default settings (4 built-in prompts × 64 tokens, 16 greedy tokens, the
 fp8 profile's thresholds), so its PASS is what `nemoconv verify DIR/source-hf DIR/fp8` says. The lossless
-conversions are verified with the exact profile (identical logits) on fewer, shorter prompts."""
+conversions are verified with the exact profile (identical logits) on fewer, shorter prompts.
+
+Each step, as it completes, goes to `on_step` as a dict with an "event" key (the CLI renders it:
+nemoconv.cli.render_demo); the returned dict sums the run up."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -18,19 +22,14 @@ from nemoconv.data import tiny_trained_checkpoint
 from nemoconv.errors import VerificationFailed
 from nemoconv.stream.output import check_output_free
 
-
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(text)
-
-
 # quantize's calibration, shortened so the demo stays quick on a CPU (16 × 256 tokens; the builtin observers
 # give ModelOpt's amax values, several times faster on a CPU); verify keeps all its defaults
 DEMO_CALIBRATION = dict(calib_samples=16, calib_seq_len=256, calibrator="builtin")
 CONVERSION_VERIFY = dict(num_prompts=2, seq_len=32, max_new_tokens=8)
 
 
-def run_demo(directory: str | Path | None = None, console=None, overwrite: bool = False) -> dict:
+def run_demo(directory: str | Path | None = None, on_step: Optional[Callable[[dict], None]] = None,
+             overwrite: bool = False) -> dict:
     """Copy the shipped model → convert through every scheme → back to hf (bit-exact check) → verify →
     quantize → verify; the FP8 output is verified at the CLI's defaults.
 
@@ -38,23 +37,23 @@ def run_demo(directory: str | Path | None = None, console=None, overwrite: bool 
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="nemoconv-demo-"))
     check_output_free(root, overwrite=overwrite)
     root.mkdir(parents=True, exist_ok=True)
+    tell = on_step or (lambda step: None)
     src = _copy_shipped_model(root / "source-hf")
-    _say(console, f"[bold]copied[/bold] the shipped trained Nemotron-H (bf16, pattern "
-                  f"{open_checkpoint(src).spec.layer_codes}, its own tokenizer) to {src}")
+    tell({"event": "copied", "path": str(src), "pattern": open_checkpoint(src).spec.layer_codes})
     results: dict = {"directory": str(root), "steps": []}
 
     for to in ("nemo", "max"):
         manifest = convert(src, root / f"converted-{to}", to=to, overwrite=overwrite)
         results["steps"].append({"step": f"convert hf→{to}", "tensors": manifest["tensors_out"],
                                  "lossless": manifest["lossless"]})
-        _say(console, f"convert hf → {to:<4}: {manifest['tensors_in']} → {manifest['tensors_out']} tensors, "
-                      f"{'lossless' if manifest['lossless'] else 'lossy'}")
+        tell({"event": "converted", "from": "hf", "to": to, "tensors_in": manifest["tensors_in"],
+              "tensors_out": manifest["tensors_out"], "lossless": manifest["lossless"]})
     manifest = convert(root / "converted-nemo", root / "nemo-to-max", to="max", overwrite=overwrite)
-    _say(console, f"convert nemo → max: {manifest['tensors_out']} tensors")
+    tell({"event": "chained", "from": "nemo", "to": "max", "tensors_out": manifest["tensors_out"]})
     convert(root / "nemo-to-max", root / "round-trip-hf", to="hf", overwrite=overwrite)
     same = _same_bytes(src, root / "round-trip-hf")
     results["steps"].append({"step": "round trip hf→nemo→max→hf bit-exact", "ok": same})
-    _say(console, f"round trip hf → nemo → max → hf: {'[green]bit-exact[/green]' if same else '[red]DIFFERS[/red]'}")
+    tell({"event": "round_trip", "path": ["hf", "nemo", "max", "hf"], "bit_exact": same})
     if not same:
         raise VerificationFailed("demo round trip is not bit-exact")
 
@@ -66,9 +65,8 @@ def run_demo(directory: str | Path | None = None, console=None, overwrite: bool 
         report = verify(src, root / f"converted-{to}", device="cpu", report_path=root / f"verify-{to}.json",
                         **CONVERSION_VERIFY)
         results["steps"].append({"step": f"verify hf vs {to}", "passed": report.passed})
-        _say(console, f"verify hf vs {to:<4}: {'[green]PASS[/green]' if report.passed else '[red]FAIL[/red]'} "
-                      f"(profile {report.profile}, {CONVERSION_VERIFY['num_prompts']} prompts × "
-                      f"{CONVERSION_VERIFY['seq_len']} tokens)")
+        tell({"event": "verified", "reference": "hf", "candidate": to, "passed": report.passed,
+              "profile": report.profile, **CONVERSION_VERIFY})
         if not report.passed:
             raise VerificationFailed(report.failure_line())
 
@@ -80,13 +78,13 @@ def run_demo(directory: str | Path | None = None, console=None, overwrite: bool 
     results["steps"].append({"step": "quantize FP8 + verify", "passed": report.passed,
                              "calibrator": q["quantization"]["calibration"]["calibrator"]})
     o = report.overall
-    _say(console, f"quantize FP8 (default preset, {len(q['quantization']['targets'])} linears) + verify at the "
-                  f"CLI defaults: {'[green]PASS[/green]' if report.passed else '[red]FAIL[/red]'} "
-                  f"(profile {report.profile}: cosine {o['cosine_mean']:.5f}, KL {o['kl_mean']:.5f}, "
-                  f"top-1 {o['top1_agreement']:.3f}; calibrated by {q['quantization']['calibration']['calibrator']})")
+    tell({"event": "quantized", "preset": "default", "linears": len(q["quantization"]["targets"]),
+          "passed": report.passed, "profile": report.profile, "cosine_mean": o["cosine_mean"],
+          "kl_mean": o["kl_mean"], "top1_agreement": o["top1_agreement"],
+          "calibrator": q["quantization"]["calibration"]["calibrator"]})
     if not report.passed:
         raise VerificationFailed(report.failure_line())
-    _say(console, f"[bold green]demo complete[/bold green]: outputs in {root}")
+    tell({"event": "complete", "directory": str(root)})
     return results
 
 

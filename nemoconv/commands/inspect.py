@@ -48,18 +48,3 @@ def mtp_warning(ck) -> str | None:
         return None
     return (f"config.json declares {declared} MTP layer(s) (num_nextn_predict_layers) but the checkpoint holds no "
             f"MTP weights (as transformers' save_pretrained writes it): MTP speculative decoding cannot run from it")
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)

@@ -429,7 +429,7 @@ def _calibrator_hint(c: dict) -> str:
 
 def render_summary(result: dict, console) -> None:
     """What quantize did, for people: targets, exclusions and why, calibration, size, notes."""
-    from nemoconv.commands.inspect import human_bytes
+    from nemoconv.cli.render import human_bytes  # (render_summary is moving to cli/render_quantize.py)
 
     q = result["quantization"]
     c = q["calibration"]

@@ -1,0 +1,32 @@
+"""`nemoconv quantize --analyze`'s table: each linear alone in FP8, worst first, and what it means."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def render_analysis(result: dict, console: Console, limit: int = 40) -> None:
+    c, p = result["calibration"], result["probe"]
+    table = Table(title=f"FP8 sensitivity: each linear alone in FP8 ({p['tokens']} probe tokens, "
+                        f"{c['tokens']} calibration tokens, {result['device']})", title_justify="left")
+    for col, justify in (("#", "right"), ("module", "left"), ("kind", "left"), ("preset", "center"),
+                         ("SQNR dB", "right"), ("KL(ref‖q)", "right"), ("top-1 Δ", "right")):
+        table.add_column(col, justify=justify, no_wrap=col == "module")
+    for row in result["modules"][:limit]:
+        table.add_row(str(row["rank"]), row["module"].removeprefix("backbone."), row["kind"],
+                      "✓" if row["in_preset"] else "",
+                      _num(row["sqnr_db"], "{:.1f}"), _num(row["kl"], "{:.2e}"),
+                      _num(row["top1_change"], "{:.2%}"))
+    console.print(table)
+    if len(result["modules"]) > limit:
+        console.print(f"… and {len(result['modules']) - limit} more (all in the JSON report)", highlight=False)
+    t = result["timings_s"]
+    console.print(f"time: calibrate {t['calibrate']:.1f}s, analyse {t['analyze']:.1f}s "
+                  f"({p['sweeps']} sweep(s) of ≤ {p['streams_per_sweep']} streams); "
+                  f"preset ✓ = quantized by --preset {result['preset']}. Keep the worst in bf16 with --exclude, "
+                  f"or let --max-kl choose.", highlight=False)
+
+
+def _num(x, fmt: str) -> str:
+    return "—" if x is None else fmt.format(x)
