@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
 
 def render_analysis(result: dict, console: Console, limit: int = 40) -> None:
+    from rich.table import Table  # rich's tables only when a table is shown: `nemoconv --version` stays quick
+
     c, p = result["calibration"], result["probe"]
     table = Table(title=f"FP8 sensitivity: each linear alone in FP8 ({p['tokens']} probe tokens, "
                         f"{c['tokens']} calibration tokens, {result['device']})", title_justify="left")

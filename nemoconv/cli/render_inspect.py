@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
 from nemoconv.cli.render import human_bytes, human_count
 
@@ -28,7 +27,9 @@ def render_inspect(info: dict, out: Console) -> None:
                                "[red]FAILED[/red] (see the error line)"), highlight=False)
 
 
-def _layers_table(m: dict) -> Table:
+def _layers_table(m: dict):
+    from rich.table import Table  # rich's tables only when a table is shown: `nemoconv --version` stays quick
+
     layers = Table(title="Layers", show_edge=False)
     for col in ("total", "mamba", "attention", "mlp", "moe", "mtp depth"):
         layers.add_column(col, justify="right")
@@ -38,7 +39,9 @@ def _layers_table(m: dict) -> Table:
     return layers
 
 
-def _dimensions_table(m: dict) -> Table:
+def _dimensions_table(m: dict):
+    from rich.table import Table
+
     dims = Table(title="Dimensions", show_header=False, show_edge=False)
     dims.add_row("hidden / vocab", f"{m['hidden_size']} / {m['vocab_size']}")
     a = m["attention"]

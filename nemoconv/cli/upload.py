@@ -10,7 +10,6 @@ import typer
 from nemoconv.cli.options import options_of
 from nemoconv.cli.render import stdout_console
 from nemoconv.cli.render_upload import render_upload
-from nemoconv.commands.upload import upload as do_upload
 
 
 def upload(
@@ -28,6 +27,8 @@ def upload(
     Up to 2 GB: one commit. Larger: huggingface_hub's resumable folder upload (run the same command again after
     an interruption; what was committed is skipped), with its progress bars.
     """
+    from nemoconv.commands.upload import upload as do_upload  # the record's hashing: only when upload runs
+
     options = options_of(ctx)
     plan = do_upload(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force,
                      quiet=options.quiet)

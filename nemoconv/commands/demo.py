@@ -18,8 +18,11 @@ import torch
 
 from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.commands.convert import convert
+from nemoconv.commands.quantize import quantize
+from nemoconv.commands.verify import verify
 from nemoconv.data import tiny_trained_checkpoint
 from nemoconv.errors import VerificationFailed
+from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.stream.output import check_output_free
 
 # quantize's calibration, shortened so the demo stays quick on a CPU (16 × 256 tokens; the builtin observers
@@ -57,8 +60,6 @@ def run_demo(directory: str | Path | None = None, on_step: Optional[Callable[[di
     if not same:
         raise VerificationFailed("demo round trip is not bit-exact")
 
-    from nemoconv.commands.verify import verify
-
     for to in ("nemo", "max"):
         # lossless conversions must give identical logits (profile exact): fewer, shorter prompts than
         # verify's defaults show that as well and keep the demo quick on a CPU
@@ -69,8 +70,6 @@ def run_demo(directory: str | Path | None = None, on_step: Optional[Callable[[di
               "profile": report.profile, **CONVERSION_VERIFY})
         if not report.passed:
             raise VerificationFailed(report.failure_line())
-
-    from nemoconv.commands.quantize import quantize
 
     q = quantize(src, root / "fp8", preset="default", device="cpu", quiet=True, overwrite=overwrite,
                  **DEMO_CALIBRATION)
@@ -102,8 +101,6 @@ def _same_bytes(a: Path, b: Path) -> bool:
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     if set(ca.entries) != set(cb.entries):
         return False
-    from nemoconv.storage.safetensors_io import TensorReader
-
     with TensorReader() as reader:
         for name, entry in ca.entries.items():
             other = cb.entries[name]
