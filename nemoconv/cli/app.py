@@ -303,8 +303,8 @@ def quantize(
 
 def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
              analyze_samples, report, max_kl, min_top1, kv_cache) -> None:
-    from nemoconv.commands.verify import _check_report_path
     from nemoconv.quant.analyze import analyze_fp8, render_analysis, write_analysis
+    from nemoconv.storage.paths import check_report_path
 
     unused = [flag for flag, given in (("OUT", dst is not None), ("--exclude", bool(exclude)),
                                        ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
@@ -313,7 +313,7 @@ def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len
     if unused:
         raise NemoconvError(f"--analyze writes no checkpoint; drop {', '.join(unused)} (use --report FILE for JSON)")
     if report is not None:
-        _check_report_path(report)
+        check_report_path(report)
     result = analyze_fp8(src, preset=preset.value, calib_file=calib_file, calib_samples=calib_samples,
                          calib_seq_len=calib_seq_len, probe_samples=analyze_samples, device=device.value,
                          quiet=_state["quiet"])
@@ -379,7 +379,7 @@ def verify(
     0.99); fp8 (cos ≥ 0.99, top-1 ≥ 0.90, KL ≤ 0.05). auto picks one from the two checkpoints' tensors: FP8
     on one side only → fp8, a narrowing cast → bf16, otherwise exact.
     """
-    from nemoconv.commands.verify import render_report
+    from nemoconv.cli.render_verify import render_report
     from nemoconv.commands.verify import verify as do_verify
 
     result = do_verify(reference, candidate, prompts=prompts, num_prompts=num_prompts, seq_len=seq_len,
