@@ -160,6 +160,21 @@ def choose_profile(ref: Checkpoint, cand: Checkpoint) -> tuple[str, str]:
     return "exact", f"lossless: the same {len(common)} tensors with identical dtypes"
 
 
+def decide_profile(ref_ck: Checkpoint, cand_ck: Checkpoint, profile: str) -> tuple[str, str, dict]:
+    """(profile used, why, what auto decides). The user's --profile wins; auto is still worked out, so that
+    a looser choice is recorded as an override."""
+    try:
+        auto_name, auto_reason = choose_profile(ref_ck, cand_ck)
+    except NemoconvError as exc:
+        if profile == "auto":
+            raise
+        return profile, "given with --profile", {"name": None, "reason": str(exc)}
+    auto = {"name": auto_name, "reason": auto_reason}
+    if profile == "auto":
+        return auto_name, auto_reason, auto
+    return profile, f"given with --profile (auto would choose {auto_name})", auto
+
+
 # ---- thresholds and overrides ----------------------------------------------------------------------
 
 
@@ -183,21 +198,6 @@ def resolve_thresholds(profile: str, overrides: dict | None) -> dict:
         overridden.append(key)
     thresholds["overridden"] = overridden
     return thresholds
-
-
-def decide_profile(ref_ck: Checkpoint, cand_ck: Checkpoint, profile: str) -> tuple[str, str, dict]:
-    """(profile used, why, what auto decides). The user's --profile wins; auto is still worked out, so that
-    a looser choice is recorded as an override."""
-    try:
-        auto_name, auto_reason = choose_profile(ref_ck, cand_ck)
-    except NemoconvError as exc:
-        if profile == "auto":
-            raise
-        return profile, "given with --profile", {"name": None, "reason": str(exc)}
-    auto = {"name": auto_name, "reason": auto_reason}
-    if profile == "auto":
-        return auto_name, auto_reason, auto
-    return profile, f"given with --profile (auto would choose {auto_name})", auto
 
 
 def override_list(chosen: str, auto: dict, thresholds: dict, allow_tokenizer_diff: bool,
