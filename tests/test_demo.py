@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from nemoconv.commands.verify import PROFILES
 from nemoconv.data import tiny_trained_checkpoint
+from nemoconv.verification.profiles import PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -54,10 +54,15 @@ def verify(ref: Path, cand: Path, *extra) -> subprocess.CompletedProcess:
     return res
 
 
-def assert_gate_fails(res: subprocess.CompletedProcess, *needles) -> str:
-    assert res.returncode == 1, (res.stdout, res.stderr)
+GATE_FAILS, REFUSED = 1, 2  # exit codes: the candidate missed the gate; bad input or a refused upload
+_FIRST_WORD = {GATE_FAILS: "FAIL: ", REFUSED: "error: "}
+
+
+def assert_exits(res: subprocess.CompletedProcess, code: int, *needles) -> str:
+    """Exit `code` with one line on stderr, starting as that exit's line does and holding every needle."""
+    assert res.returncode == code, (res.stdout, res.stderr)
     line = one_line(res.stderr)
-    assert line.startswith("FAIL: "), line
+    assert line.startswith(_FIRST_WORD[code]), line
     for needle in needles:
         assert needle in line, (needle, line)
     return line
@@ -68,15 +73,6 @@ def upload(directory: Path, *extra) -> subprocess.CompletedProcess:
     res = cli("upload", directory, "--repo-id", "me/tiny", "--dry-run", *extra)
     assert digest(directory) == before
     return res
-
-
-def assert_refused(res: subprocess.CompletedProcess, *needles) -> str:
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    line = one_line(res.stderr)
-    assert line.startswith("error: "), line
-    for needle in needles:
-        assert needle in line, (needle, line)
-    return line
 
 
 def edit_tensors(directory: Path, edit) -> None:
@@ -110,7 +106,7 @@ def test_zeroed_conv1d_bias_without_manifest_fails(dense, tmp_path):
         t["backbone.layers.0.mixer.conv1d.bias"].zero_()
 
     edit_tensors(cand, zero)
-    assert_gate_fails(verify(dense, cand), "max_abs_diff", "(profile exact)")
+    assert_exits(verify(dense, cand), GATE_FAILS, "max_abs_diff", "(profile exact)")
 
 
 def test_fp32_norm_scaled_by_1_001_without_manifest_fails(dense, tmp_path):
@@ -120,7 +116,7 @@ def test_fp32_norm_scaled_by_1_001_without_manifest_fails(dense, tmp_path):
         t["backbone.layers.1.norm.weight"].mul_(1.001)
 
     edit_tensors(cand, scale)
-    assert_gate_fails(verify(dense, cand), "max_abs_diff", "(profile exact)")
+    assert_exits(verify(dense, cand), GATE_FAILS, "max_abs_diff", "(profile exact)")
 
 
 def test_forged_manifest_claiming_fp8_gets_exact_from_the_tensors(dense, tmp_path):
@@ -134,7 +130,7 @@ def test_forged_manifest_claiming_fp8_gets_exact_from_the_tensors(dense, tmp_pat
         t["backbone.layers.1.norm.weight"].mul_(1.001)
 
     edit_tensors(cand, scale)
-    assert_gate_fails(verify(dense, cand), "(profile exact)")
+    assert_exits(verify(dense, cand), GATE_FAILS, "(profile exact)")
     record = json.loads((cand / RECORD).read_text())
     assert record["profile"] == "exact"
     assert record["profile_reason"] == "lossless: the same 44 tensors with identical dtypes"
@@ -148,7 +144,7 @@ def test_tensor_sets_that_differ_are_bad_input_for_profile_auto(dense, tmp_path)
     edit_tensors(cand, lambda t: t.pop("lm_head.weight"))
     ref = copy_of(cand, tmp_path / "ref")
     edit_tensors(ref, lambda t: t.__setitem__("lm_head.weight", t["backbone.embeddings.weight"].clone()))
-    assert_refused(verify(ref, cand), "profile auto: reference and candidate hold different tensors",
+    assert_exits(verify(ref, cand), REFUSED, "profile auto: reference and candidate hold different tensors",
                    "1 only in the reference (lm_head.weight)", "pass --profile")
 
 
@@ -178,20 +174,21 @@ def test_permuted_tokenizer_ids_fail_even_profile_exact(with_tokenizer, tmp_path
     vocab = tok["model"]["vocab"]
     vocab["the"], vocab["and"] = vocab["and"], vocab["the"]
     (cand / "tokenizer.json").write_text(json.dumps(tok))
-    line = assert_gate_fails(verify(with_tokenizer, cand, "--profile", "exact"), "tokenizer or generation ids differ")
+    line = assert_exits(verify(with_tokenizer, cand, "--profile", "exact"), GATE_FAILS,
+                        "tokenizer or generation ids differ")
     assert "tokenizer.json vocab: 2 ids differ, first 'the' 1→3" in line and "--allow-tokenizer-diff" in line
 
 
 def test_different_eos_token_id_fails(with_tokenizer, tmp_path):
     cand = copy_of(with_tokenizer, tmp_path / "cand")
     (cand / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 3}))
-    assert_gate_fails(verify(with_tokenizer, cand), "generation_config.json eos_token_id 2 vs 3")
+    assert_exits(verify(with_tokenizer, cand), GATE_FAILS, "generation_config.json eos_token_id 2 vs 3")
 
 
 def test_generation_config_on_one_side_only_fails(with_tokenizer, tmp_path):
     cand = copy_of(with_tokenizer, tmp_path / "cand")
     (cand / "generation_config.json").unlink()
-    assert_gate_fails(verify(with_tokenizer, cand), "generation_config.json: in the reference only")
+    assert_exits(verify(with_tokenizer, cand), GATE_FAILS, "generation_config.json: in the reference only")
 
 
 def test_allow_tokenizer_diff_passes_and_is_recorded_as_an_override(with_tokenizer, tmp_path):
@@ -205,7 +202,7 @@ def test_allow_tokenizer_diff_passes_and_is_recorded_as_an_override(with_tokeniz
     assert record["passed"] is True
     assert record["record"]["overrides"] == ["--allow-tokenizer-diff (1 difference(s) accepted)"]
     assert record["tokenizer"] == {"differences": ["generation_config.json eos_token_id 2 vs 3"], "allowed": True}
-    assert_refused(upload(cand), "its PASS needed overrides (--allow-tokenizer-diff", "pass --force")
+    assert_exits(upload(cand), REFUSED, "its PASS needed overrides (--allow-tokenizer-diff", "pass --force")
 
 
 # ---- restore casts must be exact -----------------------------------------------------------------------
@@ -239,7 +236,7 @@ def test_convert_of_an_edited_nemo_keeps_the_fp32_values(nemo_pair, tmp_path):
 
 def test_verify_exact_of_original_against_edited_nemo_fails(nemo_pair):
     original, edited = nemo_pair
-    assert_gate_fails(verify(original, edited, "--profile", "exact"), "max_abs_diff", "(profile exact)")
+    assert_exits(verify(original, edited, "--profile", "exact"), GATE_FAILS, "max_abs_diff", "(profile exact)")
 
 
 # ---- size bounds -------------------------------------------------------------------------------------
@@ -251,7 +248,7 @@ def test_verify_exact_of_original_against_edited_nemo_fails(nemo_pair):
 def test_sizes_are_bounded_before_anything_is_loaded(tmp_path, flag, value, needle):
     # the checkpoints do not even exist: the bound is checked first
     res = cli("verify", tmp_path / "no-ref", tmp_path / "no-cand", flag, value)
-    assert_refused(res, flag, needle)
+    assert_exits(res, REFUSED, flag, needle)
 
 
 def test_api_bounds_raise_before_opening(tmp_path):
@@ -299,18 +296,18 @@ def test_upload_states_what_was_verified_against_what(passed, dense):
 
 def test_upload_refuses_a_missing_record(passed):
     (passed / RECORD).unlink()
-    assert_refused(upload(passed), "no verify record")
+    assert_exits(upload(passed), REFUSED, "no verify record")
 
 
 @pytest.mark.parametrize("value", ["false", "true", 1, None])
 def test_upload_refuses_passed_that_is_not_the_boolean_true(passed, value):
     rewrite_record(passed, passed=value)
-    assert_refused(upload(passed), "malformed", "not a JSON boolean")
+    assert_exits(upload(passed), REFUSED, "malformed", "not a JSON boolean")
 
 
 def test_upload_refuses_a_failed_record(passed):
     rewrite_record(passed, passed=False)
-    assert_refused(upload(passed), "says FAIL")
+    assert_exits(upload(passed), REFUSED, "says FAIL")
 
 
 @pytest.mark.parametrize("text,needle", [("{\"passed\": true, \"passed\": true}", "appears twice"),
@@ -320,7 +317,7 @@ def test_upload_refuses_a_failed_record(passed):
                                           "record.reference must be a JSON object")])
 def test_upload_refuses_a_malformed_record(passed, text, needle):
     (passed / RECORD).write_text(text)
-    assert_refused(upload(passed), "malformed", needle)
+    assert_exits(upload(passed), REFUSED, "malformed", needle)
 
 
 def test_upload_refuses_weights_changed_after_the_pass(passed):
@@ -328,25 +325,25 @@ def test_upload_refuses_weights_changed_after_the_pass(passed):
         t["blocks.1.norm.weight"].mul_(1.001)
 
     edit_tensors(passed, scale)
-    assert_refused(upload(passed), "model.safetensors is not the file that was verified")
+    assert_exits(upload(passed), REFUSED, "model.safetensors is not the file that was verified")
 
 
 def test_upload_refuses_a_side_file_changed_after_the_pass(passed):
     config = (passed / "config.json").read_text()
     (passed / "config.json").write_text(config.replace('"eos_token_id": 2', '"eos_token_id": 3'))
-    assert_refused(upload(passed), "config.json is not the file that was verified")
+    assert_exits(upload(passed), REFUSED, "config.json is not the file that was verified")
 
 
 def test_upload_refuses_a_record_copied_from_another_checkpoint(passed, dense, tmp_path):
     nemoconv.convert(dense, tmp_path / "nemo", to="nemo")
     shutil.copy(passed / RECORD, tmp_path / "nemo" / RECORD)
-    assert_refused(upload(tmp_path / "nemo"), "model.safetensors is not the file that was verified")
+    assert_exits(upload(tmp_path / "nemo"), REFUSED, "model.safetensors is not the file that was verified")
 
 
 def test_upload_refuses_a_different_set_of_weight_files(passed, tmp_path):
     nemoconv.convert(passed, tmp_path / "sharded", to="max", max_shard_size="100KB")
     shutil.copy(passed / RECORD, tmp_path / "sharded" / RECORD)
-    assert_refused(upload(tmp_path / "sharded"), "its weight files differ from the verify record",
+    assert_exits(upload(tmp_path / "sharded"), REFUSED, "its weight files differ from the verify record",
                    "recorded but gone: model.safetensors")
 
 
@@ -354,10 +351,10 @@ def test_upload_refuses_a_self_verification(dense, tmp_path):
     cand = copy_of(dense, tmp_path / "copy")
     res = verify(cand, cand)
     assert res.returncode == 0, res.stderr
-    assert_refused(upload(cand), "verified against itself (the same directory")
+    assert_exits(upload(cand), REFUSED, "verified against itself (the same directory")
     other = copy_of(dense, tmp_path / "copy2")
     assert nemoconv.verify(dense, other, **API_FAST).passed
-    assert_refused(upload(other), "verified against itself (the same weights")
+    assert_exits(upload(other), REFUSED, "verified against itself (the same weights")
 
 
 def test_upload_refuses_overridden_thresholds_unless_forced(dense, tmp_path):
@@ -369,9 +366,9 @@ def test_upload_refuses_overridden_thresholds_unless_forced(dense, tmp_path):
     edit_tensors(cand, scale)
     res = verify(dense, cand, "--profile", "bf16")
     assert res.returncode == 0, res.stderr
-    assert_refused(upload(cand), "its PASS needed overrides (--profile bf16, looser than auto's exact)")
+    assert_exits(upload(cand), REFUSED, "its PASS needed overrides (--profile bf16, looser than auto's exact)")
     assert nemoconv.verify(dense, cand, overrides={"max_abs": 1.0}, **API_FAST).passed
-    assert_refused(upload(cand), "its PASS needed overrides (max_abs = 1.0 (profile exact: 0.0))")
+    assert_exits(upload(cand), REFUSED, "its PASS needed overrides (max_abs = 1.0 (profile exact: 0.0))")
     res = upload(cand, "--force")
     assert res.returncode == 0, res.stderr
     assert "with profile exact: PASS" in res.stdout

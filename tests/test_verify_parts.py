@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +14,12 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 import nemoconv
+from nemoconv.cli import render_verify
 from nemoconv.errors import NemoconvError
+from nemoconv.verification import fingerprint, profiles, runner
 from nemoconv.verification.metrics import LogitStats, cache_consistency, first_divergence
 from nemoconv.verification.prompts import BUILTIN_TEXTS, builtin_prompts, read_prompt_file
 
-importlib.import_module("nemoconv.commands.verify")
-verify_mod = sys.modules["nemoconv.commands.verify"]  # the module, whatever the package attribute `verify` holds
 FAST = dict(num_prompts=2, seq_len=16, max_new_tokens=4)
 
 
@@ -217,9 +215,9 @@ def test_quantization_fields_and_pattern_spelling_are_not_network_differences(ti
     cfg = tiny_config("dense")
     other = dict(cfg, quantization_config={"quant_method": "modelopt", "quant_algo": "FP8"})
     other["layers_block_type"] = codes_to_block_types(other.pop("hybrid_override_pattern"))
-    assert verify_mod.network_differences(parse_config(cfg), parse_config(other)) == []
+    assert profiles.network_differences(parse_config(cfg), parse_config(other)) == []
     wider = dict(cfg, hidden_size=128)
-    diffs = verify_mod.network_differences(parse_config(cfg), parse_config(wider))
+    diffs = profiles.network_differences(parse_config(cfg), parse_config(wider))
     assert diffs == ["different hidden_size: 64 vs 128"]
 
 
@@ -229,16 +227,16 @@ def test_profile_is_exact_for_conversions_whose_casts_only_widen(tiny_dir, tmp_p
     nemoconv.convert(src, tmp_path / "nemo", to="nemo")
     nemoconv.convert(tmp_path / "nemo", tmp_path / "max", to="max")
     ck = nemoconv.open_checkpoint
-    profile, why = verify_mod.choose_profile(ck(src), ck(tmp_path / "max"))
+    profile, why = profiles.choose_profile(ck(src), ck(tmp_path / "max"))
     assert profile == "exact" and "widened" in why and "backbone.layers.0.mixer.A_log bfloat16 → float32" in why
-    profile, why = verify_mod.choose_profile(ck(src), ck(src))
+    profile, why = profiles.choose_profile(ck(src), ck(src))
     assert (profile, why) == ("exact", "lossless: the same 89 tensors with identical dtypes")
 
 
 def test_profile_is_bf16_when_a_scheme_narrows_a_tensor(tiny_dir, tmp_path):
     src = tiny_dir("moe", torch.float32)
     nemoconv.convert(src, tmp_path / "max", to="max")  # MAX keeps the router gate in bf16
-    profile, why = verify_mod.choose_profile(nemoconv.open_checkpoint(src), nemoconv.open_checkpoint(tmp_path / "max"))
+    profile, why = profiles.choose_profile(nemoconv.open_checkpoint(src), nemoconv.open_checkpoint(tmp_path / "max"))
     assert profile == "bf16" and "3 tensor(s) narrowed" in why
     assert "backbone.layers.1.mixer.gate.weight float32 → bfloat16" in why
 
@@ -250,13 +248,13 @@ def test_profile_ignores_the_manifest_of_a_moved_or_foreign_reference(tiny_dir, 
     moved = tmp_path / "moved"
     src.rename(moved)
     ck = nemoconv.open_checkpoint
-    assert verify_mod.choose_profile(ck(moved), ck(tmp_path / "nemo"))[0] == "exact"
+    assert profiles.choose_profile(ck(moved), ck(tmp_path / "nemo"))[0] == "exact"
     # a bf16 reference against the fp32 nemo candidate: every float widened → exact (the logits then decide)
     other = tiny_dir("dense", torch.bfloat16)
-    profile, why = verify_mod.choose_profile(ck(other), ck(tmp_path / "nemo"))
+    profile, why = profiles.choose_profile(ck(other), ck(tmp_path / "nemo"))
     assert profile == "exact" and "widened" in why
     # the reverse narrows
-    profile, why = verify_mod.choose_profile(ck(tmp_path / "nemo"), ck(other))
+    profile, why = profiles.choose_profile(ck(tmp_path / "nemo"), ck(other))
     assert profile == "bf16" and "narrowed" in why
 
 
@@ -271,32 +269,32 @@ def test_profile_fp8_when_only_one_side_is_quantized(tiny_dir, tmp_path):
     tensors["backbone.layers.1.mixer.up_proj.input_scale"] = torch.tensor(0.05)
     save_file(tensors, str(cand / "model.safetensors"))
     ck = nemoconv.open_checkpoint
-    profile, why = verify_mod.choose_profile(ck(src), ck(cand))
+    profile, why = profiles.choose_profile(ck(src), ck(cand))
     assert profile == "fp8" and "candidate is quantized" in why and "1 tensor(s) FP8 on one side only" in why
     assert "backbone.layers.1.mixer.up_proj.weight float32 → float8_e4m3fn" in why
 
 
 def test_thresholds_overrides_and_their_errors():
-    t = verify_mod.resolve_thresholds("fp8", {"min_cosine": 0.5, "min_top1": None, "max_kl": None, "max_abs": None})
+    t = profiles.resolve_thresholds("fp8", {"min_cosine": 0.5, "min_top1": None, "max_kl": None, "max_abs": None})
     assert t["min_cosine"] == 0.5 and t["min_top1"] == 0.90 and t["max_kl"] == 0.05
     assert t["overridden"] == ["min_cosine"]
     with pytest.raises(NemoconvError, match="unknown threshold 'cosine'"):
-        verify_mod.resolve_thresholds("bf16", {"cosine": 0.9})
+        profiles.resolve_thresholds("bf16", {"cosine": 0.9})
     with pytest.raises(NemoconvError, match="min_top1 = 2.0 is out of range"):
-        verify_mod.resolve_thresholds("bf16", {"min_top1": 2})
+        profiles.resolve_thresholds("bf16", {"min_top1": 2})
     with pytest.raises(NemoconvError, match="unknown profile"):
-        verify_mod.resolve_thresholds("int4", None)
+        profiles.resolve_thresholds("int4", None)
 
 
 def test_exact_on_cuda_allows_two_ulps_at_the_largest_logit():
-    assert verify_mod._exact_cuda_tolerance(20.0, torch.bfloat16) == 2 * 2.0 ** (4 - 7)
-    assert verify_mod._exact_cuda_tolerance(0.75, torch.float32) == 2 * 2.0 ** (-1 - 23)
+    assert profiles.exact_cuda_tolerance(20.0, torch.bfloat16) == 2 * 2.0 ** (4 - 7)
+    assert profiles.exact_cuda_tolerance(0.75, torch.float32) == 2 * 2.0 ** (-1 - 23)
 
 
 def test_cache_tolerance_by_dtype_and_fp8():
-    assert verify_mod.cache_tolerance(torch.float32, False) == 1e-3
-    assert verify_mod.cache_tolerance(torch.float32, True) == 5e-2
-    assert verify_mod.cache_tolerance(torch.bfloat16, False) == 5e-2
+    assert profiles.cache_tolerance(torch.float32, False) == 1e-3
+    assert profiles.cache_tolerance(torch.float32, True) == 5e-2
+    assert profiles.cache_tolerance(torch.bfloat16, False) == 5e-2
 
 
 # ---- the gate's own checks ---------------------------------------------------------------------------
@@ -322,14 +320,14 @@ class _DecodeShifted:
 def test_inconsistent_cache_fails_the_gate(tiny_dir, tmp_path, monkeypatch):
     src = tiny_dir("dense")
     nemoconv.convert(src, tmp_path / "nemo", to="nemo")
-    real = verify_mod._load_model
+    real = runner._load_model
     cand_path = (tmp_path / "nemo").resolve()
 
     def load(path, device, dtype):
         model = real(path, device, dtype)
         return _DecodeShifted(model, 0.5) if Path(path).resolve() == cand_path else model
 
-    monkeypatch.setattr(verify_mod, "_load_model", load)
+    monkeypatch.setattr(runner, "_load_model", load)
     report = nemoconv.verify(src, tmp_path / "nemo", **FAST)
     assert not report.passed
     assert [c["metric"] for c in report.failed_checks()] == ["cache_relative_diff"]
@@ -375,16 +373,16 @@ def test_fingerprint_full_and_sampled(tiny_dir, tmp_path):
     src = tmp_path / "a"
     shutil.copytree(tiny_dir("dense"), src)
     ck = nemoconv.open_checkpoint(src)
-    full = verify_mod.fingerprint(ck)
+    full = fingerprint.fingerprint(ck)
     assert set(full) >= {"sha256_full", "bytes", "files"} and "sha256_sampled" not in full
-    sampled = verify_mod.fingerprint(ck, full_limit=0)
+    sampled = fingerprint.fingerprint(ck, full_limit=0)
     assert "sha256_full" not in sampled and "1 MiB every 64 MiB" in sampled["sample"]
     assert sampled["sha256_sampled"] != full["sha256_full"]
-    assert verify_mod.fingerprint(ck)["sha256_full"] == full["sha256_full"]
+    assert fingerprint.fingerprint(ck)["sha256_full"] == full["sha256_full"]
     tensors = load_file(str(src / "model.safetensors"))
     tensors["backbone.norm_f.weight"][5] += 1.0  # same names, dtypes, shapes; one value differs
     save_file(tensors, str(src / "model.safetensors"))
-    assert verify_mod.fingerprint(nemoconv.open_checkpoint(src))["sha256_full"] != full["sha256_full"]
+    assert fingerprint.fingerprint(nemoconv.open_checkpoint(src))["sha256_full"] != full["sha256_full"]
 
 
 def test_report_is_replaced_atomically(tiny_dir, tmp_path):
@@ -405,15 +403,15 @@ def test_render_report_shows_rows_and_the_verdict(tiny_dir, tmp_path, capsys):
     ok = nemoconv.verify(src, tmp_path / "max", **FAST)                    # auto: bf16, passes
     bad = nemoconv.verify(src, tmp_path / "max", profile="exact", **FAST)  # bf16 rounding is not exact
     console = Console(record=True, width=100)
-    verify_mod.render_report(ok, console)
+    render_verify.render_report(ok, console)
     text = console.export_text()
     assert "#0" in text and "#1" in text and "overall" in text and "PASS (bf16)" in text
     console = Console(record=True, width=100)
-    verify_mod.render_report(bad, console)
+    render_verify.render_report(bad, console)
     text = console.export_text()
     assert "FAIL: max_abs_diff" in text and "> max_abs 0.0 (profile exact)" in text
     capsys.readouterr()
-    verify_mod.render_report(bad, None)
+    render_verify.render_report(bad, None)
     assert capsys.readouterr() == ("", "")
 
 
@@ -428,7 +426,7 @@ def test_mtp_difference_is_a_note_not_a_different_network(tiny_dir, tmp_path):
 
 
 def test_cache_failure_of_both_models_blames_the_model_not_the_checkpoint(tiny_dir, monkeypatch):
-    real = verify_mod._load_model
-    monkeypatch.setattr(verify_mod, "_load_model", lambda *a: _DecodeShifted(real(*a), 0.5))
+    real = runner._load_model
+    monkeypatch.setattr(runner, "_load_model", lambda *a: _DecodeShifted(real(*a), 0.5))
     report = nemoconv.verify(tiny_dir("dense"), tiny_dir("dense"), **FAST)
     assert not report.passed and "the reference exceeds it too" in report.failure_line()

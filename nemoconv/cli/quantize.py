@@ -91,11 +91,11 @@ def _refuse_checkpoint_flags(given: list[tuple[str, bool]]) -> None:
 
 def _analyze(options: CliOptions, src: str, preset: str, calib_file: Optional[Path], calib_samples: int,
              calib_seq_len: int, probe_samples: Optional[int], device: str, report: Optional[Path]) -> None:
-    from nemoconv.commands.verify import _check_report_path  # torch: only when the command runs
+    from nemoconv.storage.paths import check_report_path
     from nemoconv.quant.analyze import analyze_fp8, write_analysis
 
     if report is not None:
-        _check_report_path(report)
+        check_report_path(report)
     result = analyze_fp8(src, preset=preset, calib_file=calib_file, calib_samples=calib_samples,
                          calib_seq_len=calib_seq_len, probe_samples=probe_samples, device=device,
                          quiet=options.quiet)

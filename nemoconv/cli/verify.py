@@ -54,7 +54,7 @@ def verify(
     0.99); fp8 (cos ≥ 0.99, top-1 ≥ 0.90, KL ≤ 0.05). auto picks one from the two checkpoints' tensors: FP8
     on one side only → fp8, a narrowing cast → bf16, otherwise exact.
     """
-    from nemoconv.commands.verify import render_report  # torch: only when the command runs
+    from nemoconv.cli.render_verify import render_report  # torch: only when the command runs
     from nemoconv.commands.verify import verify as do_verify
 
     options = options_of(ctx)

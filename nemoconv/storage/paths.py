@@ -101,3 +101,12 @@ def check_output_location(out: str | Path, sources: list[str | Path], overwrite:
             raise NemoconvError(f"{out}: contains the source {source}; writing there could replace it")
         if overwrite and _inside(out_real, src_real):
             raise NemoconvError(f"{out}: lies inside the source {source}; --overwrite there is refused")
+
+
+def check_report_path(path: Path) -> None:
+    """Fail before a (long) run when its `--report` file cannot be written there."""
+    if path.is_dir():
+        raise NemoconvError(f"--report {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise NemoconvError(f"--report {path}: directory {parent} is not writable")
