@@ -1,7 +1,10 @@
 """hf → megatron → hf of a multi-GB MoE checkpoint: wall time against `cp -r` and peak RSS, printed as JSON.
 
-    PYTHONPATH=$PWD python benchmarks/bench_megatron.py --size-gb 4 --dir /tmp/bench-megatron
+    PYTHONPATH=$PWD python benchmarks/bench_megatron.py --size-gb 4 --repeats 3 --dir /tmp/bench-megatron
 
+Each round times `cp -r` of the source, hf → megatron, `cp -r` of that output, megatron → hf, one after the
+other, so a conversion and its cp see the same machine load; medians over the rounds are reported, with the
+load average before and after.
 The checkpoint is generated (random bf16 values, tiled from one seeded block so generation is fast); each
 conversion runs in its own process (`python -m nemoconv.cli convert`), timed, with its peak RSS from wait4.
 """
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -77,9 +81,28 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def one_round(work: Path, src: Path) -> dict[str, float]:
+    """cp of the source, hf → megatron, cp of the megatron output, megatron → hf: each conversion next to a
+    `cp -r` of the bytes it reads, so both see the same machine load."""
+    cli = [sys.executable, "-m", "nemoconv.cli", "--quiet", "convert"]
+    for name in ("copy", "mg", "mg-copy", "back"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    cp_hf, _ = timed(["cp", "-r", str(src), str(work / "copy")])
+    to_mg, rss_mg = timed([*cli, str(src), str(work / "mg"), "--to", "megatron"])
+    cp_mg, _ = timed(["cp", "-r", str(work / "mg"), str(work / "mg-copy")])
+    to_hf, rss_hf = timed([*cli, str(work / "mg"), str(work / "back"), "--to", "hf"])
+    return {"cp_hf_s": cp_hf, "hf_to_megatron_s": to_mg, "cp_megatron_s": cp_mg, "megatron_to_hf_s": to_hf,
+            "rss": max(rss_mg, rss_hf)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench-megatron"))
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -92,16 +115,20 @@ def main() -> None:
     made = subprocess.run([sys.executable, __file__, "--make-only", "--size-gb", str(args.size_gb), "--dir",
                            str(args.dir)], env=env, check=True, capture_output=True, text=True)
     nbytes = int(made.stdout.split()[-1])
-    cli = [sys.executable, "-m", "nemoconv.cli", "--quiet", "convert"]
-    cp_s, _ = timed(["cp", "-r", str(src), str(args.dir / "copy")])
-    to_mg_s, to_mg_rss = timed([*cli, str(src), str(args.dir / "mg"), "--to", "megatron"])
-    to_hf_s, to_hf_rss = timed([*cli, str(args.dir / "mg"), str(args.dir / "back"), "--to", "hf"])
+    load_before = os.getloadavg()
+    rounds = [one_round(args.dir, src) for _ in range(args.repeats)]
+    load_after = os.getloadavg()
     same = _tensor_bytes(src / "model.safetensors") == _tensor_bytes(args.dir / "back" / "model.safetensors")
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    rss = max(r["rss"] for r in rounds)
     print(json.dumps({
-        "bytes": nbytes, "cp_s": round(cp_s, 2),
-        "hf_to_megatron_s": round(to_mg_s, 2), "megatron_to_hf_s": round(to_hf_s, 2),
-        "hf_to_megatron_vs_cp": round(to_mg_s / cp_s, 2), "megatron_to_hf_vs_cp": round(to_hf_s / cp_s, 2),
-        "peak_rss_bytes": max(to_mg_rss, to_hf_rss), "peak_rss_fraction": round(max(to_mg_rss, to_hf_rss) / nbytes, 3),
+        "tensor_bytes": nbytes, "hf_dir_bytes": _dir_bytes(src), "megatron_dir_bytes": _dir_bytes(args.dir / "mg"),
+        "repeats": args.repeats, "loadavg_before": load_before, "loadavg_after": load_after,
+        "median": {k: round(v, 2) for k, v in med.items() if k != "rss"},
+        "hf_to_megatron_vs_cp": round(med["hf_to_megatron_s"] / med["cp_hf_s"], 2),
+        "megatron_to_hf_vs_cp": round(med["megatron_to_hf_s"] / med["cp_megatron_s"], 2),
+        "rounds": [{k: round(v, 2) for k, v in r.items() if k != "rss"} for r in rounds],
+        "peak_rss_bytes": rss, "peak_rss_fraction": round(rss / nbytes, 3),
         "round_trip_bytes_identical": same,
     }, indent=2))
 

@@ -465,7 +465,7 @@ def test_identical_inputs_give_byte_identical_megatron_outputs(megatron_dir, tmp
 
 
 def test_storage_file_outside_the_checkpoint_is_refused(megatron_dir, tmp_path):
-    from nemoconv.storage.megatron.dcp import _Written, metadata_pickle
+    from nemoconv.storage.megatron.dcp_write import _Written, metadata_pickle
 
     _, mg = megatron_dir("dense")
     bad = tmp_path / "bad"
