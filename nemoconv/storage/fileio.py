@@ -78,10 +78,11 @@ def copy_into(src: int, dst: int, offset: int, nbytes: int, truncated: str) -> N
 
 class Appender:
     """A new file written front to back: `write` bytes from memory, `copy` byte ranges of other files. `pos` is
-    the length written so far (copies still pending included)."""
+    the length written so far (copies still pending included). `writeback=False`: no early writeback (left to the
+    kernel's flusher, as cp does)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, writeback: bool = True):
+        self.path, self._early = path, writeback
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.pos = 0
         self._flushed = 0  # written and handed to the disk up to here
@@ -120,6 +121,8 @@ class Appender:
         self._writeback()
 
     def _writeback(self, final: bool = False) -> None:
+        if not self._early:
+            return
         written = self.pos - (self._pending[2] if self._pending else 0)
         if written - self._flushed >= WRITEBACK_STEP or (final and written > self._flushed):
             start_writeback(self.fd, self._flushed, written - self._flushed)
