@@ -1,7 +1,11 @@
 """hf → megatron → hf of a multi-GB MoE checkpoint: wall time against `cp -r` and peak RSS, printed as JSON.
 
-    PYTHONPATH=$PWD python benchmarks/bench_megatron.py --size-gb 4 --dir /tmp/bench-megatron
+    PYTHONPATH=$PWD python benchmarks/bench_megatron.py --size-gb 4 --repeats 3 --dir /tmp/bench-megatron
 
+Each round times `cp -r` of the source, hf → megatron, `cp -r` of that output, megatron → hf, one after the
+other, so a conversion and its cp see the same machine load; medians over the rounds are reported, with the
+load average before and after, and CPU seconds (user + system) beside wall seconds: on a shared machine the
+CPU ratio is the steadier one. `--sync` makes each command pay for writing its output (as bench_convert.py).
 The checkpoint is generated (random bf16 values, tiled from one seeded block so generation is fast); each
 conversion runs in its own process (`python -m nemoconv.cli convert`), timed, with its peak RSS from wait4.
 """
@@ -12,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -65,21 +70,51 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
     return out
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+def timed(cmd: list[str], sync: bool = False) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one child process. `sync`: the disk
+    is synced before (untimed) and after (timed), so the command pays for writing its own output."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if sync:
+        os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
+    if sync:
+        os.sync()
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return elapsed, usage.ru_maxrss * 1024
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def one_round(work: Path, src: Path, sync: bool) -> dict[str, float]:
+    """cp of the source, hf → megatron, cp of the megatron output, megatron → hf: each conversion next to a
+    `cp -r` of the bytes it reads, so both see the same machine load (the copies are deleted at once)."""
+    cli = [sys.executable, "-m", "nemoconv.cli", "--quiet", "convert"]
+    for name in ("mg", "back"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    row = {}
+    mg, back = str(work / "mg"), str(work / "back")
+    steps = (("hf", None, src), ("hf_to_megatron", [str(src), mg, "--to", "megatron"], None),
+             ("megatron", None, work / "mg"), ("megatron_to_hf", [mg, back, "--to", "hf"], None))
+    for key, cmd, copy in steps:
+        if copy is not None:
+            row[f"cp_{key}_s"], row[f"cp_{key}_cpu_s"], _ = timed(["cp", "-r", str(copy), str(work / "copy")], sync)
+            shutil.rmtree(work / "copy")
+        else:
+            row[f"{key}_s"], row[f"{key}_cpu_s"], row[f"{key}_rss"] = timed([*cli, *cmd], sync)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sync", action="store_true", help="sync around each timed command, as bench_convert does")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench-megatron"))
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -92,16 +127,22 @@ def main() -> None:
     made = subprocess.run([sys.executable, __file__, "--make-only", "--size-gb", str(args.size_gb), "--dir",
                            str(args.dir)], env=env, check=True, capture_output=True, text=True)
     nbytes = int(made.stdout.split()[-1])
-    cli = [sys.executable, "-m", "nemoconv.cli", "--quiet", "convert"]
-    cp_s, _ = timed(["cp", "-r", str(src), str(args.dir / "copy")])
-    to_mg_s, to_mg_rss = timed([*cli, str(src), str(args.dir / "mg"), "--to", "megatron"])
-    to_hf_s, to_hf_rss = timed([*cli, str(args.dir / "mg"), str(args.dir / "back"), "--to", "hf"])
+    load_before = os.getloadavg()
+    rounds = [one_round(args.dir, src, args.sync) for _ in range(args.repeats)]
+    load_after = os.getloadavg()
     same = _tensor_bytes(src / "model.safetensors") == _tensor_bytes(args.dir / "back" / "model.safetensors")
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if not k.endswith("_rss")}
+    rss = max(r[k] for r in rounds for k in r if k.endswith("_rss"))
     print(json.dumps({
-        "bytes": nbytes, "cp_s": round(cp_s, 2),
-        "hf_to_megatron_s": round(to_mg_s, 2), "megatron_to_hf_s": round(to_hf_s, 2),
-        "hf_to_megatron_vs_cp": round(to_mg_s / cp_s, 2), "megatron_to_hf_vs_cp": round(to_hf_s / cp_s, 2),
-        "peak_rss_bytes": max(to_mg_rss, to_hf_rss), "peak_rss_fraction": round(max(to_mg_rss, to_hf_rss) / nbytes, 3),
+        "tensor_bytes": nbytes, "hf_dir_bytes": _dir_bytes(src), "megatron_dir_bytes": _dir_bytes(args.dir / "mg"),
+        "repeats": args.repeats, "sync": args.sync, "loadavg_before": load_before, "loadavg_after": load_after,
+        "median": {k: round(v, 2) for k, v in med.items()},
+        "hf_to_megatron_vs_cp": round(med["hf_to_megatron_s"] / med["cp_hf_s"], 2),
+        "megatron_to_hf_vs_cp": round(med["megatron_to_hf_s"] / med["cp_megatron_s"], 2),
+        "hf_to_megatron_vs_cp_cpu": round(med["hf_to_megatron_cpu_s"] / med["cp_hf_cpu_s"], 2),
+        "megatron_to_hf_vs_cp_cpu": round(med["megatron_to_hf_cpu_s"] / med["cp_megatron_cpu_s"], 2),
+        "rounds": [{k: round(v, 2) for k, v in r.items() if not k.endswith("_rss")} for r in rounds],
+        "peak_rss_bytes": rss, "peak_rss_fraction": round(rss / nbytes, 3),
         "round_trip_bytes_identical": same,
     }, indent=2))
 

@@ -465,7 +465,7 @@ def test_identical_inputs_give_byte_identical_megatron_outputs(megatron_dir, tmp
 
 
 def test_storage_file_outside_the_checkpoint_is_refused(megatron_dir, tmp_path):
-    from nemoconv.storage.megatron.dcp import _Written, metadata_pickle
+    from nemoconv.storage.megatron.dcp_write import _Written, metadata_pickle
 
     _, mg = megatron_dir("dense")
     bad = tmp_path / "bad"
@@ -486,3 +486,65 @@ def test_truncated_distcp_is_a_clear_error(megatron_dir, tmp_path):
     result = _cli("convert", str(bad), str(tmp_path / "out"), "--to", "hf")
     assert result.returncode == 2 and "lies outside the file" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def _source_file(tmp_path, nbytes: int = 1 << 16) -> tuple[Path, bytes]:
+    data = os.urandom(nbytes)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_contiguous_copies_of_one_source_become_one_kernel_copy(tmp_path, monkeypatch):
+    from nemoconv.storage.fileio import Appender
+
+    src, data = _source_file(tmp_path)
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    out = Appender(tmp_path / "out.bin")
+    out.write(b"head")
+    for k in range(8):  # eight experts' slabs, back to back in the source: one copy
+        out.copy(src, 1000 + k * 4096, 4096, f"experts.{k}")
+    out.copy(src, 0, 1000, "elsewhere")  # not contiguous: a second copy
+    out.write(b"tail")
+    out.close()
+    assert calls == [8 * 4096, 1000]
+    assert (tmp_path / "out.bin").read_bytes() == b"head" + data[1000:1000 + 8 * 4096] + data[:1000] + b"tail"
+
+
+def test_copies_fall_back_to_reads_where_the_kernel_cannot_copy(tmp_path, monkeypatch):
+    import errno
+
+    from nemoconv.storage.fileio import Appender
+
+    src, data = _source_file(tmp_path)
+
+    def cross_device(*_):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    out = Appender(tmp_path / "out.bin")
+    out.copy(src, 100, 5000, "x")
+    out.close()
+    assert (tmp_path / "out.bin").read_bytes() == data[100:5100]
+
+
+def test_copy_from_a_truncated_source_is_a_clear_error(tmp_path):
+    from nemoconv.storage.fileio import Appender
+
+    src, _ = _source_file(tmp_path, 1000)
+    out = Appender(tmp_path / "out.bin")
+    out.copy(src, 500, 1000, "decoder.final_norm.weight")
+    with pytest.raises(NemoconvError, match="truncated while reading 'decoder.final_norm.weight'"):
+        out.close()
+
+
+def test_shard_planning_lives_in_storage_and_is_still_importable_from_stream_output():
+    from nemoconv.storage.safetensors_io import PlannedTensor
+    from nemoconv.storage.tensors import plan_shards
+    from nemoconv.stream.output import plan_shards as from_output
+
+    planned = [PlannedTensor(f"t{k}", "bfloat16", (1024,)) for k in range(5)]  # 2 KiB each
+    assert from_output is plan_shards
+    assert [len(s) for s in plan_shards(planned, 4096)] == [2, 2, 1]

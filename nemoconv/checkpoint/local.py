@@ -182,11 +182,13 @@ def open_checkpoint(source: str | Path, scheme: str = "auto", iteration: int | N
     """Open a checkpoint directory (or Hub repo id) lazily: config, headers, index, scheme. A Megatron
     torch_dist checkpoint (`iteration`: which iter_* directory; `config_file`: its HF config) is read too."""
     path = resolve_source(source)
-    from nemoconv.checkpoint.megatron import find_torch_dist, open_megatron
+    from nemoconv.checkpoint.megatron import find_torch_dist, read_megatron
 
     dist_dir = find_torch_dist(path, iteration)
     if dist_dir is not None:
-        return open_megatron(path, dist_dir, scheme, config_file)
+        mg = read_megatron(path, dist_dir, scheme, config_file)
+        return Checkpoint(dist_dir, mg.config, mg.spec, mg.entries, mg.files, "megatron", _read_manifest(dist_dir),
+                          not_read=mg.not_read)
     owned_file(path, "config.json")
     config, spec = load_config(path)
     files, weight_map = _shard_files(path)

@@ -13,10 +13,11 @@ Tensors are listed and read by `dcp.py` (restricted unpicklers, byte offsets); t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from nemoconv.errors import NemoconvError
-from nemoconv.untrusted import load_json, want_dict, want_str
+from nemoconv.untrusted import load_json, want_dict
 
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 LATEST_NAME = "latest_checkpointed_iteration.txt"
@@ -75,9 +76,19 @@ def is_not_weights(key: str) -> bool:
     return key.startswith(_NOT_WEIGHTS) or "._extra_state" in key
 
 
-def open_megatron(source: Path, dist_dir: Path, scheme: str, config_file=None):
-    """A Checkpoint over a torch_dist directory (tensors in the `megatron` scheme)."""
-    from nemoconv.checkpoint.local import MANIFEST_NAME, Checkpoint
+@dataclass
+class MegatronParts:
+    """What a torch_dist directory holds, for checkpoint/local.py to make a Checkpoint of (scheme `megatron`)."""
+
+    config: dict
+    spec: object  # ModelSpec
+    entries: dict
+    files: list[Path]
+    not_read: list[str]  # stored keys that are not weights (optimizer state, _extra_state, …)
+
+
+def read_megatron(source: Path, dist_dir: Path, scheme: str, config_file=None) -> MegatronParts:
+    """The HF config and the tensors (in the `megatron` scheme) of a torch_dist directory."""
     from nemoconv.storage.config import parse_config
     from nemoconv.storage.megatron.config import find_hf_config
     from nemoconv.storage.megatron.dcp import read_dcp
@@ -89,13 +100,4 @@ def open_megatron(source: Path, dist_dir: Path, scheme: str, config_file=None):
     entries, files, skipped = read_dcp(dist_dir, is_not_weights)
     if not entries:
         raise NemoconvError(f"{dist_dir}: the checkpoint holds no tensors")
-    manifest = None
-    if (dist_dir / MANIFEST_NAME).is_file():
-        try:
-            manifest = want_dict(load_json(dist_dir / MANIFEST_NAME), MANIFEST_NAME)
-            want_str(manifest.get("scheme_to", ""), "scheme_to")
-        except NemoconvError:
-            manifest = None  # informational only
-    ck = Checkpoint(dist_dir, config, spec, entries, files, "megatron", manifest, {})
-    ck.not_read = skipped
-    return ck
+    return MegatronParts(config, spec, entries, files, skipped)

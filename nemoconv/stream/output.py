@@ -47,6 +47,7 @@ from typing import Iterator
 
 from nemoconv.errors import NemoconvError
 from nemoconv.storage.safetensors_io import PlannedTensor, ShardFileWriter
+from nemoconv.storage.tensors import plan_shards  # lives in storage (DcpWriter plans shards too); importable here
 
 _TMP_TAG = ".nemoconv-tmp-"
 _OLD_TAG = ".nemoconv-old-"
@@ -319,19 +320,6 @@ def _replace_by_two_renames(tmp: Path, out: Path) -> None:
             raise
     if backup is not None:
         _remove(backup)
-
-
-def plan_shards(planned: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
-    """Greedy in stream order: a shard closes when the next tensor would push it past the limit."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for p in planned:
-        if shards[-1] and size + p.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += p.nbytes
-    return shards
 
 
 def shard_names(n: int) -> list[str]:
