@@ -45,19 +45,20 @@ err = _console(stderr=True)
 _state = {"quiet": False, "debug": False}
 
 
-class Scheme(str, Enum):
-    hf = "hf"
-    nemo = "nemo"
-    max = "max"
-    megatron = "megatron"
+# The scheme choices are the files in mappings/ (a new file is a new choice). They are read when the command line
+# is built (_run), not at import, so that a broken mapping file is one line and exit 2 like any other bad input.
+Scheme: type[Enum]  # --to of convert
+FromScheme: type[Enum]  # --from: auto or a scheme
+QuantScheme: type[Enum]  # --to of quantize: the schemes with quantize_output = true
 
 
-class FromScheme(str, Enum):
-    auto = "auto"
-    hf = "hf"
-    nemo = "nemo"
-    max = "max"
-    megatron = "megatron"
+def _scheme_choices() -> None:
+    global Scheme, FromScheme, QuantScheme
+    from nemoconv.schemes import quantize_outputs, scheme_names
+
+    Scheme = Enum("Scheme", {n: n for n in scheme_names()}, type=str)
+    FromScheme = Enum("FromScheme", {n: n for n in ("auto", *scheme_names())}, type=str)
+    QuantScheme = Enum("QuantScheme", {n: n for n in quantize_outputs()}, type=str)
 
 
 class DType(str, Enum):
@@ -95,7 +96,7 @@ def progress_bar(description: str) -> Progress:
 def inspect(
     src: str = typer.Argument(..., help="Checkpoint directory or Hub repo id (org/name[@revision])."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Naming scheme of SRC (auto-detected)."),
+    from_: FromScheme = typer.Option("auto", "--from", help="Naming scheme of SRC (auto-detected)."),
 ):
     """Show a checkpoint's scheme, layer layout, dimensions, parameters, dtypes, quantization and shards, and
     check every tensor against config.json (exit 2 naming the first problem, as convert and verify would)."""
@@ -165,7 +166,7 @@ def convert(
     src: str = typer.Argument(..., help="Source checkpoint directory or Hub repo id."),
     dst: Path = typer.Argument(..., metavar="OUT", help="Output directory (written atomically)."),
     to: Scheme = typer.Option(..., "--to", help="Target naming scheme."),
-    from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Source scheme (auto-detected)."),
+    from_: FromScheme = typer.Option("auto", "--from", help="Source scheme (auto-detected)."),
     dtype: DType = typer.Option(DType.keep, "--dtype", help="Cast floating-point weights (FP8 and scales kept)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (only once complete)."),
@@ -175,7 +176,7 @@ def convert(
     config_file: Optional[Path] = typer.Option(None, "--config",
                                                help="Megatron source: its HF config.json (when it carries none)."),
 ):
-    """Convert a checkpoint between the hf, nemo, max and megatron naming schemes, bit-exactly where lossless.
+    """Convert a checkpoint between naming schemes (mappings/*.toml), bit-exactly where lossless.
 
     Every tensor is checked against config.json before anything is written; every source tensor is
     written or reported as dropped; lossy steps are listed in the summary and nemoconv-manifest.json.
@@ -232,11 +233,6 @@ class Calibrator(str, Enum):
     builtin = "builtin"
 
 
-class QuantScheme(str, Enum):
-    hf = "hf"
-    max = "max"
-
-
 class KVCache(str, Enum):
     none = "none"
     fp8 = "fp8"
@@ -257,7 +253,7 @@ def quantize(
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, max=MAX_SEQ_LEN,
                                        help="Tokens per calibration sequence."),
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
-    to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
+    to: QuantScheme = typer.Option("hf", "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     calibrator: Calibrator = typer.Option(Calibrator.auto, "--calibrator",
                                           help="Who observes the input amax: modelopt (nvidia-modelopt 0.47), builtin "
@@ -307,7 +303,7 @@ def _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len
     from nemoconv.quant.analyze import analyze_fp8, render_analysis, write_analysis
 
     unused = [flag for flag, given in (("OUT", dst is not None), ("--exclude", bool(exclude)),
-                                       ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
+                                       ("--to", to.value != "hf"), ("--overwrite", overwrite),
                                        ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None),
                                        ("--kv-cache", kv_cache != KVCache.none)) if given]
     if unused:
@@ -466,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str], debug: bool) -> int:
     click = _click()
-    command = typer.main.get_command(app)
     try:
+        _scheme_choices()
+        command = typer.main.get_command(app)
         # without standalone mode Typer returns the exit code of a typer.Exit instead of raising it
         code = command.main(args=argv, prog_name="nemoconv", standalone_mode=False)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0
