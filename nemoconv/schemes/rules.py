@@ -84,7 +84,8 @@ class Rename:
         if self.index and not nested <= set(self.to.fields):
             raise Invalid(f"index: {sorted(nested)} are not all fields of to", ("index",))
         if not self.read_only:
-            _uses_only(self.to, set(self.hf.fields) | nested, "to", "hf", "; a rule that is only read says read_only = true")
+            _uses_only(self.to, set(self.hf.fields) | nested, "to", "hf",
+                       "; a rule that is only read says read_only = true")
         _uses_only(self.hf, set(self.to.fields) | flat, "hf", "to")
         if self.kind is not None and not {"i", "k"} & set(self.hf.fields):
             raise Invalid("kind needs the layer as field {i} or {k} in hf", ("kind",))

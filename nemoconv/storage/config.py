@@ -232,7 +232,8 @@ def _check_consistency(spec: ModelSpec) -> None:
     kinds = set(spec.layer_codes + spec.mtp_codes)
     if MAMBA in kinds:
         if not (spec.mamba_num_heads and spec.mamba_head_dim and spec.n_groups and spec.ssm_state_size):
-            raise NemoconvError("config.json: Mamba layers need mamba_num_heads, mamba_head_dim, n_groups, ssm_state_size")
+            raise NemoconvError("config.json: Mamba layers need mamba_num_heads, mamba_head_dim, n_groups, "
+                                "ssm_state_size")
         if spec.mamba_num_heads % spec.n_groups:
             raise NemoconvError(
                 f"config.json: mamba_num_heads {spec.mamba_num_heads} is not divisible by n_groups {spec.n_groups}"
@@ -251,7 +252,8 @@ def _check_consistency(spec: ModelSpec) -> None:
         raise NemoconvError("config.json: MLP layers need intermediate_size")
     if MOE in kinds:
         if not (spec.n_routed_experts and spec.num_experts_per_tok and spec.moe_intermediate_size):
-            raise NemoconvError("config.json: MoE layers need n_routed_experts, num_experts_per_tok, moe_intermediate_size")
+            raise NemoconvError("config.json: MoE layers need n_routed_experts, num_experts_per_tok, "
+                                "moe_intermediate_size")
         if spec.num_experts_per_tok > spec.n_routed_experts:
             raise NemoconvError("config.json: num_experts_per_tok exceeds n_routed_experts")
         if spec.n_group < 1 or spec.n_routed_experts % spec.n_group or spec.topk_group > spec.n_group:
@@ -273,9 +275,10 @@ def check_stored_sizes(spec: ModelSpec, entries: dict, scheme) -> None:
     """The sizes config.json declares must fit the bytes the checkpoint actually stores; checked when it is
     opened, before anything is allocated from them (model, caches, logits, prompts, calibration data).
 
-    `entries`: stored tensors (with `.shape`) by stored name; `scheme`: their naming scheme (`hf_name`). The embedding must be stored as [vocab_size, hidden_size], and the network the config
-    describes may not need more than twice the parameters stored (every tensor is checked by name and
-    shape later, when it is planned; this only stops sizes that no stored byte backs)."""
+    `entries`: stored tensors (with `.shape`) by stored name; `scheme`: their naming scheme (`hf_name`). The
+    embedding must be stored as [vocab_size, hidden_size], and the network the config describes may not need
+    more than twice the parameters stored (every tensor is checked by name and shape later, when it is
+    planned; this only stops sizes that no stored byte backs)."""
     for name, entry in entries.items():
         if scheme.hf_name(name) == "backbone.embeddings.weight":
             if tuple(entry.shape) != (spec.vocab_size, spec.hidden_size):
