@@ -18,6 +18,7 @@ from rich.console import Console
 from nemoconv.errors import Interrupted, NemoconvError, VerificationFailed
 from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_SEQ_LEN
 from nemoconv.progress import Progress
+from nemoconv.schemes import quantize_outputs, scheme_names
 from nemoconv.version import __version__
 
 app = typer.Typer(
@@ -54,8 +55,6 @@ QuantScheme: type[Enum]  # --to of quantize: the schemes with quantize_output = 
 
 def _scheme_choices() -> None:
     global Scheme, FromScheme, QuantScheme
-    from nemoconv.schemes import quantize_outputs, scheme_names
-
     Scheme = Enum("Scheme", {n: n for n in scheme_names()}, type=str)
     FromScheme = Enum("FromScheme", {n: n for n in ("auto", *scheme_names())}, type=str)
     QuantScheme = Enum("QuantScheme", {n: n for n in quantize_outputs()}, type=str)
