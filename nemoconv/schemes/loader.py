@@ -23,6 +23,7 @@ from nemoconv.schemes.toml_lines import key_lines, line_of
 CANONICAL = "hf"
 
 
+@lru_cache(maxsize=1)
 def mappings_dir() -> Path:
     """`mappings/` beside the package in a checkout; the copy installed as `nemoconv/mappings` otherwise."""
     package = Path(__file__).resolve().parent.parent
