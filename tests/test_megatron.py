@@ -365,7 +365,7 @@ def test_our_renames_are_among_the_bridges_nemotron_h_mappings(megatron_dir, lay
     import re
 
     from nemoconv.checkpoint.local import open_checkpoint
-    from nemoconv.schemes.mapping import get_scheme
+    from nemoconv.schemes import get_scheme
 
     pairs = _bridge_rename_table(_bridge_root())
     src, _ = megatron_dir(layout)

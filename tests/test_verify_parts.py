@@ -210,11 +210,11 @@ def test_prompts_given_as_a_python_list(tiny_dir):
 
 def test_quantization_fields_and_pattern_spelling_are_not_network_differences(tiny_dir):
     from nemoconv.data.demo_checkpoint import tiny_config
-    from nemoconv.storage.config import codes_to_block_types, parse_config
+    from nemoconv.storage.config import LAYER_KIND_NAMES, parse_config
 
     cfg = tiny_config("dense")
     other = dict(cfg, quantization_config={"quant_method": "modelopt", "quant_algo": "FP8"})
-    other["layers_block_type"] = codes_to_block_types(other.pop("hybrid_override_pattern"))
+    other["layers_block_type"] = [LAYER_KIND_NAMES[c] for c in other.pop("hybrid_override_pattern")]
     assert profiles.network_differences(parse_config(cfg), parse_config(other)) == []
     wider = dict(cfg, hidden_size=128)
     diffs = profiles.network_differences(parse_config(cfg), parse_config(wider))

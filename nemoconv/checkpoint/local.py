@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Iterator
 
 from nemoconv.errors import NemoconvError
-from nemoconv.schemes.mapping import Scheme, get_scheme, load_schemes
+from nemoconv.schemes import Scheme, get_scheme, scheme_names
+from nemoconv.schemes.loader import detect_schemes
+from nemoconv.schemes.scales import is_scale
 from nemoconv.storage.config import ModelSpec, check_stored_sizes, load_config
 from nemoconv.storage.paths import check_plain_name, owned_file
 from nemoconv.storage.safetensors_io import FP8_NAMES, TensorEntry, read_header
@@ -82,7 +84,7 @@ class Checkpoint:
             "method": qcfg.get("quant_method", "modelopt" if hf_quant else None),
             "algo": algo,
             "fp8_weights": len(fp8),
-            "scales": sum(1 for n in self.entries if n.endswith(("_scale", "_scale_inv"))),
+            "scales": sum(1 for n in self.entries if is_scale(n)),
             "excluded_modules": len(want_list(excluded, "the quantization exclusion list")),
         }
 
@@ -221,11 +223,8 @@ def detect_scheme(path: Path, entries: dict, shard_meta: dict[str, dict]) -> str
     stamped = {m.get("nemoconv_scheme") for m in shard_meta.values()} - {None}
     if len(stamped) == 1:
         return stamped.pop()
-    matches = []
-    for name, scheme in load_schemes().items():
-        if any(rx.search(t) for rx in scheme.detect for t in entries):
-            matches.append(name)
+    matches = detect_schemes(entries)
     if len(matches) != 1:
         what = "no known naming scheme" if not matches else f"several schemes ({', '.join(matches)})"
-        raise NemoconvError(f"{path}: tensor names match {what}; pass --from hf|nemo|max")
+        raise NemoconvError(f"{path}: tensor names match {what}; pass --from {'|'.join(scheme_names())}")
     return matches[0]

@@ -19,6 +19,7 @@ from nemoconv.cli import convert, demo, inspect, quantize, upload, verify
 from nemoconv.cli.options import CliOptions, split_global_flags
 from nemoconv.cli.render import stdout_console
 from nemoconv.errors import Interrupted, NemoconvError, VerificationFailed
+from nemoconv.schemes import scheme_names
 from nemoconv.version import __version__
 
 app = typer.Typer(
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str], options: CliOptions) -> int:
     click = _click()
-    command = typer.main.get_command(app)
     try:
+        scheme_names()  # a broken mapping file is one line naming it (the choices need the files)
+        command = typer.main.get_command(app)
         # without standalone mode Typer returns the exit code of a typer.Exit instead of raising it
         code = command.main(args=argv, prog_name="nemoconv", standalone_mode=False, obj=options)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from enum import Enum
 
-
-class Scheme(str, Enum):
-    hf = "hf"
-    nemo = "nemo"
-    max = "max"
-    megatron = "megatron"
+from nemoconv.errors import NemoconvError
+from nemoconv.schemes import quantize_outputs, scheme_names
 
 
-class FromScheme(str, Enum):
-    auto = "auto"
-    hf = "hf"
-    nemo = "nemo"
-    max = "max"
-    megatron = "megatron"
+def _scheme_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The schemes are the files in mappings/ (a new file is a new choice). A broken file leaves no choice here:
+    `app._run` loads the schemes before it builds the command line and reports the file and line (exit 2)."""
+    try:
+        return tuple(scheme_names()), tuple(quantize_outputs())
+    except NemoconvError:
+        return (), ()
+
+
+_SCHEMES, _QUANT_OUTPUTS = _scheme_choices()
+Scheme = Enum("Scheme", {name: name for name in _SCHEMES}, type=str)                          # convert --to
+FromScheme = Enum("FromScheme", {name: name for name in ("auto", *_SCHEMES)}, type=str)      # --from
+QuantScheme = Enum("QuantScheme", {name: name for name in _QUANT_OUTPUTS}, type=str)         # quantize --to
 
 
 class DType(str, Enum):
@@ -42,11 +45,6 @@ class Calibrator(str, Enum):
     auto = "auto"
     modelopt = "modelopt"
     builtin = "builtin"
-
-
-class QuantScheme(str, Enum):
-    hf = "hf"
-    max = "max"
 
 
 class KVCache(str, Enum):

@@ -19,7 +19,7 @@ def convert(
     src: str = typer.Argument(..., help="Source checkpoint directory or Hub repo id."),
     dst: Path = typer.Argument(..., metavar="OUT", help="Output directory (written atomically)."),
     to: Scheme = typer.Option(..., "--to", help="Target naming scheme."),
-    from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Source scheme (auto-detected)."),
+    from_: FromScheme = typer.Option("auto", "--from", help="Source scheme (auto-detected)."),
     dtype: DType = typer.Option(DType.keep, "--dtype", help="Cast floating-point weights (FP8 and scales kept)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (only once complete)."),
@@ -29,7 +29,7 @@ def convert(
     config_file: Optional[Path] = typer.Option(None, "--config",
                                                help="Megatron source: its HF config.json (when it carries none)."),
 ):
-    """Convert a checkpoint between the hf, nemo, max and megatron naming schemes, bit-exactly where lossless.
+    """Convert a checkpoint between naming schemes (mappings/*.toml), bit-exactly where lossless.
 
     Every tensor is checked against config.json before anything is written; every source tensor is
     written or reported as dropped; lossy steps are listed in the summary and nemoconv-manifest.json.

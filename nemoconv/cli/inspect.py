@@ -19,7 +19,7 @@ def inspect(
     ctx: typer.Context,
     src: str = typer.Argument(..., help="Checkpoint directory or Hub repo id (org/name[@revision])."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    from_: FromScheme = typer.Option(FromScheme.auto, "--from", help="Naming scheme of SRC (auto-detected)."),
+    from_: FromScheme = typer.Option("auto", "--from", help="Naming scheme of SRC (auto-detected)."),
 ):
     """Show a checkpoint's scheme, layer layout, dimensions, parameters, dtypes, quantization and shards, and
     check every tensor against config.json (exit 2 naming the first problem, as convert and verify would)."""

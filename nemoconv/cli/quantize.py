@@ -30,7 +30,7 @@ def quantize(
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", min=1, max=MAX_SEQ_LEN,
                                        help="Tokens per calibration sequence."),
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
-    to: QuantScheme = typer.Option(QuantScheme.hf, "--to", help="Naming scheme of the output."),
+    to: QuantScheme = typer.Option("hf", "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     calibrator: Calibrator = typer.Option(Calibrator.auto, "--calibrator",
                                           help="Who observes the input amax: modelopt (nvidia-modelopt 0.47), builtin "
@@ -58,7 +58,7 @@ def quantize(
     options = options_of(ctx)
     if analyze:
         _refuse_checkpoint_flags([("OUT", dst is not None), ("--exclude", bool(exclude)),
-                                  ("--to", to != QuantScheme.hf), ("--overwrite", overwrite),
+                                  ("--to", to.value != "hf"), ("--overwrite", overwrite),
                                   ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None),
                                   ("--kv-cache", kv_cache != KVCache.none)])
         _analyze(options, src, preset.value, calib_file, calib_samples, calib_seq_len, analyze_samples,
@@ -91,8 +91,8 @@ def _refuse_checkpoint_flags(given: list[tuple[str, bool]]) -> None:
 
 def _analyze(options: CliOptions, src: str, preset: str, calib_file: Optional[Path], calib_samples: int,
              calib_seq_len: int, probe_samples: Optional[int], device: str, report: Optional[Path]) -> None:
-    from nemoconv.storage.paths import check_report_path
     from nemoconv.quant.analyze import analyze_fp8, write_analysis
+    from nemoconv.storage.paths import check_report_path
 
     if report is not None:
         check_report_path(report)

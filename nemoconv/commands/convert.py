@@ -9,7 +9,8 @@ from typing import Callable
 from nemoconv.checkpoint.local import MANIFEST_NAME, QUANT_CONFIG_NAME, Checkpoint, open_checkpoint
 from nemoconv.checkpoint.sidefiles import SideFile, select_side_files, write_side_files
 from nemoconv.errors import NemoconvError
-from nemoconv.schemes.mapping import Scheme, get_scheme
+from nemoconv.schemes import Scheme, get_scheme
+from nemoconv.schemes.renamer import rename_modules
 from nemoconv.storage.paths import check_output_location
 from nemoconv.storage.safetensors_io import PlannedTensor, TensorReader, dtype_name
 from nemoconv.stream.card import write_card
@@ -23,7 +24,7 @@ from nemoconv.stream.output import (
     write_json,
 )
 from nemoconv.stream.pipeline import Journal, stream_converted
-from nemoconv.untrusted import parse_json, want_dict, want_str
+from nemoconv.untrusted import parse_json, want_dict
 from nemoconv.version import __version__
 
 _DTYPE_OPTIONS = {"keep": None, "bfloat16": "bfloat16", "float32": "float32"}
@@ -52,35 +53,6 @@ def plan_conversion(ck: Checkpoint, to: str, dtype: str | None) -> tuple[list[di
     if unaccounted:
         raise NemoconvError(f"internal error: source tensor {unaccounted[0]!r} was neither written nor dropped")
     return tensors, journal
-
-
-def rename_modules(modules: list[str], src: Scheme, dst: Scheme, out_names: set[str]) -> list[str]:
-    """Rename quantization exclusion entries into the target scheme (the same rules as the tensors)."""
-    renamed: list[str] = []
-    for module in modules:
-        want_str(module, "a quantization exclusion list entry")
-        hf = src.to_hf(src.normalize(module + ".weight"))
-        if hf is None or not hf.endswith(".weight"):
-            renamed.append(module)  # a pattern or a non-tensor name: kept as written
-            continue
-        hf_modules = [hf[: -len(".weight")]]
-        for fuse in src.fuses:  # a fused source module stands for its members
-            fields = fuse.to.match(hf)
-            if fields is not None:
-                hf_modules = [t.format(fields)[: -len(".weight")] for t in fuse.hf]
-        for hf_module in hf_modules:
-            target = None
-            for fuse in dst.fuses:
-                for tpl in fuse.hf:
-                    fields = tpl.match(hf_module + ".weight")
-                    fused = dst.to_scheme(fuse.to.format(fields)) if fields is not None else None
-                    if fused is not None and fused in out_names:
-                        target = fused[: -len(".weight")]
-            if target is None:
-                target = dst.rename_module(hf_module)
-            if target not in renamed:
-                renamed.append(target)
-    return renamed
 
 
 def _rewrite_quant_side(carried: list[SideFile], config: dict, ck: Checkpoint, dst: Scheme,

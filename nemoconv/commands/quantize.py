@@ -21,7 +21,6 @@ import torch
 
 from nemoconv.checkpoint.local import MANIFEST_NAME, Checkpoint, open_checkpoint
 from nemoconv.checkpoint.sidefiles import select_side_files, write_side_files
-from nemoconv.commands.convert import rename_modules
 from nemoconv.errors import NemoconvError
 from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
 from nemoconv.progress import Progress
@@ -30,7 +29,9 @@ from nemoconv.quant.budget import check_budget, fit_budget, verify_command
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.exclusions import compact_exclusions
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, WHY_NEVER, TargetPlan, exclude_unscalable, plan_targets
-from nemoconv.schemes.mapping import get_scheme
+from nemoconv.schemes import get_scheme, quantize_outputs
+from nemoconv.schemes.renamer import rename_modules
+from nemoconv.schemes.scales import KV_SCALE_OF, KV_SCALES
 from nemoconv.storage.config import ATTENTION
 from nemoconv.storage.paths import check_output_location
 from nemoconv.storage.safetensors_io import PlannedTensor, TensorReader, dtype_name
@@ -46,7 +47,6 @@ from nemoconv.stream.output import (
 from nemoconv.stream.pipeline import FromHF, Item, Journal, stream_converted
 from nemoconv.version import __version__
 
-OUTPUT_SCHEMES = ("hf", "max")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -66,8 +66,8 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     """
     t0 = time.perf_counter()
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    if to not in OUTPUT_SCHEMES:
-        raise NemoconvError(f"--to must be hf or max for quantize, got {to!r}")
+    if to not in quantize_outputs():
+        raise NemoconvError(f"--to must be one of {', '.join(quantize_outputs())} for quantize, got {to!r}")
     if preset not in PRESETS:
         raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     check_calibration_sizes(calib_samples, calib_seq_len)
@@ -134,7 +134,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     # 3. write
     hf = get_scheme("hf")
     unquantized = _exclusion_list(plan, hf, scheme, out_names)
-    kv_written = bool(kv_scales) and not any(s["step"] == "drop" and s["tensor"].endswith(("k_scale", "v_scale"))
+    kv_written = bool(kv_scales) and not any(s["step"] == "drop" and s["tensor"].endswith(KV_SCALES)
                                              for s in journal.lossy)
     hf_quant = fp8.hf_quant_config(unquantized, "FP8" if kv_written else None)
     records: dict[str, dict] = {}
@@ -261,14 +261,14 @@ def _quantized(items: Iterable[Item], targets: set[str], input_amax: dict[str, f
 def _kv_scales_planned(spec) -> dict[str, None]:
     """The KV-cache scale names of every attention layer (values come from calibration)."""
     attention = [i for i, code in enumerate(spec.layer_codes) if code == ATTENTION]
-    return {f"backbone.layers.{i}.mixer.{p}.{leaf}": None for i in attention for p, leaf in fp8.KV_SCALE_OF.items()}
+    return {f"backbone.layers.{i}.mixer.{p}.{leaf}": None for i in attention for p, leaf in KV_SCALE_OF.items()}
 
 
 def _kv_scales(kv_amax: dict[str, float]) -> dict[str, torch.Tensor]:
     """HF `<attn>.k_proj.k_scale` / `<attn>.v_proj.v_scale` → float32 0-d amax / 448 (ModelOpt's formula)."""
     out = {}
     for module, amax in kv_amax.items():
-        name = f"{module}.{fp8.KV_SCALE_OF[module.rsplit('.', 1)[1]]}"
+        name = f"{module}.{KV_SCALE_OF[module.rsplit('.', 1)[1]]}"
         out[name] = fp8.check_scale(fp8.scale_from_amax(amax), f"{name} (keys/values amax {amax:.3g})")
     return out
 
@@ -277,8 +277,8 @@ def _with_kv_scales(items: Iterable[Item], kv_scales: dict[str, torch.Tensor], m
     for item in items:
         yield item
         module, _, leaf = item.name.rpartition(".")
-        if leaf == "weight" and module.rsplit(".", 1)[-1] in fp8.KV_SCALE_OF:
-            name = f"{module}.{fp8.KV_SCALE_OF[module.rsplit('.', 1)[-1]]}"
+        if leaf == "weight" and module.rsplit(".", 1)[-1] in KV_SCALE_OF:
+            name = f"{module}.{KV_SCALE_OF[module.rsplit('.', 1)[-1]]}"
             if name in kv_scales:
                 scale = torch.empty((), dtype=torch.float32, device="meta") if meta else kv_scales[name]
                 yield Item(name, scale, ())  # from calibration, not from a tensor

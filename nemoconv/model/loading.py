@@ -18,21 +18,18 @@ from torch import nn
 from nemoconv.errors import NemoconvError
 from nemoconv.model.fp8 import FP8_DTYPE, Linear
 from nemoconv.model.modeling import NemotronHLM
+from nemoconv.schemes import get_scheme
+from nemoconv.schemes.scales import KV_SCALES, LINEAR_SCALES
 from nemoconv.storage.config import ModelSpec
 
-_SCALES = ("weight_scale", "input_scale")
 # KV-cache quantization scales (ModelOpt writes them beside k_proj / v_proj; some tools on the attention
-# module itself). They go to the attention module, whose keys/values then pass through FP8 (modeling.Attention).
-_KV_SCALES = ("k_scale", "v_scale")
+# module itself) go to the attention module, whose keys/values then pass through FP8 (modeling.Attention).
 
 
 def canonical_name(name: str) -> str:
-    """Accept the spellings readers must accept (DESIGN.md §1): `model.` prefix, singular `embedding`."""
-    if name.startswith("model."):
-        name = "backbone." + name[len("model."):]
-    if name == "backbone.embedding.weight":
-        name = "backbone.embeddings.weight"
-    return name
+    """Accept the spellings readers must accept (DESIGN.md §1: `model.` prefix, singular `embedding`), as
+    mappings/hf.toml's aliases spell them."""
+    return get_scheme("hf").normalize(name)
 
 
 def _dtype(value, device: torch.device) -> torch.dtype:
@@ -103,8 +100,8 @@ def build_model(spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], de
         if tied and name == "lm_head.weight":
             continue  # tied: the output projection is the embedding matrix, whatever copy a file holds
         module_name, _, leaf = name.rpartition(".")
-        if leaf in _SCALES or leaf in _KV_SCALES:
-            if leaf in _KV_SCALES and module_name.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "mixer"):
+        if leaf in LINEAR_SCALES or leaf in KV_SCALES:
+            if leaf in KV_SCALES and module_name.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "mixer"):
                 attn = module_name if module_name.endswith(".mixer") else module_name.rsplit(".", 1)[0]
                 kv_problem = _set_kv_scale(model, attn, leaf, tensor, device)
                 if kv_problem:
@@ -152,7 +149,7 @@ def build_model(spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], de
             setattr(linear, leaf, value)
     for module_name, module in model.named_modules():
         if isinstance(module, Linear) and module.weight.dtype == FP8_DTYPE:
-            lacking = [s for s in _SCALES if getattr(module, s) is None]
+            lacking = [s for s in LINEAR_SCALES if getattr(module, s) is None]
             if lacking:
                 missing += [f"{module_name}.{s}" for s in lacking]
     if unexpected:

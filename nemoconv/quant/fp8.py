@@ -99,10 +99,9 @@ def producer() -> dict:
     return {"name": PRODUCER_NAME, "version": __version__}
 
 
-# KV-cache scales, as ModelOpt 0.47's HF export names them: its attention module's k_bmm_quantizer /
-# v_bmm_quantizer amax becomes `<attn>.k_proj.k_scale` / `<attn>.v_proj.v_scale` (quant_utils.py
-# _KV_CACHE_REPLACEMENTS), float32 amax / 448, a 0-d tensor for a per-tensor amax.
-KV_SCALE_OF = {"k_proj": "k_scale", "v_proj": "v_scale"}
+# KV-cache scales (names: schemes.scales.KV_SCALE_OF), as ModelOpt 0.47's HF export writes them: its attention
+# module's k_bmm_quantizer / v_bmm_quantizer amax becomes `<attn>.k_proj.k_scale` / `<attn>.v_proj.v_scale`
+# (quant_utils.py _KV_CACHE_REPLACEMENTS), float32 amax / 448, a 0-d tensor for a per-tensor amax.
 
 
 def hf_quant_config(exclude_modules: list[str], kv_cache: str | None = None) -> dict:

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
-from nemoconv.schemes.mapping import Scheme, config_product, get_scheme
+from nemoconv.schemes import Scheme, config_product, get_scheme
+from nemoconv.schemes.scales import SCALE_SUFFIXES
 from nemoconv.storage.config import ModelSpec
 from nemoconv.storage.safetensors_io import (
     FLOAT_NAMES,
@@ -30,7 +31,6 @@ from nemoconv.storage.safetensors_io import (
 # The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
 # no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,
 # _unstack_all, _convert_dtype) look at which; every mapping decision is made once, by dtype name.
-SCALE_SUFFIXES = ("weight_scale", "input_scale", "k_scale", "v_scale", "weight_scale_2", "output_scale")
 
 
 @dataclass
