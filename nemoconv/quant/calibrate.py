@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemoconv import settings
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.errors import NemoconvError
@@ -422,7 +422,7 @@ def _fill_idle_experts(targets: list[str], amax: dict[str, float], tokens: dict[
 
 def _pick_observer(calibrator: str):
     if calibrator == "auto":  # NEMOCONV_CALIBRATOR=builtin|modelopt chooses where the CLI has no flag for it
-        calibrator = os.environ.get("NEMOCONV_CALIBRATOR", "auto") or "auto"
+        calibrator = settings.current().calibrator
     if calibrator not in ("auto", "modelopt", "builtin"):
         raise NemoconvError(f"calibrator must be auto, modelopt or builtin, got {calibrator!r}")
     if calibrator == "builtin":

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nemoconv import settings
 from nemoconv.errors import NemoconvError
 from nemoconv.untrusted import parse_json
 
@@ -412,7 +413,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     global _sync_file_range
     if _sync_file_range is None:
         _sync_file_range = False
-        if os.environ.get("NEMOCONV_NO_WRITEBACK") != "1":
+        if not settings.current().no_writeback:
             try:
                 import ctypes
 
