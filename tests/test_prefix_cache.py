@@ -9,9 +9,10 @@ import torch
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import build_model
-from nemoconv.serving.engine import PrefixCachingEngine, check_prefix_caching
+from nemoconv.serving.engine import PrefixCachingEngine
 from nemoconv.serving.prefix_cache import StateStore, chain_hashes
 from nemoconv.storage.config import parse_config
+from nemoconv.verification.prefix_check import check_prefix_caching
 
 B = 16          # block size used throughout (= the tiny models' SSM chunk size)
 _models: dict = {}

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from nemoconv.errors import NemoconvError
+from nemoconv.model.attention import Attention
 from nemoconv.model.fp8 import FP8_DTYPE, Linear
 from nemoconv.model.modeling import NemotronHLM
 from nemoconv.storage.config import ModelSpec
 
 _SCALES = ("weight_scale", "input_scale")
 # KV-cache quantization scales (ModelOpt writes them beside k_proj / v_proj; some tools on the attention
-# module itself). They go to the attention module, whose keys/values then pass through FP8 (modeling.Attention).
+# module itself). They go to the attention module, whose keys/values then pass through FP8 (attention.Attention).
 _KV_SCALES = ("k_scale", "v_scale")
 
 
@@ -51,8 +52,6 @@ def _dtype(value, device: torch.device) -> torch.dtype:
 
 def _set_kv_scale(model: NemotronHLM, attn_name: str, leaf: str, tensor: torch.Tensor, device) -> str | None:
     """Put a KV-cache scale on its attention module; why not, if it cannot be used."""
-    from nemoconv.model.modeling import Attention
-
     try:
         attn = model.get_submodule(attn_name)
     except AttributeError:

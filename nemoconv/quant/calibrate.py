@@ -224,7 +224,7 @@ def _read_hf(ck: Checkpoint, names: list[str], reader: TensorReader) -> list[tup
 
 
 def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, dtype) -> nn.Module:
-    from nemoconv.model.modeling import Block
+    from nemoconv.model import Block
 
     with torch.device("meta"):
         block = Block(spec, i)
@@ -244,7 +244,7 @@ def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, 
 
 
 def _layer_context():
-    from nemoconv.model.modeling import _Pass
+    from nemoconv.model import Pass as _Pass
 
     # Whole sequences without cache or padding: the model's plain causal forward.
     return _Pass(cache=None, start=0, pad_mask=None, attn_mask=None, causal=True, decode=False)
