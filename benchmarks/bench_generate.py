@@ -195,7 +195,7 @@ def ours_prefill(model, ids, device, repeat, graphs: bool = True) -> float:
         t, _ = timed(run, device, repeat)
     finally:
         model.cuda_graphs = saved
-    graphs = cache.__dict__.get("_prefill_graphs")
+    graphs = cache.prefill_graphs
     if graphs is not None:
         PREFILL_GRAPHS.update(captures=graphs.captures, replays=graphs.replays, error=graphs.error)
     return ids.numel() / t
@@ -416,7 +416,7 @@ def main() -> None:
             ours[f"decode_b{b}_tok_s"], outs_ours[b] = r
     res["greedy_identity_graph_vs_eager"] = {
         f"b{b}": section(f"identity_b{b}", lambda b=b: greedy_identity(model, ids[b], args.new)) for b in (1, 8)}
-    decoder = model.__dict__.get("_generation_caches", {}).get(1)
+    decoder = model.runner.generation_caches.get(1)
     if decoder is not None:
         d = decoder.static_decoder()
         res["graph_stats_b1"] = {"captures": d.captures, "replays": d.replays, "error": d.error}
@@ -448,7 +448,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     # FP8 (default preset) on the built-in model.
-    model.__dict__.pop("_generation_caches", None)
+    model.runner.generation_caches.clear()
     n = section("fp8_quantize", lambda: quantize_default_preset(model, ids[1]))
     if n:
         res["fp8_linears"] = n
