@@ -324,7 +324,7 @@ class PrefixCachingEngine:
             key_pos = torch.arange(t)[None]
             attn = to_device((key_pos <= positions[:, -1:])[:, None, None], model.device)   # [b, 1, 1, t]
             ctx = Pass(cache=view, start=start, pad_mask=None, attn_mask=attn, causal=False, decode=True,
-                        fused=fused)
+                       fused=fused)
             return model.logits(model.run(ids, ctx)[:, -1])
 
         def prefill(ids, positions, write_index, write_rows):
@@ -335,7 +335,7 @@ class PrefixCachingEngine:
                 valid = torch.ones(b, t, dtype=torch.bool, device=model.device)
                 attn = causal_mask(valid, start, s)                                # [b, 1, s, t]
             ctx = Pass(cache=view.with_index_tensors(positions, write_index, write_rows), start=start,
-                        pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused)
+                       pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused)
             return model.logits(model.run(ids, ctx)[:, -1])
 
         shape = (b, start, s, t, view.any_write, view.write_rows is None, view.write_index.numel())
@@ -358,7 +358,7 @@ class PrefixCachingEngine:
 
         def step(ids, table, pos, write):
             ctx = Pass(cache=PagedStep(self.pool, self.slots, first_slot, table, write), start=0, pad_mask=None,
-                        attn_mask=None, causal=False, decode=True, pos=pos, fused=fused)
+                       attn_mask=None, causal=False, decode=True, pos=pos, fused=fused)
             return model.logits(model.run(ids, ctx)[:, 0])
 
         signature = model.runner.decode_signature(fused)
