@@ -96,7 +96,8 @@ def reload() -> Settings:
 
 @contextmanager
 def override(**changes) -> Iterator[Settings]:
-    """The current settings with `changes`, in force inside the `with` block."""
+    """The current settings with `changes`, in force inside the `with` block (process-wide: threads started
+    by nemoconv, such as the kernel warm-up, see them too)."""
     new = current().replace(**changes)
     _overrides.append(new)
     try:
