@@ -9,9 +9,10 @@ import torch
 from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
 from nemoconv.errors import NemoconvError
 from nemoconv.model import build_model
-from nemoconv.serving.engine import PrefixCachingEngine, check_prefix_caching
+from nemoconv.serving.engine import PrefixCachingEngine
 from nemoconv.serving.prefix_cache import StateStore, chain_hashes
 from nemoconv.storage.config import parse_config
+from nemoconv.verification.prefix_check import check_prefix_caching
 
 B = 16          # block size used throughout (= the tiny models' SSM chunk size)
 _models: dict = {}
@@ -358,3 +359,20 @@ def test_paged_decode_attention_reads_each_rows_blocks_up_to_its_position():
         v = values[flat].repeat_interleave(hq // hk, dim=1)
         w = torch.softmax(torch.einsum("hd,nhd->hn", q[row], k) * d ** -0.5, dim=-1)
         assert torch.allclose(got[row], torch.einsum("hn,nhd->hd", w, v), atol=1e-5)
+
+
+def test_the_engine_reaches_the_model_only_through_public_names():
+    """The engine runs the model through `model.run`, `model.logits` and `model.runner`'s public interface."""
+    import ast
+    from pathlib import Path
+
+    from nemoconv.serving import engine as engine_module
+
+    def names_model(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id in ("model", "runner")) or \
+            (isinstance(node, ast.Attribute) and node.attr in ("model", "runner"))
+
+    tree = ast.parse(Path(engine_module.__file__).read_text())
+    private = sorted({n.attr for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and names_model(n.value) and n.attr.startswith("_")})
+    assert private == []

@@ -15,6 +15,7 @@ from helpers import assert_same_tensors, excluded_modules, load_all, read_json, 
 from safetensors.torch import load_file, save_file
 
 import nemoconv
+from nemoconv import settings
 from nemoconv.commands.quantize import quantize, render_summary
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
@@ -519,6 +520,7 @@ def test_raw_demo_checkpoints_are_too_chaotic_for_the_fp8_gate(src, tmp_path):
 
 
 def test_environment_chooses_the_calibrator_behind_auto(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "current", settings.Settings.from_environ)  # read at each use, not once
     monkeypatch.setenv("NEMOCONV_CALIBRATOR", "builtin")
     result = quantize(src("dense"), tmp_path / "out", calib_samples=2, calib_seq_len=8, device="cpu")
     assert result["quantization"]["calibration"]["calibrator"].startswith("nemoconv")

@@ -11,6 +11,7 @@ import torch
 
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cuda import kernels
+from nemoconv.model.cuda.graphs import GraphCache, StaticDecoder
 from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,6 +64,7 @@ class HybridCache:
         self.seq_len = 0
         self.has_padding = False  # any False in `valid` so far (tracked on the host: no device sync)
         self._decoder = None      # graphs.StaticDecoder: static decode buffers and CUDA graph (CUDA only)
+        self.prefill_graphs: GraphCache | None = None   # CUDA graphs of prefills into this cache (cuda.runner)
 
     # ---- positions -------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -92,8 +94,6 @@ class HybridCache:
         """The static decode buffers and CUDA graph of this cache (made on first use; see `graphs`).
         They stay valid through `reset` and `reorder_cache`, which work in place."""
         if self._decoder is None:
-            from nemoconv.model.cuda.graphs import StaticDecoder
-
             self._decoder = StaticDecoder(self.batch_size, self.device)
         return self._decoder
 

@@ -174,3 +174,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
+
+
+def flat_rows(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Paged KV addressing: the flat row (block · B + offset) of each row's positions, where position p of
+    a row lives in block table[p // B] at offset p % B. table [b, W], positions [b, n] → [b, n]."""
+    return table.gather(1, positions // block_size) * block_size + positions % block_size

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemoconv import settings
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.errors import NemoconvError
@@ -224,7 +224,7 @@ def _read_hf(ck: Checkpoint, names: list[str], reader: TensorReader) -> list[tup
 
 
 def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, dtype) -> nn.Module:
-    from nemoconv.model.modeling import Block
+    from nemoconv.model import Block
 
     with torch.device("meta"):
         block = Block(spec, i)
@@ -244,7 +244,7 @@ def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, 
 
 
 def _layer_context():
-    from nemoconv.model.modeling import _Pass
+    from nemoconv.model import Pass as _Pass
 
     # Whole sequences without cache or padding: the model's plain causal forward.
     return _Pass(cache=None, start=0, pad_mask=None, attn_mask=None, causal=True, decode=False)
@@ -422,7 +422,7 @@ def _fill_idle_experts(targets: list[str], amax: dict[str, float], tokens: dict[
 
 def _pick_observer(calibrator: str):
     if calibrator == "auto":  # NEMOCONV_CALIBRATOR=builtin|modelopt chooses where the CLI has no flag for it
-        calibrator = os.environ.get("NEMOCONV_CALIBRATOR", "auto") or "auto"
+        calibrator = settings.current().calibrator
     if calibrator not in ("auto", "modelopt", "builtin"):
         raise NemoconvError(f"calibrator must be auto, modelopt or builtin, got {calibrator!r}")
     if calibrator == "builtin":

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from nemoconv.errors import NemoconvError
+from nemoconv.model.common import Pass, causal_mask
 from nemoconv.model.cuda.graphs import GraphCache
-from nemoconv.model.modeling import NemotronHLM, _Pass
+from nemoconv.model.modeling import NemotronHLM
 from nemoconv.serving.paged import BlockPool, PagedBatch, PagedStep, SlotPool, to_device
 from nemoconv.serving.prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
-from nemoconv.verification.metrics import first_divergence
 
 DEFAULT_PREFILL_CHUNK = 1024
 GRAPHS_PER_SLOT = 16            # prefill chunk graphs per state slot (one memory pool; later chunks run eagerly)
@@ -200,11 +200,23 @@ class PrefixCachingEngine:
     def _prefill(self, r: _Request, seen: dict[bytes, int], max_new: int, stats: PrefixStats) -> torch.Tensor:
         """Fill one request's blocks and slot from its prompt (reusing what the mode allows) → the last
         position's logits [vocab]."""
+        matched = self._take_blocks(r, max_new, stats)
+        skip = self._restore_state(r, stats)
+        saves = self._state_saves(r, seen, matched, skip, stats)
+        logits = self._run_segments(r, skip, saves, stats)
+        # Index this prompt's full blocks for later requests (those it shared are indexed already).
+        for j in range(r.shared, len(r.hashes)):
+            self.pool.register(r.hashes[j], r.table[j])
+        return logits[0].clone()                  # a graph's buffer is overwritten by the next replay
+
+    def _take_blocks(self, r: _Request, max_new: int, stats: PrefixStats) -> int:
+        """Share the indexed prefix, allocate the rest (prompt and the decode steps to come) → how many
+        leading blocks the index matched.
+
+        Only whole prefill chunks are shared: keys and values in a chunk come out of one segment, whose
+        other rows (the tokens after the match) may change their rounding, so a partly matched chunk
+        is computed again, as caching off would."""
         B, L, n = self.block_size, len(r.tokens), len(r.hashes)
-        # 1. Blocks: share the indexed prefix, allocate the rest (prompt and the decode steps to come).
-        # Only whole prefill chunks are shared: keys and values in a chunk come out of one segment, whose
-        # other rows (the tokens after the match) may change their rounding, so a partly matched chunk
-        # is computed again, as caching off would.
         per = self.prefill_chunk // B                                              # blocks per chunk
         found = []                                                                 # indexed blocks of the prefix
         if self.mode != "off":
@@ -214,7 +226,6 @@ class PrefixCachingEngine:
                 self.pool.share(block)
                 r.table.append(block)
             r.shared = len(r.table)
-        matched = len(found)
         need = -(-(L + max_new - 1) // B)
         while len(r.table) < need:
             r.table.append(self.pool.allocate())
@@ -224,12 +235,15 @@ class PrefixCachingEngine:
         stats.kv_blocks_allocated += need - r.shared
         stats.kv_bytes_saved += r.shared * self.pool.block_bytes
         stats.tokens_in_shared_blocks += r.shared * B
+        return len(found)
 
-        # 2. State: restore the deepest saved checkpoint (a multiple of prefill_chunk) inside the shared
-        # blocks, leaving ≥ 1 token to run.
+    def _restore_state(self, r: _Request, stats: PrefixStats) -> int:
+        """Restore the deepest saved checkpoint (a multiple of prefill_chunk) inside the shared blocks,
+        leaving ≥ 1 token to run, or reset the slot → the prompt tokens skipped."""
+        B, per = self.block_size, self.prefill_chunk // self.block_size
         skip = 0
         if self.mode == "state":
-            for j in range(min(r.shared, (L - 1) // B) // per * per, 0, -per):
+            for j in range(min(r.shared, (len(r.tokens) - 1) // B) // per * per, 0, -per):
                 state = self.states.get(r.hashes[j - 1])
                 if state is not None:
                     self.slots.restore(r.slot, state)
@@ -241,15 +255,21 @@ class PrefixCachingEngine:
             self.slots.reset(r.slot)
         if r.shared or skip:
             stats.hits += 1
+        return skip
 
-        # A match (or, in state mode, a branch point) shorter than one chunk cannot be reused: say so.
+    def _state_saves(self, r: _Request, seen: dict[bytes, int], matched: int, skip: int,
+                     stats: PrefixStats) -> set[int]:
+        """The block boundaries after which to save the Mamba state (state mode).
+
+        At branch points, boundaries known to be shared: those after which fewer prompts of this call
+        share the chain (some diverge in the next block), and the depth matched in the index. One of them
+        at the very end of the prompt moves back a block (a repeat must run ≥ 1 token). And at the last
+        full block, for a follow-up turn that extends the prompt. Each moves down to a checkpoint (a
+        multiple of prefill_chunk), where the prefill cuts anyway. A match (or, in state mode, a branch
+        point) shorter than one chunk cannot be reused: say so."""
+        B, L, n = self.block_size, len(r.tokens), len(r.hashes)
+        per = self.prefill_chunk // B
         short = 0 < matched < per
-
-        # 3. Where to save states. At branch points, boundaries known to be shared: those after which
-        # fewer prompts of this call share the chain (some diverge in the next block), and the depth
-        # matched in the index. One of them at the very end of the prompt moves back a block (a repeat
-        # must run ≥ 1 token). And at the last full block, for a follow-up turn that extends the prompt.
-        # Each moves down to a checkpoint (a multiple of prefill_chunk), where the prefill cuts anyway.
         saves = set()
         if self.mode == "state":
             counts = [seen.get(h, 0) for h in r.hashes] + [0]
@@ -261,6 +281,12 @@ class PrefixCachingEngine:
         if short:
             stats.warn(f"prompts share prefixes shorter than prefill_chunk ({self.prefill_chunk} tokens): "
                        "only whole chunks are shared or skipped (use a smaller prefill_chunk)")
+        return saves
+
+    def _run_segments(self, r: _Request, skip: int, saves: set[int], stats: PrefixStats) -> torch.Tensor:
+        """Run the prompt from `skip` in segments ending on multiples of prefill_chunk, saving states at
+        `saves` → the last segment's logits [1, vocab]."""
+        B, L = self.block_size, len(r.tokens)
         ends = list(range(skip + self.prefill_chunk, L, self.prefill_chunk)) + [L]
         start, logits = skip, None
         for end in ends:
@@ -274,23 +300,19 @@ class PrefixCachingEngine:
                 if self.states.put(r.hashes[end // B - 1], self.slots.snapshot(r.slot)):
                     stats.states_saved += 1
             start = end
-
-        # 4. Index this prompt's full blocks for later requests (those it shared are indexed already).
-        for j in range(r.shared, n):
-            self.pool.register(r.hashes[j], r.table[j])
-        return logits[0].clone()                  # a graph's buffer is overwritten by the next replay
+        return logits
 
     def _forward(self, requests: list[_Request], ids: torch.Tensor, positions: torch.Tensor, decode: bool,
                  write_from: int = 0, graph: bool = False) -> torch.Tensor:
         """Run ids [b, s] at positions [b, s] (host) through the model on the requests' blocks and slots
         → logits of each row's last new position [b, vocab] float32. A prefill with `graph` runs from
         a CUDA graph where it can (then the logits are its buffer: valid until the next forward)."""
-        model = self.model
+        model, runner = self.model, self.model.runner
         first_slot = requests[0].slot
         if [r.slot for r in requests] != list(range(first_slot, first_slot + len(requests))):
             raise NemoconvError("internal: a forward pass needs consecutive state slots")
-        fused = model._fused_ok()
-        if decode and model._static_ok():
+        fused = runner.fused_ok()
+        if decode and runner.static_ok():
             return self._static_step(requests, ids, positions[:, -1].tolist(), fused)
         view = PagedBatch(self.pool, self.slots, first_slot, [r.table for r in requests], positions,
                           [write_from] * len(requests))
@@ -301,9 +323,9 @@ class PrefixCachingEngine:
             # each row sees its own positions 0 … p (rows stand at different lengths)
             key_pos = torch.arange(t)[None]
             attn = to_device((key_pos <= positions[:, -1:])[:, None, None], model.device)   # [b, 1, 1, t]
-            ctx = _Pass(cache=view, start=start, pad_mask=None, attn_mask=attn, causal=False, decode=True,
-                        fused=fused)
-            return model._logits(model._run(ids, ctx)[:, -1])
+            ctx = Pass(cache=view, start=start, pad_mask=None, attn_mask=attn, causal=False, decode=True,
+                       fused=fused)
+            return model.logits(model.run(ids, ctx)[:, -1])
 
         def prefill(ids, positions, write_index, write_rows):
             # built here from its inputs, so that a captured graph reads the next segment's at each replay
@@ -311,10 +333,10 @@ class PrefixCachingEngine:
                 attn = None
             else:
                 valid = torch.ones(b, t, dtype=torch.bool, device=model.device)
-                attn = model._attention_mask(valid, start, s)                                # [b, 1, s, t]
-            ctx = _Pass(cache=view.with_index_tensors(positions, write_index, write_rows), start=start,
-                        pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused)
-            return model._logits(model._run(ids, ctx)[:, -1])
+                attn = causal_mask(valid, start, s)                                # [b, 1, s, t]
+            ctx = Pass(cache=view.with_index_tensors(positions, write_index, write_rows), start=start,
+                       pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused)
+            return model.logits(model.run(ids, ctx)[:, -1])
 
         shape = (b, start, s, t, view.any_write, view.write_rows is None, view.write_index.numel())
         key = self._graph_key(ids, fused) if graph else None
@@ -335,11 +357,11 @@ class PrefixCachingEngine:
         inputs = [ids] + [to_device(t, model.device) for t in (table, pos, write)]
 
         def step(ids, table, pos, write):
-            ctx = _Pass(cache=PagedStep(self.pool, self.slots, first_slot, table, write), start=0, pad_mask=None,
-                        attn_mask=None, causal=False, decode=True, pos=pos, fused=fused)
-            return model._logits(model._run(ids, ctx)[:, 0])
+            ctx = Pass(cache=PagedStep(self.pool, self.slots, first_slot, table, write), start=0, pad_mask=None,
+                       attn_mask=None, causal=False, decode=True, pos=pos, fused=fused)
+            return model.logits(model.run(ids, ctx)[:, 0])
 
-        signature = model._graph_signature(fused)
+        signature = model.runner.decode_signature(fused)
         if signature is None:
             return step(*inputs)
         if self._step_graphs is None:
@@ -351,7 +373,7 @@ class PrefixCachingEngine:
         """The model state a prefill segment's CUDA graph depends on, or None where it runs eagerly (as
         for the model's own prefill graphs). Graphs of an earlier model state are dropped: they would
         only fill the (non-evicting) store."""
-        signature = self.model._prefill_graph_signature(ids, fused)
+        signature = self.model.runner.prefill_signature(ids, fused)
         if signature is not None and self._graphs is not None and signature != self._graphs_signature:
             self._graphs = None
         if signature is not None and self._graphs is None:
@@ -365,54 +387,3 @@ class PrefixCachingEngine:
         if self._pool_handle is None:
             self._pool_handle = torch.cuda.graph_pool_handle()
         return self._pool_handle
-
-
-def check_prefix_caching(model: NemotronHLM, prompts: list[list[int]], max_new_tokens: int,
-                         block_size: int | None = None, prefill_chunk: int | None = None, tolerance=None) -> dict:
-    """Generate `prompts` (which should share a prefix of at least one prefill chunk) with caching off,
-    `memory` and `state`, each on a fresh engine with the engine's defaults: the modes must give the
-    same tokens as off and the same logits at every step (max |Δ| ≤ tolerance(max |logit|), 0 when
-    tolerance is None; by construction they are bit-identical, reported as `first_logits_bitwise`, for
-    the prefill's output, and `logits_bitwise`, for every step), and `state` must have skipped prompt
-    tokens (else it proved nothing).
-    → {"passed", "failure", "modes": {mode: {identical, first_logits_bitwise, logits_bitwise,
-       first_divergence, max_abs_diff, stats, ttft_s}}, …}"""
-    B = block_size or max(16, model.spec.chunk_size)
-    room = sum(-(-(len(p) + max_new_tokens) // B) * B for p in prompts)      # every prompt's blocks, unshared
-    kw = dict(block_size=B, max_tokens=room, max_batch=min(8, len(prompts)), prefill_chunk=prefill_chunk)
-    baseline = PrefixCachingEngine(model, mode="off", **kw).generate(prompts, max_new_tokens, return_logits=True)
-    largest = max(float(x[0].abs().max()) for x in baseline.logits)
-    limit = float(tolerance(largest)) if tolerance is not None else 0.0
-    out = {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "max_new_tokens": max_new_tokens,
-           "prefill_chunk": resolve_prefill_chunk(prefill_chunk, B),
-           "max_abs_logit": largest, "max_abs_allowed": limit, "modes": {}, "failure": None}
-    for mode in ("memory", "state"):
-        got = PrefixCachingEngine(model, mode=mode, **kw).generate(prompts, max_new_tokens, return_logits=True)
-        diverge = [first_divergence(a, b) for a, b in zip(baseline.tokens, got.tokens)]
-        # the prefill's logits (first new token) carry everything the cache reused; decode steps follow
-        # from the reused blocks and states too (rows stop comparing where their tokens diverge)
-        diff = max(float((a[:n] - b[:n]).abs().max()) for a, b in zip(baseline.logits, got.logits)
-                   for n in [min(len(a), len(b))])
-        out["modes"][mode] = {"identical": all(d is None for d in diverge),
-                              "first_logits_bitwise": all(torch.equal(a[0], b[0])
-                                                          for a, b in zip(baseline.logits, got.logits)),
-                              "logits_bitwise": all(torch.equal(a, b) for a, b in zip(baseline.logits, got.logits)),
-                              "first_divergence": diverge,
-                              "max_abs_diff": diff, "stats": got.stats.as_dict(),
-                              "ttft_s": [round(t, 4) for t in got.ttft_s]}
-        if out["failure"] is not None:
-            continue
-        if any(d is not None for d in diverge):
-            row = next(i for i, d in enumerate(diverge) if d is not None)
-            out["failure"] = (f"prefix cache ({mode}): prompt {row} generates other tokens than without caching "
-                              f"from new token {diverge[row]}")
-        elif not diff <= limit:
-            out["failure"] = (f"prefix cache ({mode}): logits differ from caching off by {diff:.3g} "
-                              f"(allowed {limit:.3g})")
-    if out["failure"] is None and out["modes"]["state"]["stats"]["tokens_skipped"] == 0:
-        warnings = out["modes"]["state"]["stats"]["warnings"]
-        out["failure"] = ("prefix cache (state): no prompt token was skipped, so nothing was checked"
-                          + (f" ({warnings[0]})" if warnings else ""))
-    out["passed"] = out["failure"] is None
-    out["ttft_off_s"] = [round(t, 4) for t in baseline.ttft_s]
-    return out

@@ -31,6 +31,7 @@ import torch
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cache import resolve_ssm_dtype
 from nemoconv.model.cuda import kernels
+from nemoconv.model.reference import flat_rows
 from nemoconv.storage.config import ATTENTION, MAMBA, ModelSpec
 
 
@@ -46,11 +47,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def block_table(tables: list[list[int]], width: int) -> torch.Tensor:
     """Each row's first `width` block ids, padded with block 0 → [b, width] int64 (host)."""
     return torch.tensor([row[:width] + [0] * (width - len(row[:width])) for row in tables], dtype=torch.int64)
-
-
-def flat_rows(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The flat KV row (block · B + offset) of each row's positions: table [b, W], positions [b, n] → [b, n]."""
-    return table.gather(1, positions // block_size) * block_size + positions % block_size
 
 
 class BlockPool:

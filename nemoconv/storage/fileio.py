@@ -15,6 +15,7 @@ import errno
 import os
 from pathlib import Path
 
+from nemoconv import settings
 from nemoconv.errors import NemoconvError
 
 WRITEBACK_STEP = 64 << 20
@@ -29,7 +30,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     global _sync_file_range
     if _sync_file_range is None:
         _sync_file_range = False
-        if os.environ.get("NEMOCONV_NO_WRITEBACK") != "1":
+        if not settings.current().no_writeback:
             try:
                 import ctypes
 

@@ -4,88 +4,37 @@ reference paths, on small real-shaped models.
 Three ways to run the same model on the GPU:
   graph      the default: decode steps captured once per cache and replayed
   eager      model.cuda_graphs = False: the very same kernels launched one by one (the uncompiled path)
-  reference  NEMOCONV_KERNELS=reference: plain torch ops (the CPU reference's code, run on the GPU)
+  reference  NEMOCONV_KERNELS=reference (settings.override(kernels="reference")): plain torch ops, attention
+             included (the CPU reference's code, run on the GPU)
 Checked: graph and eager agree bit for bit (tokens, logits, cache state); graph vs reference greedy
 tokens are identical in float32 and logits close (fp32 ≤ 1e-4 relative, bf16 cosine ≥ 0.999; for the
 bf16 MoE model ≥ 0.99, since bf16 rounding flips near-tie routing choices whatever the kernels);
 a cache's graph is captured once and then replayed (per batch size), also across generate calls.
-
-Run with pytest (skips without CUDA or mamba-ssm's Triton kernels), or directly:
-    python tests/gpu/test_fast_path.py        # prints a JSON summary
+Skips without CUDA or mamba-ssm's Triton kernels. NEMOCONV_FAST_PATH_JSON=file appends each case's numbers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-import traceback
 from functools import lru_cache
-from pathlib import Path
 
+import cuda_cases as cm
+import pytest
 import torch
+from cuda_cases import DEVICE, PROMPT, build_case, skip_reason
 
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")   # IEEE fp32 dots in mamba-ssm's kernels (see test_cuda_model)
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-
-from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
-from nemoconv.model import build_model
+from nemoconv import settings
 from nemoconv.model.cuda import kernels
-from nemoconv.model.fp8 import quantize_fp8
-from nemoconv.storage.config import parse_config
+from nemoconv.model.mlp import MoE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cuda_model import skip_reason  # noqa: E402  (one definition of when GPU checks can run)
-
-MODELS = {
-    # dense, like Nemotron-H-8B: Mamba, MLP and attention layers
-    "dense": dict(hybrid_override_pattern="M-M*-M-M-", vocab_size=1024, hidden_size=512,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1024,
-                  mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64, n_groups=4, chunk_size=64),
-    # MoE with grouped routing, like Nemotron 3 Nano
-    "moe": dict(hybrid_override_pattern="M*EM-ME*M", vocab_size=1024, hidden_size=512,
-                num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1024,
-                mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64, n_groups=4, chunk_size=64,
-                n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
-                moe_shared_expert_intermediate_size=512, n_group=4, topk_group=2, routed_scaling_factor=2.5),
-}
-PROMPT, NEW = 70, 24
-DEVICE = "cuda"
+NEW = 24
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+build = build_case
 
 
-@contextlib.contextmanager
 def reference_kernels():
-    old = os.environ.get("NEMOCONV_KERNELS")
-    os.environ["NEMOCONV_KERNELS"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["NEMOCONV_KERNELS"]
-        else:
-            os.environ["NEMOCONV_KERNELS"] = old
-
-
-@lru_cache(maxsize=None)
-def spec_and_tensors(kind: str, fp8: bool = False):
-    spec = parse_config(tiny_config("moe" if kind == "moe" else "dense", **MODELS[kind]))
-    tensors = random_tensors(spec, seed=0)
-    if fp8:   # the default preset: Mamba in/out and MLP up/down as per-tensor static FP8
-        for i, code in enumerate(spec.layer_codes):
-            for leaf in {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ()):
-                key = f"backbone.layers.{i}.mixer.{leaf}"
-                w = tensors[f"{key}.weight"]
-                scale = (w.abs().max() / 448).float()
-                tensors[f"{key}.weight"] = quantize_fp8(w, scale)
-                tensors[f"{key}.weight_scale"] = scale
-                tensors[f"{key}.input_scale"] = torch.tensor(8.0 / 448)
-    return spec, tensors
-
-
-def build(kind: str, dtype: torch.dtype, fp8: bool = False):
-    spec, tensors = spec_and_tensors(kind, fp8)
-    return build_model(spec, tensors.items(), device=DEVICE, dtype=dtype)
+    return settings.override(kernels="reference")
 
 
 def prompts(b: int, pad: int = 0, seed: int = 0):
@@ -147,13 +96,13 @@ def run_case(kind: str, dtype: torch.dtype, fp8: bool = False) -> dict:
         out[key] = r
     # Graph reuse: per batch size one capture, then replays, also across generate calls.
     ids, _ = prompts(1, seed=3)
-    model.__dict__.pop("_generation_caches", None)
+    model.runner.generation_caches.clear()
     for _ in range(3):
         model.generate(ids, NEW)
-    decoder = model.__dict__["_generation_caches"][1].static_decoder()
+    decoder = model.runner.generation_caches[1].static_decoder()
     ids2, _ = prompts(2, seed=4)
     model.generate(ids2, NEW)
-    decoder2 = model.__dict__["_generation_caches"][2].static_decoder()
+    decoder2 = model.runner.generation_caches[2].static_decoder()
     out["reuse"] = {"b1_captures_after_3_calls": decoder.captures, "b1_replays": decoder.replays,
                     "b2_captures": decoder2.captures, "b1_graph_kept": decoder.graph is not None}
     # Changing a weight's storage invalidates the graph: the next steps recapture.
@@ -168,10 +117,6 @@ def moe_parity() -> dict:
     """Diagnosis for tests/gpu/test_cuda_model.py's float32 MoE model: the fast CUDA path vs the CPU
     reference, per position, beside each MoE layer's routing (GPU vs CPU) and the CPU's routing margin
     where they differ (a near tie flips on any rounding difference)."""
-    import test_cuda_model as cm
-
-    from nemoconv.model.modeling import MoE
-
     ids, mask = cm.inputs()
     real = mask.bool()
 
@@ -214,96 +159,68 @@ def moe_parity() -> dict:
     return out
 
 
-def summary() -> dict:
-    reason = skip_reason()
-    if reason:
-        return {"skipped": reason}
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, args in {"dense_fp32": ("dense", torch.float32), "dense_bf16": ("dense", torch.bfloat16),
-                       "moe_fp32": ("moe", torch.float32), "moe_bf16": ("moe", torch.bfloat16),
-                       "dense_fp8_bf16": ("dense", torch.bfloat16, True)}.items():
-        try:
-            out[name] = run_case(*args)
-        except Exception:
-            out[name] = {"error": traceback.format_exc()[-3000:]}
-    return out
+@lru_cache(maxsize=None)
+def _case(kind, dtype, fp8=False):
+    r = run_case(kind, dtype, fp8)
+    dump = os.environ.get("NEMOCONV_FAST_PATH_JSON")   # numbers for the record, beside pass/fail
+    if dump:
+        with open(dump, "a") as f:
+            f.write(json.dumps({"case": f"{kind}_{str(dtype)[6:]}{'_fp8' if fp8 else ''}", **r}) + "\n")
+    return r
 
+CASES = [("dense", torch.float32, False), ("dense", torch.bfloat16, False), ("moe", torch.float32, False),
+         ("moe", torch.bfloat16, False), ("dense", torch.bfloat16, True)]
 
-# ---- pytest --------------------------------------------------------------------------------
-try:
-    import pytest
-except ImportError:  # running as a script without pytest
-    pytest = None
+@pytest.mark.parametrize("kind,dtype,fp8", CASES)
+def test_graph_decode_is_bitwise_the_eager_decode(kind, dtype, fp8):
+    r = _case(kind, dtype, fp8)
+    for key in ("b2", "b3_padded"):
+        assert r[key]["graph_stats"]["captures"] == 1, r[key]["graph_stats"]
+        assert r[key]["graph_vs_eager_logits_bitwise"]
+        assert r[key]["graph_vs_eager_cache_bitwise"]
+        assert r[key]["greedy_graph_equals_eager"]
 
-if pytest is not None:
-    pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+@pytest.mark.parametrize("kind,dtype,fp8", [c for c in CASES if not c[2]])
+def test_graph_decode_is_close_to_the_reference(kind, dtype, fp8):
+    r = _case(kind, dtype, fp8)
+    for key in ("b2", "b3_padded"):
+        logits = r[key]["graph_vs_reference_logits"]
+        if dtype == torch.float32:
+            assert logits["rel_max_diff"] <= 1e-4, logits
+            assert r[key]["greedy_graph_equals_reference"]
+        elif kind == "dense":
+            assert logits["cosine"] >= 0.999, logits
+        else:
+            # bf16 MoE: a rounding difference flips near-tie routing choices on any implementation
+            # (see test_cuda_model); an H100 gave cosine 0.9966 with top-1 agreement 1.0 here, and
+            # 0.9967 with 8 of 9 after masked attention moved to the memory-efficient kernel.
+            assert logits["cosine"] >= 0.99 and logits["top1_agreement"] >= 0.85, logits
 
-    @lru_cache(maxsize=None)
-    def _case(kind, dtype, fp8=False):
-        r = run_case(kind, dtype, fp8)
-        dump = os.environ.get("NEMOCONV_FAST_PATH_JSON")   # numbers for the record, beside pass/fail
-        if dump:
-            with open(dump, "a") as f:
-                f.write(json.dumps({"case": f"{kind}_{str(dtype)[6:]}{'_fp8' if fp8 else ''}", **r}) + "\n")
-        return r
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_graphs_are_captured_once_per_batch_size_and_reused(kind):
+    r = _case(kind, torch.float32, False)["reuse"]
+    assert r["b1_captures_after_3_calls"] == 1 and r["b1_graph_kept"]
+    assert r["b1_replays"] >= 3 * (NEW - 2)
+    assert r["b2_captures"] == 1
+    assert r["b1_captures_after_weight_replaced"] == 2
 
-    CASES = [("dense", torch.float32, False), ("dense", torch.bfloat16, False), ("moe", torch.float32, False),
-             ("moe", torch.bfloat16, False), ("dense", torch.bfloat16, True)]
-
-    @pytest.mark.parametrize("kind,dtype,fp8", CASES)
-    def test_graph_decode_is_bitwise_the_eager_decode(kind, dtype, fp8):
-        r = _case(kind, dtype, fp8)
-        for key in ("b2", "b3_padded"):
-            assert r[key]["graph_stats"]["captures"] == 1, r[key]["graph_stats"]
-            assert r[key]["graph_vs_eager_logits_bitwise"]
-            assert r[key]["graph_vs_eager_cache_bitwise"]
-            assert r[key]["greedy_graph_equals_eager"]
-
-    @pytest.mark.parametrize("kind,dtype,fp8", [c for c in CASES if not c[2]])
-    def test_graph_decode_is_close_to_the_reference(kind, dtype, fp8):
-        r = _case(kind, dtype, fp8)
-        for key in ("b2", "b3_padded"):
-            logits = r[key]["graph_vs_reference_logits"]
-            if dtype == torch.float32:
-                assert logits["rel_max_diff"] <= 1e-4, logits
-                assert r[key]["greedy_graph_equals_reference"]
-            elif kind == "dense":
-                assert logits["cosine"] >= 0.999, logits
-            else:
-                # bf16 MoE: a rounding difference flips near-tie routing choices on any implementation
-                # (see test_cuda_model); an H100 gave cosine 0.9966 with top-1 agreement 1.0 here, and
-                # 0.9967 with 8 of 9 after masked attention moved to the memory-efficient kernel.
-                assert logits["cosine"] >= 0.99 and logits["top1_agreement"] >= 0.85, logits
-
-    @pytest.mark.parametrize("kind", ["dense", "moe"])
-    def test_graphs_are_captured_once_per_batch_size_and_reused(kind):
-        r = _case(kind, torch.float32, False)["reuse"]
-        assert r["b1_captures_after_3_calls"] == 1 and r["b1_graph_kept"]
-        assert r["b1_replays"] >= 3 * (NEW - 2)
-        assert r["b2_captures"] == 1
-        assert r["b1_captures_after_weight_replaced"] == 2
-
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("pad", [0, 5])
-    def test_prefill_graph_replay_is_bitwise_the_eager_prefill(dtype, pad):
-        """Three prefills of one shape into one kept cache: eager, captured, replayed (new tokens each
-        time); each must equal an eager prefill of the same tokens bit for bit, logits and cache."""
-        model = build("dense", dtype)
-        graphed, eager = model.new_cache(3, PROMPT + 4), model.new_cache(3, PROMPT + 4)
-        for seed in range(3):
-            ids, mask = prompts(3, pad=pad, seed=10 + seed)
-            graphed.reset()
-            eager.reset()
-            model.cuda_graphs = True
-            got = model.prefill(ids, graphed, mask if pad else None, last_only=True)
-            model.cuda_graphs = False
-            want = model.prefill(ids, eager, mask if pad else None, last_only=True)
-            model.cuda_graphs = True
-            assert torch.equal(got, want), (seed, compare(got, want))
-            assert same_cache(graphed, eager), seed
-        graphs = graphed.__dict__.get("_prefill_graphs")
-        assert graphs is not None and graphs.captures == 1 and graphs.replays == 2, graphs and graphs.error
-
-
-if __name__ == "__main__":
-    print(json.dumps(summary(), indent=1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad", [0, 5])
+def test_prefill_graph_replay_is_bitwise_the_eager_prefill(dtype, pad):
+    """Three prefills of one shape into one kept cache: eager, captured, replayed (new tokens each
+    time); each must equal an eager prefill of the same tokens bit for bit, logits and cache."""
+    model = build("dense", dtype)
+    graphed, eager = model.new_cache(3, PROMPT + 4), model.new_cache(3, PROMPT + 4)
+    for seed in range(3):
+        ids, mask = prompts(3, pad=pad, seed=10 + seed)
+        graphed.reset()
+        eager.reset()
+        model.cuda_graphs = True
+        got = model.prefill(ids, graphed, mask if pad else None, last_only=True)
+        model.cuda_graphs = False
+        want = model.prefill(ids, eager, mask if pad else None, last_only=True)
+        model.cuda_graphs = True
+        assert torch.equal(got, want), (seed, compare(got, want))
+        assert same_cache(graphed, eager), seed
+    graphs = graphed.prefill_graphs
+    assert graphs is not None and graphs.captures == 1 and graphs.replays == 2, graphs and graphs.error

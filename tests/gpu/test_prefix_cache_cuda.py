@@ -1,8 +1,7 @@
 """Prefix caching on the CUDA path (Triton scan and state update, SDPA over gathered KV blocks).
 
-Run with pytest (skips without CUDA or without mamba-ssm's Triton kernels), or directly:
-    python tests/gpu/test_prefix_cache_cuda.py      # prints a JSON summary
-Model: the small real-shaped hybrid of test_cuda_model (chunk 64, GQA, grouped-routing MoE), in
+Skips without CUDA or without mamba-ssm's Triton kernels.
+Model: the small real-shaped hybrid of test_cuda_model (cuda_cases.build) (chunk 64, GQA, grouped-routing MoE), in
 bfloat16 and float32. Prompts share a 300-token prefix that ends inside a block (block 64).
   prefill chunk 64 and 256: memory and state modes give the tokens of caching off and bit-identical
                     first-token logits (every mode cuts its prefill at the same multiples of the chunk,
@@ -16,18 +15,12 @@ bfloat16 and float32. Prompts share a 300-token prefix that ends inside a block 
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cuda_model import build, skip_reason  # noqa: E402
-from test_fast_path import build as build_dense  # noqa: E402
+from cuda_cases import build, skip_reason
+from cuda_cases import build_case as build_dense
 
 from nemoconv.serving.engine import PrefixCachingEngine
 
@@ -144,13 +137,3 @@ def test_prefix_cache_on_cuda(dtype):
             assert d["same_tokens"] and d["first_bitwise"] and d["max_abs_diff"] <= d["allowed"], r
         assert r[f"chunk{chunk}_state"]["tokens_skipped"] > 0 and r[f"chunk{chunk}_memory"]["kv_blocks_shared"] > 0
     assert r["off_equals_generate"], r
-
-
-if __name__ == "__main__":
-    if skip_reason():
-        print(json.dumps({"skipped": skip_reason()}))
-        sys.exit(0)
-    res = {str(dt): measure(dt) for dt in (torch.bfloat16, torch.float32)}
-    res["graphs_vs_eager"] = {"bf16": graphs_vs_eager(False), "fp8": graphs_vs_eager(True)}
-    res["paged_decode_attention"] = {str(dt): paged_attention_check(dt) for dt in (torch.bfloat16, torch.float32)}
-    print(json.dumps(res, indent=1))

@@ -12,12 +12,13 @@ The model calls only these, so it never branches on the device itself. CUDA uses
 None of the CUDA paths synchronises with the host.
 
 If mamba-ssm (or Triton) is missing, CUDA tensors fall back to the reference with a one-time warning.
-Setting NEMOCONV_KERNELS=reference forces the reference everywhere (to compare the two on one GPU).
+Setting NEMOCONV_KERNELS=reference forces the reference everywhere, attention included (to compare the two
+on one GPU). The switches are read through `nemoconv.settings` (once, not at every call).
 
 Autotuning. mamba-ssm's SSD kernels are `@triton.autotune`d: on the first call for a key (chunk size,
 head and state sizes, dtypes) every config of the kernel is compiled and timed (42 configs over the
 5 forward kernels), most of a cold `verify`'s start-up. On Hopper (sm90) the choices autotune makes for
-known Nemotron-H shapes are recorded below (`SM90_AUTOTUNE`) and put into each autotuner's cache
+known Nemotron-H shapes are recorded in `sm90_autotune.json` beside this module and put into each autotuner's cache
 beforehand, so those keys compile one config and time none; any other key, and every other GPU, is
 autotuned as before. NEMOCONV_AUTOTUNE=full turns the recorded choices off; NEMOCONV_AUTOTUNE_TABLE=
 file.json adds choices of your own (the format `autotune_choices()` returns, recorded on your GPU).
@@ -27,17 +28,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import os
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from nemoconv import settings
+from nemoconv.errors import NemoconvError
 from nemoconv.model import reference
+from nemoconv.untrusted import load_json, want_dict, want_list, want_str
 
 _triton = None      # SimpleNamespace of the three kernels once imported, False if unavailable
 _warned = False
@@ -56,28 +59,9 @@ def _load_submodules():
                            layer_norm_fwd=getattr(norm, "_layer_norm_fwd", None))
 
 
-# Autotune choices of mamba-ssm's SSD forward kernels on sm90 (H100 80GB HBM3, triton 3.6, mamba-ssm 2.3.2),
-# as `autotune_choices()` reported them after a cold `verify` of a Nemotron-H-8B-shaped bf16 pair
-# (benchmarks/bench_verify.py; the keys hold chunk size, head/state sizes, h·p and dtypes, not lengths):
-# kernel → [[autotune key, str(triton.Config)], …]. A config no longer in the kernel's list is ignored.
-SM90_AUTOTUNE: dict[str, list] = {
-    '_chunk_cumsum_fwd_kernel': [
-        [[128, 128, 'torch.float32', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE_H: 1, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
-    ],
-    '_chunk_state_fwd_kernel': [
-        [[64, 128, 128, 'torch.bfloat16', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE_M: 64, BLOCK_SIZE_N: 128, BLOCK_SIZE_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None'],
-    ],
-    '_state_passing_fwd_kernel': [
-        [[8192, 'torch.float32', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE: 2048, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
-        [[8192, 'torch.float32', 'torch.bfloat16', 'torch.float32', 'torch.float32'], 'BLOCK_SIZE: 2048, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None'],
-    ],
-    '_bmm_chunk_fwd_kernel': [
-        [[128, 128, False, 'torch.bfloat16', 'torch.bfloat16', 'torch.float32'], 'BLOCK_SIZE_M: 128, BLOCK_SIZE_N: 32, BLOCK_SIZE_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None'],
-    ],
-    '_chunk_scan_fwd_kernel': [
-        [[128, 64, 128, True, 'torch.float32', 'torch.bfloat16', 'torch.bfloat16', 'torch.float32', 'torch.float32', 'torch.bfloat16', 'torch.bfloat16', 'torch.float32'], 'BLOCK_SIZE_M: 64, BLOCK_SIZE_N: 64, BLOCK_SIZE_K: 32, num_warps: 2, num_ctas: 1, num_stages: 4, maxnreg: None'],
-    ],
-}
+# Autotune choices of mamba-ssm's SSD forward kernels recorded on sm90 (see the file's "_about"): a data file
+# shipped with the package, read like any JSON nemoconv did not write.
+SM90_AUTOTUNE_FILE = Path(__file__).with_name("sm90_autotune.json")
 
 _SSD_MODULES = ("ssd_chunk_state", "ssd_state_passing", "ssd_bmm", "ssd_chunk_scan", "ssd_combined")
 
@@ -108,18 +92,33 @@ def autotune_choices() -> dict[str, list]:
     return out
 
 
+def load_autotune_table(path, what: str, wrapped: bool) -> dict[str, list]:
+    """kernel → [[autotune key, str(triton.Config)], …] from a JSON file: ours (`wrapped`: the table under
+    "kernels") or a user's (NEMOCONV_AUTOTUNE_TABLE: what `autotune_choices()` returns)."""
+    data = want_dict(load_json(path, what), what)
+    table = want_dict(data.get("kernels"), f"{what}: kernels") if wrapped else data
+    out: dict[str, list] = {}
+    for kernel, rows in table.items():
+        for row in want_list(rows, f"{what}: {kernel}"):
+            row = want_list(row, f"{what}: a choice of {kernel}")
+            if len(row) != 2:
+                raise NemoconvError(f"{what}: a choice of {kernel} must be [key, config], got {len(row)} items")
+            out.setdefault(kernel, []).append([want_list(row[0], f"{what}: a key of {kernel}"),
+                                               want_str(row[1], f"{what}: a config of {kernel}")])
+    return out
+
+
 def _seed_autotune() -> dict:
     """Put the recorded sm90 choices (and NEMOCONV_AUTOTUNE_TABLE's) into the autotuners' caches."""
-    mode = os.environ.get("NEMOCONV_AUTOTUNE", "table")
-    table: dict[str, list] = {}
+    mode = settings.current().autotune
     try:
-        if mode != "full" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
-            table = {k: list(v) for k, v in SM90_AUTOTUNE.items()}
+        sm90 = mode != "full" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
     except Exception:  # noqa: BLE001 - no usable device: nothing to seed
-        table = {}
-    extra = os.environ.get("NEMOCONV_AUTOTUNE_TABLE")
+        sm90 = False
+    table = load_autotune_table(SM90_AUTOTUNE_FILE, "the recorded sm90 autotune table", wrapped=True) if sm90 else {}
+    extra = settings.current().autotune_table
     if extra and mode != "full":
-        for k, v in json.loads(open(extra).read()).items():
+        for k, v in load_autotune_table(extra, f"NEMOCONV_AUTOTUNE_TABLE {extra}", wrapped=False).items():
             table.setdefault(k, []).extend(v)
     seeded = 0
     for name, tuner in _autotuners():
@@ -176,7 +175,7 @@ _triton_error = [""]
 
 def _use_triton(t: torch.Tensor) -> bool:
     global _warned
-    if not t.is_cuda or os.environ.get("NEMOCONV_KERNELS", "auto") == "reference":
+    if not t.is_cuda or settings.current().kernels == "reference":
         return False
     if triton_kernels() is not None:
         return True
@@ -273,11 +272,6 @@ def causal_conv1d_silu(x, weight, bias, conv_state=None):
     return reference.causal_conv1d_silu(x, weight, bias, conv_state)
 
 
-def causal_conv1d_silu_step(x, weight, bias, conv_state):
-    """x [b, c] → [b, c]; shifts conv_state [b, c, k-1] by one in place."""
-    return reference.causal_conv1d_silu_step(x, weight, bias, conv_state)
-
-
 def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
     """The element-wise front of a Mamba decode step, in one launch on CUDA.
 
@@ -322,14 +316,15 @@ def ssm_step(state, x, dt, A, B, C, D):
 # Attention
 # ---------------------------------------------------------------------------------------------
 def attention(q, k, v, mask, causal):
-    """q [b, hq, s, d], k/v [b, hk, t, d], mask [b, 1, s, t] bool or None → [b, hq, s, d]."""
-    if q.is_cuda:
+    """q [b, hq, s, d], k/v [b, hk, t, d], mask [b, 1, s, t] bool or None → [b, hq, s, d]. On CUDA torch's
+    SDPA kernels (whether or not mamba-ssm is there), unless NEMOCONV_KERNELS=reference."""
+    if q.is_cuda and settings.current().kernels != "reference":
         if mask is not None and q.shape[1] != k.shape[1]:
             # The memory-efficient kernel takes a mask but not grouped KV heads: expand them (else SDPA
             # would fall back to its unfused math path).
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if mask is not None and os.environ.get("NEMOCONV_SDPA_MASKED", "efficient") == "efficient":
+        if mask is not None and settings.current().sdpa_masked == "efficient":
             # With a mask, torch 2.11 may pick cuDNN's attention, whose results on an H100 were not bitwise
             # repeatable run to run (decode logits of two identical runs differed by ~2 bf16 ulps and flipped
             # a near-tie token); the memory-efficient kernel is. NEMOCONV_SDPA_MASKED=auto lets torch choose.
@@ -363,11 +358,9 @@ def paged_decode_attention(q, keys, values, table, pos, block: int):
     0 … pos of each row). Static shapes on CUDA (Triton); elsewhere the blocks are gathered."""
     if static_decode_ok(q):
         return _fused().paged_decode_attention(q, keys, values, table, pos, block)
-    from nemoconv.serving.paged import flat_rows
-
     end = int(pos.max()) + 1
     p = torch.arange(end, device=q.device)
-    rows = flat_rows(table, p.expand(table.shape[0], end), block)                 # [b, end]
+    rows = reference.flat_rows(table, p.expand(table.shape[0], end), block)                 # [b, end]
     k = keys[rows].transpose(1, 2)                                                # [b, hk, end, d]
     v = values[rows].transpose(1, 2)
     mask = (p[None, :] <= pos[:, None])[:, None, None]                           # [b, 1, 1, end]

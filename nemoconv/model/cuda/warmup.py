@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 import time
 
 import torch
+
+from nemoconv import settings
+from nemoconv.model.cuda import kernels
+from nemoconv.model.fp8 import FP8_MAX, quantize_fp8
+from nemoconv.model.loading import build_model
+from nemoconv.storage.config import MAMBA, MLP
 
 _running: list["Warmup"] = []
 _lock = threading.Lock()
@@ -48,7 +53,7 @@ class Warmup:
         return {"seconds": round(self.seconds, 3), "waited": round(self.waited, 3), "error": self.error}
 
 
-last: Warmup | None = None
+last: Warmup | None = None   # the latest started (benchmarks/bench_verify.py reports how long it ran)
 
 
 def stand_in_spec(spec):
@@ -59,14 +64,17 @@ def stand_in_spec(spec):
                                raw={**spec.raw, "vocab_size": 256})
 
 
+def default_fp8_linears(spec) -> set[str]:
+    """The linears quantize's default preset makes FP8 (DESIGN.md §7): Mamba in/out_proj, MLP up/down_proj."""
+    pairs = {MAMBA: ("in_proj", "out_proj"), MLP: ("up_proj", "down_proj")}
+    return {f"backbone.layers.{i}.mixer.{name}" for i, code in enumerate(spec.layer_codes)
+            for name in pairs.get(code, ())}
+
+
 def _tensors(spec, device, dtype, fp8: bool):
     """Made-up weights of plausible magnitude, drawn on the device (no NaN/inf: routing must pick real experts)."""
-    from nemoconv.model.fp8 import FP8_MAX, quantize_fp8
-    from nemoconv.quant.targets import PRESETS, network_modules
-
     g = torch.Generator(device=device).manual_seed(0)
-    # the linears quantize's default preset makes FP8 (Mamba in/out_proj, MLP up/down_proj)
-    targets = {m.name for m in network_modules(spec, set()) if m.kind in PRESETS["default"]} if fp8 else set()
+    targets = default_fp8_linears(spec) if fp8 else set()
     for name, shape in spec.hf_shapes().items():
         if name.endswith("A_log"):
             t = torch.zeros(shape, device=device).uniform_(0.0, 2.7, generator=g)
@@ -87,8 +95,6 @@ def _tensors(spec, device, dtype, fp8: bool):
 
 
 def _exercise(spec, device, dtype, batch: int, prefill: int, steps: int, forward: int, fp8: bool) -> None:
-    from nemoconv.model.loading import build_model
-
     model = build_model(stand_in_spec(spec), _tensors(stand_in_spec(spec), device, dtype, fp8), device=device,
                         dtype=dtype)
     model.cuda_graphs = False
@@ -123,10 +129,8 @@ def start(spec, device, dtype: torch.dtype, *, batch: int, prefill: int, steps: 
     """Start warming up the kernels of `spec` on `device` (CUDA with the Triton kernels only); None otherwise."""
     global last
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get("NEMOCONV_WARMUP", "1") == "0" or prefill < 1 or batch < 1:
+    if device.type != "cuda" or not settings.current().warmup or prefill < 1 or batch < 1:
         return None
-    from nemoconv.model.cuda import kernels
-
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if kernels.backend(torch.empty(0, device=device)) != "triton":

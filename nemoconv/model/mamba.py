@@ -1,0 +1,116 @@
+"""Mamba-2 mixer of the built-in model: in_proj → causal depthwise conv → selective scan (SSD) → gated
+grouped RMSNorm → out_proj, in three paths: a whole sequence (no cache), a prefill that reads and writes the
+cache's conv and SSM state, and a single-token decode step from that state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemoconv.model.common import Pass, input_linear, param
+from nemoconv.model.cuda import kernels
+from nemoconv.model.fp8 import Linear
+from nemoconv.storage.config import ModelSpec
+
+
+class Conv1d(nn.Module):
+    """Holds the depthwise conv parameters in HF's layout: weight [c, 1, k], bias [c]."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool):
+        super().__init__()
+        self.weight = param(channels, 1, kernel)
+        self.bias = param(channels) if bias else None
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y·silu(z) computed separately over n_groups channel groups (Mamba-2's output norm)."""
+
+    def __init__(self, size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = param(size)
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return kernels.gated_rmsnorm(y, z, self.weight, self.eps, self.group_size)
+
+
+class MambaMixer(nn.Module):
+    fp32_params = ("A_log", "D", "dt_bias")  # tiny, and precision-critical: always kept in float32
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.head_dim = spec.mamba_num_heads, spec.mamba_head_dim
+        self.groups, self.state_size = spec.n_groups, spec.ssm_state_size
+        self.inner = spec.mamba_intermediate                     # h·p
+        self.conv_dim = spec.conv_dim                            # h·p + 2·g·n  (x, B, C)
+        self.chunk_size = spec.chunk_size
+        # Step-size clamp. transformers 5.23's NemotronHMamba2Mixer sets time_step_limit to
+        # (config.time_step_min, inf) and ignores config.time_step_limit (NVIDIA's original code and
+        # mamba-ssm use (0, inf), i.e. no clamp). We match transformers for parity, and apply the same
+        # clamp in all three paths: transformers clamps only its chunked path and not its single-token
+        # decode, so without this our cached decode would drift from our own full forward whenever
+        # softplus(dt) < time_step_min.
+        self.dt_limit = (spec.time_step_min, float("inf"))
+        self.in_proj = Linear(spec.hidden_size, self.inner + self.conv_dim + self.heads, bias=spec.mamba_proj_bias)
+        self.conv1d = Conv1d(self.conv_dim, spec.conv_kernel, bias=spec.use_conv_bias)
+        self.A_log = param(self.heads)
+        self.D = param(self.heads)
+        self.dt_bias = param(self.heads)
+        self.norm = GatedRMSNorm(self.inner, self.inner // self.groups, spec.layer_norm_epsilon)
+        self.out_proj = Linear(self.inner, spec.hidden_size, bias=spec.mamba_proj_bias)
+
+    def _step_size(self, dt: torch.Tensor) -> torch.Tensor:
+        """Raw dt [..., h] → softplus(dt + dt_bias), clamped, in float32."""
+        return F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+
+    def forward(self, hidden: torch.Tensor, ctx: Pass) -> torch.Tensor:
+        return self._step(hidden, ctx) if ctx.decode else self._sequence(hidden, ctx)
+
+    def _sequence(self, hidden: torch.Tensor, ctx: Pass) -> torch.Tensor:
+        """Whole sequence (no cache) or prefill (state read from and written back to the cache)."""
+        b, s, _ = hidden.shape
+        h, p, g, n = self.heads, self.head_dim, self.groups, self.state_size
+        pad = ctx.pad_mask[..., None] if ctx.pad_mask is not None else None    # [b, s, 1]
+        if pad is not None:
+            hidden = hidden.masked_fill(~pad, 0.0)
+        zxbcdt = input_linear(self.in_proj, hidden, ctx)                      # [b, s, h·p + conv_dim + h]
+        z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
+        if pad is not None:
+            # Padding must enter the conv as zeros (the zero left context of an unpadded row), even with
+            # a biased in_proj; after the conv it must give x = B = 0 so the scan state stays untouched.
+            xbc = xbc.masked_fill(~pad, 0.0)
+        conv_state, ssm_state = ctx.cache.layer_mamba(self.layer_idx) if ctx.cache is not None else (None, None)
+        xbc = kernels.causal_conv1d_silu(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        if pad is not None:
+            xbc = xbc.masked_fill(~pad, 0.0)
+        x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())                                     # [h], negative
+        result = kernels.ssd_chunk_scan(
+            x.reshape(b, s, h, p), self._step_size(dt), A, B.reshape(b, s, g, n), C.reshape(b, s, g, n), self.D,
+            self.chunk_size, initial_state=ssm_state, return_final_state=ssm_state is not None)
+        if ssm_state is not None:
+            y, final_state = result
+            ssm_state.copy_(final_state)
+        else:
+            y = result                                                         # [b, s, h, p]
+        y = self.norm(y.reshape(b, s, self.inner), z)                          # gate, then grouped RMSNorm
+        return self.out_proj(y)                                                # [b, s, hidden]
+
+    def _step(self, hidden: torch.Tensor, ctx: Pass) -> torch.Tensor:
+        """Single-token decode from the cache: hidden [b, 1, hidden]."""
+        b = hidden.shape[0]
+        h, p, g, n = self.heads, self.head_dim, self.groups, self.state_size
+        conv_state, ssm_state = ctx.cache.layer_mamba(self.layer_idx)
+        zxbcdt = input_linear(self.in_proj, hidden, ctx)[:, 0]                # [b, h·p + conv_dim + h]
+        z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, h], dim=-1)
+        # conv step (state shifted in place), step size softplus(dt + dt_bias) clamped, A = -exp(A_log)
+        xbc, dt, A = kernels.mamba_step_inputs(xbc, dt, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state,
+                                               self.dt_bias, self.dt_limit, self.A_log)
+        x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
+        y = kernels.ssm_step(ssm_state, x.reshape(b, h, p), dt, A,
+                             B.reshape(b, g, n), C.reshape(b, g, n), self.D)   # [b, h, p]
+        y = self.norm(y.reshape(b, self.inner), z)
+        return self.out_proj(y)[:, None]                                       # [b, 1, hidden]

@@ -1,0 +1,75 @@
+"""The built-in model's CUDA runtime seen from the CPU: kernel dispatch follows the settings, the runner
+takes the reference path, the autotune table is data, and the warm-up's FP8 linears are quantize's."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nemoconv import settings
+from nemoconv.data.demo_checkpoint import random_tensors, tiny_config
+from nemoconv.errors import NemoconvError
+from nemoconv.model import build_model
+from nemoconv.model.cuda import kernels, warmup
+from nemoconv.quant.targets import PRESETS, network_modules
+from nemoconv.storage.config import parse_config
+
+
+def tiny_model(kind: str):
+    spec = parse_config(tiny_config(kind))
+    return build_model(spec, random_tensors(spec, seed=3).items())
+
+
+def test_reference_setting_forces_the_reference_attention_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **k: "sdpa")
+    monkeypatch.setattr(kernels.reference, "attention", lambda *a, **k: "reference")
+    q = SimpleNamespace(is_cuda=True, shape=(1, 4, 3, 8))        # a CUDA tensor as attention() sees it
+    k = SimpleNamespace(is_cuda=True, shape=(1, 4, 3, 8))
+    assert kernels.attention(q, k, k, None, True) == "sdpa"
+    with settings.override(kernels="reference"):
+        assert kernels.attention(q, k, k, None, True) == "reference"
+
+
+def test_the_recorded_sm90_autotune_table_is_a_data_file_that_loads():
+    table = kernels.load_autotune_table(kernels.SM90_AUTOTUNE_FILE, "sm90 table", wrapped=True)
+    assert set(table) == {"_chunk_cumsum_fwd_kernel", "_chunk_state_fwd_kernel", "_state_passing_fwd_kernel",
+                          "_bmm_chunk_fwd_kernel", "_chunk_scan_fwd_kernel"}
+    assert all(isinstance(key, list) and isinstance(config, str) for rows in table.values() for key, config in rows)
+
+
+def test_a_malformed_autotune_table_is_one_clear_error(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"_chunk_scan_fwd_kernel": [[[128], "BLOCK_SIZE_M: 64", "extra"]]}))
+    with pytest.raises(NemoconvError, match="must be \\[key, config\\]"):
+        kernels.load_autotune_table(path, "NEMOCONV_AUTOTUNE_TABLE", wrapped=False)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_the_runner_takes_the_reference_path_on_the_cpu(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert not model.runner.fused_ok() and not model.runner.static_ok()
+    assert model.runner.prefill_signature(ids, fused=True) is None
+    model.generate(ids, max_new_tokens=3)
+    assert model.runner.generation_caches == {} and model.runner.pool is None
+
+
+def test_a_cache_starts_without_prefill_graphs():
+    assert tiny_model("dense").new_cache(1, 8).prefill_graphs is None
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "latent"])
+def test_warmup_makes_the_linears_of_quantizes_default_preset_fp8(kind):
+    spec = parse_config(tiny_config(kind))
+    want = {m.name for m in network_modules(spec, set()) if m.kind in PRESETS["default"]}
+    assert warmup.default_fp8_linears(spec) == want
+
+
+def test_warmup_does_not_start_on_the_cpu_or_when_switched_off():
+    spec = parse_config(tiny_config("dense"))
+    assert warmup.start(spec, "cpu", torch.float32, batch=1, prefill=4, steps=1, forward=4) is None
+    with settings.override(warmup=False):
+        assert warmup.start(spec, "cuda", torch.float32, batch=1, prefill=4, steps=1, forward=4) is None
