@@ -12,12 +12,15 @@ calibration tokens) gives every input_scale; 2. one sweep (`sweep.compare_varian
 tokens through the network once, and at layer i forks one stream per linear of layer i, computing the
 layer's output with only that linear in FP8, then propagates every live stream through the remaining
 layers. Each linear costs (layers after it) layer forwards on the probe tokens: about
-n_linears / 2 × probe_tokens / calib_tokens calibration-equivalents in all, plus per-call overheads that
-dominate small probes (streams without an FP8 linear in a layer run batched together to limit them).
-Measured on CPU, trained-tiny/dense (28 linears): calibration + analysis = 2.1× its calibration at
-16 × 256 calibration tokens, 4.4× at 16 × 128 (benchmarks/bench_quant_analysis.py). Memory:
-the streams are capped so that probe_tokens × (1 + streams) ≤ calibration tokens; more linears mean
-more sweeps (the layers are re-read), never more memory than calibration needs.
+n_linears / 2 × probe_tokens / calib_tokens calibration-equivalents in all (0.9 for trained-tiny/dense
+at 16 × 128: 28 linears, a 128-token probe), plus an output-head GEMM and a float64 comparison per linear.
+That propagation is the floor of an exact per-linear answer: the analysis costs at least about
+1 + n_linears / 2 × probe / calibration tokens calibrations. Measured on CPU (one thread, CPU seconds,
+benchmarks/bench_quant_analysis.py), 16 × 128: trained-tiny/dense 2.4× its plain calibration (2.9×
+before streams were batched in place and the comparison shared); MoE models have many more linears
+(every expert's), hence several times more. Memory: the streams are capped so that
+probe_tokens × (1 + streams) ≤ 2 × calibration tokens (calibration's inputs and outputs); more linears
+mean more sweeps (the layers are re-read), never more memory than calibration needs.
 The cheaper alternative, measuring only each layer's output error, would miss how the error grows or
 fades through the rest of the network, which is what decides the logits.
 """

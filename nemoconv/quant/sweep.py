@@ -8,12 +8,21 @@ agreement), without ever holding more than one layer's weights:
     variant v         ──layer i, with v's layer-i linears FP8──▶ v's hidden
 A variant shares the reference stream until its first FP8 layer, where it forks (its stream starts as
 the reference's input to that layer). So each layer is read once and run once per live stream; after
-the last layer the final norm and the output head turn every stream into logits, chunk by chunk.
+the last layer the final norm and the output head turn every stream into logits.
 
-Memory: (1 + live streams) × tokens hidden states, plus one layer. Callers bound it with `max_streams`
-(variants beyond it are swept again in further passes, re-reading the layers): with
-tokens × (1 + max_streams) ≤ the calibration's tokens, a sweep needs no more memory than calibration.
-Cost: each variant costs (layers after its first FP8 layer) layer forwards on these tokens.
+Where the work is shared: streams without an FP8 linear in layer i run through it together in batches
+(per-call costs dominate small probes); a variant whose only FP8 linear in layer i is the mixer's output
+linear (Mamba out_proj, MLP down_proj) forks without a second run of the mixer: its output is
+h + L_fp8(x_L), with x_L taken from the reference's own pass; at the end the reference's logits, softmax
+and norms are computed once per slice of positions and the variants' logits come from one output-head
+GEMM per group, compared in one set of batched float64 reductions (`_slice_stats`, LogitStats' numbers).
+
+Memory: (1 + live streams) × tokens hidden states, plus one layer and one batch of outputs (chunks are
+replaced in place). Callers bound it with `max_streams` (variants beyond it are swept again in further
+passes, re-reading the layers): with tokens × (1 + max_streams) ≤ 2 × the calibration's tokens (what
+calibration holds: its inputs and outputs), a sweep needs no more memory than calibration.
+Cost: each variant costs (layers after its first FP8 layer) layer forwards on these tokens, plus one
+output-head GEMM and one comparison on them.
 
 FP8 here is exactly what quantize writes (quant.fp8.quantize_weight on the stored weight, input_scale =
 calibrated amax / 448), computed by the model's own FP8 linear (exact float32 emulation on CPU,
