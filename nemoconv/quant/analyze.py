@@ -12,12 +12,15 @@ calibration tokens) gives every input_scale; 2. one sweep (`sweep.compare_varian
 tokens through the network once, and at layer i forks one stream per linear of layer i, computing the
 layer's output with only that linear in FP8, then propagates every live stream through the remaining
 layers. Each linear costs (layers after it) layer forwards on the probe tokens: about
-n_linears / 2 × probe_tokens / calib_tokens calibration-equivalents in all, plus per-call overheads that
-dominate small probes (streams without an FP8 linear in a layer run batched together to limit them).
-Measured on CPU, trained-tiny/dense (28 linears): calibration + analysis = 2.1× its calibration at
-16 × 256 calibration tokens, 4.4× at 16 × 128 (benchmarks/bench_quant_analysis.py). Memory:
-the streams are capped so that probe_tokens × (1 + streams) ≤ calibration tokens; more linears mean
-more sweeps (the layers are re-read), never more memory than calibration needs.
+n_linears / 2 × probe_tokens / calib_tokens calibration-equivalents in all (0.9 for trained-tiny/dense
+at 16 × 128: 28 linears, a 128-token probe), plus an output-head GEMM and a float64 comparison per linear.
+That propagation is the floor of an exact per-linear answer: the analysis costs at least about
+1 + n_linears / 2 × probe / calibration tokens calibrations. Measured on CPU (one thread, CPU seconds,
+benchmarks/bench_quant_analysis.py), 16 × 128: trained-tiny/dense 2.4× its plain calibration (2.9×
+before streams were batched in place and the comparison shared); MoE models have many more linears
+(every expert's), hence several times more. Memory: the streams are capped so that
+probe_tokens × (1 + streams) ≤ 2 × calibration tokens (calibration's inputs and outputs); more linears
+mean more sweeps (the layers are re-read), never more memory than calibration needs.
 The cheaper alternative, measuring only each layer's output error, would miss how the error grows or
 fades through the rest of the network, which is what decides the logits.
 """
@@ -33,7 +36,8 @@ from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.quant import fp8
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
-from nemoconv.quant.sweep import Variant, compare_variants, layer_of
+from nemoconv.quant.sizes import check_calibration_sizes
+from nemoconv.quant.sweep import Variant, compare_variants
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, network_modules
 from nemoconv.stream.pipeline import stream_converted
 
@@ -41,8 +45,10 @@ PROBE_FRACTION = 16   # default probe: 1/16 of the calibration sequences (at lea
 
 
 def max_streams(calib_tokens: int, probe_tokens: int) -> int:
-    """Streams per sweep so that (1 + streams) probe hidden states fit in the calibration's."""
-    return max(1, calib_tokens // max(1, probe_tokens) - 1)
+    """Streams per sweep so that the reference and the streams, (1 + streams) probe hidden states, fit in
+    what calibration holds: its inputs and outputs, 2 × calibration tokens (a sweep replaces its chunks in
+    place, so only one batch of outputs exists beside them)."""
+    return max(1, 2 * calib_tokens // max(1, probe_tokens) - 1)
 
 
 def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: int = 128, calib_seq_len: int = 512,
@@ -50,27 +56,14 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                 quiet: bool = True, calibrator: str = "auto") -> dict:
     """Per-linear FP8 sensitivity of SRC (see the module docstring). Returns a JSON-ready dict whose
     "modules" list is sorted by harm (KL, then top-1 change, then SQNR)."""
-    from nemoconv.commands.quantize import _device, check_calibration_sizes
     from nemoconv.progress import Progress
 
     t0 = time.perf_counter()
-    if preset not in PRESETS:
-        raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    check_calibration_sizes(calib_samples, calib_seq_len)
-    if probe_samples is None:
-        probe_samples = max(1, calib_samples // PROBE_FRACTION)
-    if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or not 1 <= probe_samples <= calib_samples:
-        raise NemoconvError(f"--analyze-samples must be an integer in [1, --calib-samples = {calib_samples}], "
-                            f"got {probe_samples!r}")
+    probe_samples = _check_arguments(preset, calib_samples, calib_seq_len, probe_samples)
     dev = _device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     ck = open_checkpoint(src)
-    if ck.quantization() is not None:
-        raise NemoconvError(f"{ck.path} is already quantized; --analyze needs a bf16/fp32 checkpoint")
-    hf_names = {item.name for item in stream_converted(ck, to="hf", meta=True)}
-    modules = [m for m in network_modules(ck.spec, hf_names) if m.kind in KIND_LABELS]
-    if not modules:
-        raise NemoconvError(f"nothing to analyse: no quantizable linear in layers {ck.spec.layer_codes}")
+    modules = _analysable(ck)
     targets = [m.name for m in modules]
 
     data = calibration_tokens(ck, calib_file, calib_samples, calib_seq_len)
@@ -88,23 +81,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
         stats = compare_variants(ck, probe, variants, calib.amax, dev, act_dtype, streams, progress, sqnr)
     t_end = time.perf_counter()
 
-    in_preset = set(PRESETS[preset])
-    rows = []
-    for m in modules:
-        row = {"module": m.name, "kind": m.kind, "layer": m.layer, "group": m.group, "in_preset": m.kind in in_preset,
-               "weight_amax": calib.weight_amax.get(m.name), "input_amax": calib.amax.get(m.name),
-               "calibration_tokens": calib.tokens.get(m.name, 0)}
-        if m.name in stats:
-            s = stats[m.name].summary()
-            row.update({"sqnr_db": _finite(sqnr[m.name]), "kl": s["kl_mean"], "kl_max": s["kl_max"],
-                        "top1_change": 1.0 - s["top1_agreement"], "cosine_mean": s["cosine_mean"]})
-        else:
-            row.update({"sqnr_db": None, "kl": None, "kl_max": None, "top1_change": None, "cosine_mean": None,
-                        "note": "FP8 cannot scale it (see quantize's summary); quantize leaves it in bf16"})
-        rows.append(row)
-    rows.sort(key=_harm, reverse=True)
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
+    rows = _rows(modules, set(PRESETS[preset]), calib, stats, sqnr)
     calib_s, analyze_s = t_calib - t0, t_end - t_calib
     return {
         "source": str(src),
@@ -121,6 +98,60 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                       "total": round(t_end - t0, 3), "ratio_to_calibration": round((calib_s + analyze_s) / calib_s, 3)
                       if calib_s > 0 else None},
     }
+
+
+def _check_arguments(preset: str, calib_samples, calib_seq_len, probe_samples) -> int:
+    """NemoconvError for a bad argument; the probe's sample count (default 1/PROBE_FRACTION)."""
+    if preset not in PRESETS:
+        raise NemoconvError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    check_calibration_sizes(calib_samples, calib_seq_len)
+    if probe_samples is None:
+        probe_samples = max(1, calib_samples // PROBE_FRACTION)
+    if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or not 1 <= probe_samples <= calib_samples:
+        raise NemoconvError(f"--analyze-samples must be an integer in [1, --calib-samples = {calib_samples}], "
+                            f"got {probe_samples!r}")
+    return probe_samples
+
+
+def _device(device: str) -> torch.device:
+    # (a local copy of quantize's device rule until a shared resolver exists)
+    if device not in ("auto", "cpu", "cuda"):
+        raise NemoconvError(f"--device must be one of auto, cpu, cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NemoconvError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _analysable(ck) -> list:
+    """The network's linears any preset could quantize (NemoconvError when the checkpoint cannot be analysed)."""
+    if ck.quantization() is not None:
+        raise NemoconvError(f"{ck.path} is already quantized; --analyze needs a bf16/fp32 checkpoint")
+    hf_names = {item.name for item in stream_converted(ck, to="hf", meta=True)}
+    modules = [m for m in network_modules(ck.spec, hf_names) if m.kind in KIND_LABELS]
+    if not modules:
+        raise NemoconvError(f"nothing to analyse: no quantizable linear in layers {ck.spec.layer_codes}")
+    return modules
+
+
+def _rows(modules: list, in_preset: set[str], calib, stats: dict, sqnr: dict) -> list[dict]:
+    """One report row per linear, worst first, ranked."""
+    rows = []
+    for m in modules:
+        row = {"module": m.name, "kind": m.kind, "layer": m.layer, "group": m.group, "in_preset": m.kind in in_preset,
+               "weight_amax": calib.weight_amax.get(m.name), "input_amax": calib.amax.get(m.name),
+               "calibration_tokens": calib.tokens.get(m.name, 0)}
+        if m.name in stats:
+            s = stats[m.name].summary()
+            row.update({"sqnr_db": _finite(sqnr[m.name]), "kl": s["kl_mean"], "kl_max": s["kl_max"],
+                        "top1_change": 1.0 - s["top1_agreement"], "cosine_mean": s["cosine_mean"]})
+        else:
+            row.update({"sqnr_db": None, "kl": None, "kl_max": None, "top1_change": None, "cosine_mean": None,
+                        "note": "FP8 cannot scale it (see quantize's summary); quantize leaves it in bf16"})
+        rows.append(row)
+    rows.sort(key=_harm, reverse=True)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
 
 
 def _finite(x: float) -> float | None:

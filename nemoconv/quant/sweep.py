@@ -8,12 +8,21 @@ agreement), without ever holding more than one layer's weights:
     variant v         ──layer i, with v's layer-i linears FP8──▶ v's hidden
 A variant shares the reference stream until its first FP8 layer, where it forks (its stream starts as
 the reference's input to that layer). So each layer is read once and run once per live stream; after
-the last layer the final norm and the output head turn every stream into logits, chunk by chunk.
+the last layer the final norm and the output head turn every stream into logits.
 
-Memory: (1 + live streams) × tokens hidden states, plus one layer. Callers bound it with `max_streams`
-(variants beyond it are swept again in further passes, re-reading the layers): with
-tokens × (1 + max_streams) ≤ the calibration's tokens, a sweep needs no more memory than calibration.
-Cost: each variant costs (layers after its first FP8 layer) layer forwards on these tokens.
+Where the work is shared: streams without an FP8 linear in layer i run through it together in batches
+(per-call costs dominate small probes); a variant whose only FP8 linear in layer i is the mixer's output
+linear (Mamba out_proj, MLP down_proj) forks without a second run of the mixer: its output is
+h + L_fp8(x_L), with x_L taken from the reference's own pass; at the end the reference's logits, softmax
+and norms are computed once per slice of positions and the variants' logits come from one output-head
+GEMM per group, compared in one set of batched float64 reductions (`_slice_stats`, LogitStats' numbers).
+
+Memory: (1 + live streams) × tokens hidden states, plus one layer and one batch of outputs (chunks are
+replaced in place). Callers bound it with `max_streams` (variants beyond it are swept again in further
+passes, re-reading the layers): with tokens × (1 + max_streams) ≤ 2 × the calibration's tokens (what
+calibration holds: its inputs and outputs), a sweep needs no more memory than calibration.
+Cost: each variant costs (layers after its first FP8 layer) layer forwards on these tokens, plus one
+output-head GEMM and one comparison on them.
 
 FP8 here is exactly what quantize writes (quant.fp8.quantize_weight on the stored weight, input_scale =
 calibrated amax / 448), computed by the model's own FP8 linear (exact float32 emulation on CPU,
@@ -34,8 +43,12 @@ from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.quant import fp8
 from nemoconv.quant.calibrate import _LAYER, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
+from nemoconv.storage.config import MAMBA, MLP
 from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.verification.metrics import LogitStats
+
+# logits compared per group: float64 temporaries of 64 MB on CPU (cache-friendlier), 512 MB on CUDA (fewer launches)
+COMPARE_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
 
 
 @dataclass(frozen=True)
@@ -97,55 +110,84 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
             fp8_here = _fp8_weights(tensors, {m for m in wanted if layer_of(m) == i}, input_amax, device, sqnr)
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
-            nxt = {}
-            plain = []   # streams with no FP8 linear in this layer: run together, in large batches
-            for v in variants:
-                if first[v.name] > i:
-                    continue
-                mine = {m: fp8_here[m] for m in v.quantized if m in fp8_here}
-                if not mine:
-                    plain.append(v.name)
-                    continue
-                with _swapped(block, i, mine):
-                    nxt[v.name] = [block(h, ctx) for h in streams.get(v.name, ref)]
-            groups = [ref] + [streams[name] for name in plain]
-            outs = _batched(block, ctx, groups, rows)
-            ref = outs[0]
-            nxt.update(zip(plain, outs[1:]))
-            streams = nxt
+            live = [v for v in variants if first[v.name] <= i]
+            _advance(block, ctx, i, live, fp8_here, ref, streams, rows)
             block.to_empty(device="meta")
             del block
             if progress:
                 progress(i + 1, layers + 1)
         norm_w, head_w = _final_weights(ck, reader, device, dtype)
-        results = {v.name: LogitStats() for v in variants}
-        for k, h in enumerate(ref):
-            ref_logits = _logits(h, norm_w, head_w, spec.layer_norm_epsilon)
-            for v in variants:
-                results[v.name].add(ref_logits, _logits(streams[v.name][k], norm_w, head_w, spec.layer_norm_epsilon))
+        results = _compare_logits(ref, streams, [v.name for v in variants], norm_w, head_w, spec.layer_norm_epsilon)
         if progress:
             progress(layers + 1, layers + 1)
     return results
 
 
-def _batched(block: nn.Module, ctx, groups: list[list[torch.Tensor]], rows: int) -> list[list[torch.Tensor]]:
-    """block(h) for every chunk of every group, running up to `rows` rows per call (a layer's cost is
-    mostly per call on small probes), split back into the same groups and chunks."""
-    chunks = [h for g in groups for h in g]
-    outs: list[torch.Tensor] = []
-    k = 0
-    while k < len(chunks):
-        batch = [chunks[k]]
-        while k + len(batch) < len(chunks) and sum(c.shape[0] for c in batch) + chunks[k + len(batch)].shape[0] <= rows:
-            batch.append(chunks[k + len(batch)])
-        out = block(torch.cat(batch) if len(batch) > 1 else batch[0], ctx)
-        outs += list(out.split([c.shape[0] for c in batch]))
-        k += len(batch)
-    result, k = [], 0
-    for g in groups:
-        result.append(outs[k:k + len(g)])
-        k += len(g)
-    return result
+def _advance(block: nn.Module, ctx, i: int, live: list[Variant], fp8_here: dict, ref: list[torch.Tensor],
+             streams: dict[str, list[torch.Tensor]], rows: int) -> None:
+    """Every live stream (and the reference) through layer i, chunk by chunk in place, so that only one
+    batch of outputs exists beside the streams. A variant with FP8 linears in this layer runs alone with
+    them swapped in (forking from the reference's input at its first layer), except one whose only FP8
+    linear here is the mixer's output linear: it reuses the reference's pass (`_shortcut`). The reference
+    and every stream without an FP8 linear here run together, in batches of up to `rows` rows."""
+    plain, short = [], {}
+    last = f"backbone.layers.{i}.{_LAST_LINEAR[block.code]}" if block.code in _LAST_LINEAR else None
+    for v in live:
+        mine = {m: fp8_here[m] for m in v.quantized if m in fp8_here}
+        if not mine:
+            plain.append(streams[v.name])
+        elif v.name not in streams and set(mine) == {last} and not block.residual_in_fp32:
+            short[v.name] = mine
+        else:
+            chunks = streams.setdefault(v.name, list(ref))   # a fork starts from the reference's input
+            with _swapped(block, i, mine):
+                for k, h in enumerate(chunks):
+                    chunks[k] = block(h, ctx)
+    if short:
+        streams.update(_shortcut(block, ctx, i, last, ref, short))
+    _batched(block, ctx, ([] if short else [ref]) + plain, rows)
+
+
+# Mixers whose output is their last linear's output, so that block(h) = h + L(x_L): a variant whose only FP8
+# linear in such a layer is L needs L's input from the reference's pass, not a second run of the mixer.
+_LAST_LINEAR = {MAMBA: "mixer.out_proj", MLP: "mixer.down_proj"}
+
+
+def _shortcut(block: nn.Module, ctx, i: int, last: str, ref: list[torch.Tensor], variants: dict) -> dict:
+    """The reference through the layer alone (in place), keeping its input h and L's input x_L; then
+    each variant's output h + L_fp8(x_L), the very operations the whole block would run."""
+    lin = block.get_submodule(last.removeprefix(f"backbone.layers.{i}."))
+    inputs: list[torch.Tensor] = []
+    handle = lin.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    residuals = list(ref)
+    try:
+        for k, h in enumerate(ref):
+            ref[k] = block(h, ctx)
+    finally:
+        handle.remove()
+    out = {}
+    for name, mine in variants.items():
+        with _swapped(block, i, mine):
+            out[name] = [h + lin(x) for h, x in zip(residuals, inputs)]
+    return out
+
+
+def _batched(block: nn.Module, ctx, groups: list[list[torch.Tensor]], rows: int) -> None:
+    """Replace every chunk h of every group by block(h), running up to `rows` rows per call (a layer's
+    cost is mostly per call on small probes)."""
+    slots = [(g, k) for g in groups for k in range(len(g))]
+    j = 0
+    while j < len(slots):
+        take = 1
+        size = slots[j][0][slots[j][1]].shape[0]
+        while j + take < len(slots) and size + slots[j + take][0][slots[j + take][1]].shape[0] <= rows:
+            size += slots[j + take][0][slots[j + take][1]].shape[0]
+            take += 1
+        batch = [g[k] for g, k in slots[j:j + take]]
+        out = block(torch.cat(batch) if take > 1 else batch[0], ctx)
+        for (g, k), o in zip(slots[j:j + take], out.split([h.shape[0] for h in batch])):
+            g[k] = o
+        j += take
 
 
 def _fp8_weights(tensors, modules: set[str], input_amax: dict[str, float], device, sqnr: dict | None) -> dict:
@@ -195,3 +237,69 @@ def _logits(hidden: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, ep
 
     # as NemotronHLM: norm_f(hidden in the model dtype), then lm_head, logits in float32
     return F.linear(kernels.rmsnorm(hidden.to(norm_w.dtype), norm_w, eps), head_w).float()
+
+
+def _compare_logits(ref: list[torch.Tensor], streams: dict[str, list[torch.Tensor]], names: list[str],
+                    norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> dict[str, LogitStats]:
+    """LogitStats of every stream's logits against the reference's. The work is cut into slices of
+    positions; for each, the reference's side (softmax, norms, argmax) is computed once and the variants'
+    logits come from one output-head GEMM per group of variants, compared in float64 as LogitStats does
+    (`_slice_stats`), with at most COMPARE_ELEMENTS[device] logits per group."""
+    width = ref[0].shape[-1]
+    ref_h = torch.cat([h.reshape(-1, width) for h in ref])
+    flat = {}
+    for n in names:   # one variant at a time, so its chunks are freed as it is flattened
+        flat[n] = torch.cat([h.reshape(-1, width) for h in streams.pop(n)])
+    vocab, budget = head_w.shape[0], COMPARE_ELEMENTS.get(head_w.device.type, COMPARE_ELEMENTS["cpu"])
+    span = max(1, min(ref_h.shape[0], budget // vocab))
+    group = max(1, budget // (span * vocab))
+    results = {n: LogitStats() for n in names}
+    for a in range(0, ref_h.shape[0], span):
+        side = _RefSide(_logits(ref_h[a:a + span], norm_w, head_w, eps).double())
+        for g in range(0, len(names), group):
+            part = names[g:g + group]
+            cand = _logits(torch.cat([flat[n][a:a + span] for n in part]), norm_w, head_w, eps)
+            for n, stats in zip(part, _slice_stats(side, cand.view(len(part), -1, vocab))):
+                results[n].merge(stats)
+    return results
+
+
+class _RefSide:
+    """What LogitStats computes from the reference's logits r [t, V], computed once for all variants."""
+
+    def __init__(self, r: torch.Tensor):
+        self.r = r
+        logp = torch.log_softmax(r, dim=-1)
+        self.p = logp.exp()
+        self.plogp = (self.p * logp).sum(-1)                  # Σ p·log p per position
+        self.rp = torch.stack([r, self.p], dim=-1)            # [t, V, 2]: c·r and c·p in one pass over c
+        self.norm = r.norm(dim=-1)
+        self.zero = self.norm == 0
+        self.max_abs = float(r.abs().max())
+        self.top1 = r.argmax(-1)
+        self.nonfinite = int((~torch.isfinite(r)).sum())
+
+
+def _slice_stats(ref: _RefSide, c32: torch.Tensor) -> list[LogitStats]:
+    """LogitStats._add_chunk's numbers for g candidates c32 [g, t, V] (float32 logits) against one
+    reference, in float64, in fewer passes over the candidates: KL(p‖q) = Σ p·log p − c·p + logsumexp(c)
+    (log q = c − logsumexp(c); Σ p = 1 up to rounding: the KL moves by ~1e-16 of the logits' size), the
+    dot products c·r and c·p in one batched GEMV, an all-zero row from its norm."""
+    g, t, vocab = c32.shape
+    c = c32.double()
+    diff = (c - ref.r).abs_().view(g, -1)
+    dots = torch.bmm(c.transpose(0, 1), ref.rp).transpose(0, 1)    # [g, t, 2], one pass over c
+    cnorm = c.norm(dim=-1)
+    norms = ref.norm * cnorm
+    cos = torch.where(norms > 0, dots[..., 0] / norms.clamp_min(1e-300),
+                      (ref.zero & (cnorm == 0)).double()).clamp(-1.0, 1.0)
+    kl = (ref.plogp - dots[..., 1] + torch.logsumexp(c, dim=-1)).clamp_min(0.0)
+    dsum = diff.sum(1)
+    finite = bool(torch.isfinite(dsum).all()) and ref.nonfinite == 0   # then every candidate logit is finite
+    bad = [0] * g if finite else (~torch.isfinite(c)).view(g, -1).sum(1).tolist()
+    columns = zip(bad, diff.amax(1).tolist(), dsum.tolist(), cos.sum(1).tolist(), cos.amin(1).tolist(),
+                  kl.sum(1).tolist(), kl.amax(1).tolist(), (c32.argmax(-1) == ref.top1).sum(1).tolist())
+    return [LogitStats(positions=t, elements=t * vocab, max_abs=dmax, sum_abs=dsum, cos_sum=csum, cos_min=cmin,
+                       kl_sum=ksum, kl_max=kmax, top1_agree=agree, max_abs_ref=ref.max_abs,
+                       nonfinite_ref=ref.nonfinite, nonfinite_cand=nb)
+            for nb, dmax, dsum, csum, cmin, ksum, kmax, agree in columns]
