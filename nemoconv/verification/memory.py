@@ -20,7 +20,8 @@ from nemoconv.model.layers import ENDS, cache_bytes, layer_cache, piece_bytes, p
 from nemoconv.storage.config import ATTENTION, MAMBA, MOE, ModelSpec
 from nemoconv.stream.output import parse_size
 
-# The whole-model path also holds a batch's logits, its cache, allocator slack and kernel workspaces.
+# The whole-model path also holds a batch's logits (up to 1 GiB), its cache, allocator slack and kernel
+# workspaces: 10 % of the weights plus up to 2 GiB (less for a model smaller than that).
 WHOLE_MODEL_MARGIN = 0.10
 WHOLE_MODEL_EXTRA = 2 << 30
 
@@ -119,7 +120,7 @@ def whole_model_bytes(path, dtype: torch.dtype) -> tuple[int, int]:
     ck = open_checkpoint(path)
     names = [n for names in piece_names(ck).values() for n in names]
     weights = piece_bytes(ck, names, dtype)
-    return weights, int(weights * WHOLE_MODEL_MARGIN) + WHOLE_MODEL_EXTRA
+    return weights, int(weights * WHOLE_MODEL_MARGIN) + min(WHOLE_MODEL_EXTRA, weights)
 
 
 def piece_sizes(ck, dtype: torch.dtype) -> tuple[int, int, int]:

@@ -96,17 +96,16 @@ class _Streamer:
         self.kept: dict = {}           # piece → its tensors, read once (weights kept in host memory)
         self.passes = 0
         self.load_s = 0.0
+        self.keep_weights = False
         self.reader = TensorReader()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemoconv-stream")
-        t0 = time.perf_counter()
-        self.ends = layers.build_ends(self.spec, self._read(layers.ENDS), device, dtype)
-        self.dev.set("ends", layers.module_bytes(self.ends))
-        self.load_s += time.perf_counter() - t0
+        self.ends = None               # built by the first `prepare`, once the plan has passed the caps
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.reader.close()
-        layers.release(self.ends)
+        if self.ends is not None:
+            layers.release(self.ends)
 
     # ---- memory ------------------------------------------------------------------------------------
     def prepare(self, batches: list[_Batch], hidden_tokens: int, positions: int, cache_length: int,
@@ -118,8 +117,11 @@ class _Streamer:
         if self.device.type != "cpu" and not self.kept:
             budget = self.max_host if self.max_host is not None else available_memory(torch.device("cpu")) // 2
             self.keep_weights = self.plan.host_need + self.plan.all_source <= budget
-        else:
-            self.keep_weights = bool(self.kept)
+        if self.ends is None:
+            t0 = time.perf_counter()
+            self.ends = layers.build_ends(self.spec, self._read(layers.ENDS), self.device, self.dtype)
+            self.dev.set("ends", layers.module_bytes(self.ends))
+            self.load_s += time.perf_counter() - t0
 
     @property
     def home(self) -> torch.device:
@@ -145,7 +147,7 @@ class _Streamer:
         if piece in self.kept:
             return self.kept[piece]
         tensors = layers.read_piece(self.ck, self.index.get(piece, []), self.reader)
-        if getattr(self, "keep_weights", False):
+        if self.keep_weights:
             self.kept[piece] = tensors
             self.host.set("weights kept in host memory", sum(t.numel() * t.element_size() for _, t in
                                                              (x for v in self.kept.values() for x in v)))
