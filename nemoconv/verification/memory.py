@@ -158,8 +158,11 @@ def choose_streaming(path, device, mode: str, max_gpu_memory: int | None,
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     weights, extra = whole_model_bytes(path, dtype)
     need = weights + extra
-    budget, what = (max_gpu_memory, f"the --max-gpu-memory cap of {fmt_bytes(max_gpu_memory)}") \
-        if max_gpu_memory is not None else (available_memory(device), f"the free memory of {device}")
+    if max_gpu_memory is not None:
+        budget, what = max_gpu_memory, f"the --max-gpu-memory cap of {fmt_bytes(max_gpu_memory)}"
+    else:
+        budget = available_memory(device)
+        what = f"the free memory of {device} ({fmt_bytes(budget)})"
     detail = (f"the whole model needs about {fmt_bytes(need)} (weights {fmt_bytes(weights)} in "
               f"{str(dtype).removeprefix('torch.')} + {fmt_bytes(extra)} for caches and activations)")
     if mode == "off":
@@ -168,8 +171,8 @@ def choose_streaming(path, device, mode: str, max_gpu_memory: int | None,
                                 f"a cap (use --stream-layers auto)")
         return False, "whole model (--stream-layers off)"
     if need > budget:
-        return True, f"streaming layers: {detail}, more than {what} ({fmt_bytes(budget)})"
-    return False, f"whole model: {detail}, within {what} ({fmt_bytes(budget)})"
+        return True, f"streaming layers: {detail}, more than {what}"
+    return False, f"whole model: {detail}, within {what}"
 
 
 # ---- the plan of a streamed run ------------------------------------------------------------------
