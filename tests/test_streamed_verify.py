@@ -166,3 +166,25 @@ def test_prefix_cache_check_is_refused_when_streaming(tiny_dir):
     ck_dir = tiny_dir("moe")
     with pytest.raises(NemoconvError, match="--prefix-cache needs the whole model"):
         run_model_streamed(ck_dir, CPU, torch.float32, _prompts(ck_dir), 24, 2, False, prefix_cache=True)
+
+
+def _plan(ck_dir, dev_cap, host_cap=None):
+    from nemoconv.verification.memory import Plan
+
+    ck = open_checkpoint(ck_dir)
+    return Plan.make(ck, layers.piece_names(ck), torch.float32, torch.device("cuda"), rows=[2, 2], hidden_tokens=40,
+                     positions=20, cache_length=24, keep_caches=True, dev_cap=dev_cap, host_cap=host_cap)
+
+
+def test_on_a_gpu_states_that_do_not_fit_are_spilled_to_host_memory_and_the_host_cap_is_checked(tiny_dir):
+    ck_dir = tiny_dir("moe", **BIG_LAYERS)
+    roomy = _plan(ck_dir, dev_cap=None)
+    assert not roomy.spill
+    ends, largest, _ = piece_sizes(open_checkpoint(ck_dir), torch.float32)
+    fixed = ends + largest + roomy.activations
+    tight = _plan(ck_dir, dev_cap=fixed + 60_000)   # one batch's states fit, all of them do not
+    assert tight.spill and tight.host_need > 0
+    with pytest.raises(NemoconvError, match=r"^--max-host-memory .* needs at least .* spilled hidden states"):
+        _plan(ck_dir, dev_cap=fixed + 60_000, host_cap=1000)
+    with pytest.raises(NemoconvError, match=r"^--max-gpu-memory \S+ \S+ cannot hold one layer"):
+        _plan(ck_dir, dev_cap=fixed)
