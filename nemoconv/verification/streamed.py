@@ -161,11 +161,12 @@ class _Streamer:
         for i in range(n):
             t0 = time.perf_counter()
             tensors = pending.result()
-            pending = self._read_ahead(i + 1) if i + 1 < n else None
             block = layers.build_layer(self.spec, i, tensors, self.device, self.dtype)
             del tensors
             self.host.drop(("read-ahead", i))
             self.dev.set(("layer", i), layers.module_bytes(block))
+            # the next layer is read while this one runs (after the build: never three layers at once)
+            pending = self._read_ahead(i + 1) if i + 1 < n else None
             self.load_s += time.perf_counter() - t0
             yield i, block
             layers.release(block)
