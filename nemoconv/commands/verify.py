@@ -59,6 +59,7 @@ from nemoconv.storage.config import ModelSpec
 from nemoconv.storage.safetensors_io import FP8_NAMES
 from nemoconv.stream.card import update_card_with_verify
 from nemoconv.stream.pipeline import SCALE_SUFFIXES, is_lossless_cast
+from nemoconv.verification.memory import choose_streaming, parse_memory_size
 from nemoconv.verification.metrics import LogitStats, cache_consistency, first_divergence
 from nemoconv.verification.prompts import (
     Prompt,
@@ -584,7 +585,8 @@ def _evaluate(thresholds: dict, overall: dict, greedy: list[int | None], cache_r
 def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len: int = 64,
            max_new_tokens: int = 16, device="auto", dtype="auto", profile: str = "auto", report_path=None,
            overrides: dict | None = None, quiet: bool = True, record: bool = True,
-           prefix_cache: bool = False, allow_tokenizer_diff: bool = False) -> VerifyReport:
+           prefix_cache: bool = False, allow_tokenizer_diff: bool = False, stream_layers: str = "auto",
+           max_gpu_memory=None, max_host_memory=None) -> VerifyReport:
     """Run both checkpoints on the same prompts and decide whether the candidate is faithful.
 
     prompts: a file (text lines, or JSONL with `text`/`input_ids`), or a list of texts / token-id
@@ -599,6 +601,9 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     CANDIDATE/nemoconv-verify.json and into its model card (local dirs).
     prefix_cache: also generate prompts sharing a long prefix with the candidate under each prefix-caching
     mode (memory, state) and require the tokens of caching off (`model.engine.check_prefix_caching`).
+    stream_layers: auto|on|off — run the models one layer at a time (`verification.streamed`); auto when the
+    whole model does not fit max_gpu_memory (e.g. "6GB") or the device's free memory. max_host_memory caps the
+    host memory a streamed run uses.
     """
     t_start = time.perf_counter()
     _check_sizes(num_prompts, seq_len, max_new_tokens)
@@ -606,8 +611,16 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         raise NemoconvError(f"unknown profile {profile!r} (use auto, {', '.join(PROFILE_NAMES)})")
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
+    caps = {"max_gpu_memory": parse_memory_size(max_gpu_memory, "--max-gpu-memory"),
+            "max_host_memory": parse_memory_size(max_host_memory, "--max-host-memory")}
     ref_ck, cand_ck = open_checkpoint(reference), open_checkpoint(candidate)
     notes = check_same_network(ref_ck, cand_ck)
+    streaming, stream_reason = _decide_streaming(ref_ck, cand_ck, dev, dt, stream_layers, caps["max_gpu_memory"])
+    if streaming and prefix_cache:
+        raise NemoconvError("--prefix-cache needs the whole model: it cannot run with layer streaming "
+                            f"({stream_reason})")
+    if streaming:
+        notes.append(stream_reason)
     chosen, reason, auto = _decide_profile(ref_ck, cand_ck, profile)
     thresholds = resolve_thresholds(chosen, overrides)
     if thresholds.get("max_cache_relative") is None:
@@ -638,9 +651,10 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     from nemoconv.model.cuda import warmup
     k_steps = min(TEACHER_FORCED_STEPS, seq_len - 1)
     rows = max(1, LOGITS_BATCH_BYTES // ((seq_len + max_new_tokens) * 4 * max(1, vocab)))  # as in run_model
-    warmup.start(ref_ck.spec, dev, dt, fp8=_fp8_count(cand_ck) > 0, batch=min(len(prompt_list), rows),
-                 prefill=seq_len - k_steps, steps=k_steps + max_new_tokens,
-                 forward=seq_len + max(max_new_tokens - 1, 0))
+    if not streaming:  # the streamed path runs other shapes, and the warm-up's memory would count against the cap
+        warmup.start(ref_ck.spec, dev, dt, fp8=_fp8_count(cand_ck) > 0, batch=min(len(prompt_list), rows),
+                     prefill=seq_len - k_steps, steps=k_steps + max_new_tokens,
+                     forward=seq_len + max(max_new_tokens - 1, 0))
     # ---- end of the warm-up hook ----
 
     stop = threading.Event()  # set on an error, so the hashing threads end early
@@ -650,13 +664,25 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         fp_ref = pool.submit(hash_checkpoint, ref_ck, stop)
         fp_cand = pool.submit(hash_checkpoint, cand_ck, stop)
         progress.phase("verify: reference", total=len(prompt_list))
-        ref_run = run_model(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short), progress.advance)
+        if streaming:
+            # in the function: verification.streamed imports ModelRun from here until it moves to verification/runner.py
+            from nemoconv.verification.streamed import run_model_streamed
+
+            ref_run = run_model_streamed(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short),
+                                         progress.advance, **caps)
+        else:
+            ref_run = run_model(ref_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, bool(short),
+                                progress.advance)
         if ref_run.nonfinite:
             raise NemoconvError(f"{ref_ck.path}: the reference produces {ref_run.nonfinite} non-finite logits "
                                 f"in {dt}; it cannot serve as a reference")
         progress.phase("verify: candidate", total=len(prompt_list))
-        cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.advance,
-                             prefix_cache=prefix_cache)
+        if streaming:  # teacher-forced on the reference's continuation: one pass, the same first divergence
+            cand_run = run_model_streamed(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False,
+                                          progress.advance, follow=ref_run.generated, **caps)
+        else:
+            cand_run = run_model(cand_ck.path, dev, dt, prompt_list, seq_len, max_new_tokens, False, progress.advance,
+                                 prefix_cache=prefix_cache)
         progress.phase("verify: compare")
         t0 = time.perf_counter()
         overall_stats = LogitStats()
@@ -696,7 +722,10 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     passed = all(c["passed"] for c in checks)
     settings = {"seq_len": seq_len, "max_new_tokens": max_new_tokens, "num_prompts": len(prompt_list),
                 "prompts": prompt_origin, "teacher_forced_steps": min(TEACHER_FORCED_STEPS, seq_len - 1),
-                "tokenizer": str(tok.path) if tok.path else None}
+                "tokenizer": str(tok.path) if tok.path else None,
+                "stream_layers": {"mode": stream_layers, "streamed": streaming, "reason": stream_reason, **caps,
+                                  **({"memory": {"reference": ref_run.memory, "candidate": cand_run.memory}}
+                                     if streaming else {})}}
     timings = {
         "load_reference": ref_run.timings["load"], "load_candidate": cand_run.timings["load"],
         "load": ref_run.timings["load"] + cand_run.timings["load"],
@@ -727,6 +756,15 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     if record:
         _record_in_candidate(report, cand_ck, candidate)
     return report
+
+
+def _decide_streaming(ref_ck: Checkpoint, cand_ck: Checkpoint, dev: torch.device, dt: torch.dtype, mode: str,
+                      max_gpu_memory: int | None) -> tuple[bool, str]:
+    """Stream both models when either needs it: both sides then run the same kernels (an exact comparison
+    on CUDA compares like with like)."""
+    decisions = [choose_streaming(ck.path, dev, mode, max_gpu_memory, dt) for ck in (ref_ck, cand_ck)]
+    streamed = [d for d in decisions if d[0]]
+    return (True, streamed[0][1]) if streamed else decisions[0]
 
 
 def _check_sizes(num_prompts, seq_len, max_new_tokens) -> None:
