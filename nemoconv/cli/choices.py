@@ -52,6 +52,12 @@ class KVCache(str, Enum):
     fp8 = "fp8"
 
 
+class StreamLayers(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class Profile(str, Enum):
     auto = "auto"
     exact = "exact"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from nemoconv.cli.choices import Device, Profile, VDType
+from nemoconv.cli.choices import Device, Profile, StreamLayers, VDType
 from nemoconv.cli.options import options_of
 from nemoconv.cli.render import stdout_console
 from nemoconv.errors import VerificationFailed
@@ -38,6 +38,13 @@ def verify(
                                       "must equal those without caching."),
     allow_tokenizer_diff: bool = typer.Option(False, "--allow-tokenizer-diff", help="Accept a different tokenizer or "
                                               "generation ids (recorded as an override)."),
+    stream_layers: StreamLayers = typer.Option(StreamLayers.auto, "--stream-layers", help="Run the models one layer "
+                                               "at a time; auto: when the whole model does not fit the device "
+                                               "(or --max-gpu-memory)."),
+    max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Device memory a streamed run may "
+                                                 "use, e.g. 6GB, 512MiB (on --device cpu: host memory)."),
+    max_host_memory: Optional[str] = typer.Option(None, "--max-host-memory", help="Host memory a streamed run may "
+                                                  "use for spilled states and weights kept between passes."),
 ):
     """Parity gate: run both checkpoints with the built-in model and compare logits and generations.
 
@@ -63,7 +70,9 @@ def verify(
                        profile=profile.value, report_path=report,
                        overrides={"min_cosine": min_cosine, "min_top1": min_top1, "max_kl": max_kl,
                                   "max_abs": max_abs},
-                       quiet=options.quiet, prefix_cache=prefix_cache, allow_tokenizer_diff=allow_tokenizer_diff)
+                       quiet=options.quiet, prefix_cache=prefix_cache, allow_tokenizer_diff=allow_tokenizer_diff,
+                       stream_layers=stream_layers.value, max_gpu_memory=max_gpu_memory,
+                       max_host_memory=max_host_memory)
     render_report(result, stdout_console(options) if not options.quiet else None, fail_line=False)
     if not result.passed:
         raise VerificationFailed(result.failure_line())

@@ -31,6 +31,7 @@ from nemoconv.progress import Progress
 from nemoconv.storage.paths import check_report_path
 from nemoconv.verification.fingerprint import describe_checkpoint, fingerprint_of
 from nemoconv.verification.gate import Comparison, Gate, compare_runs, decide_gate, gate_checks
+from nemoconv.verification.memory import choose_streaming, parse_memory_size
 from nemoconv.verification.profiles import PROFILE_NAMES, PROFILES, check_same_network, fp8_count
 from nemoconv.verification.prompts import (
     Prompt,
@@ -43,12 +44,14 @@ from nemoconv.verification.prompts import (
 from nemoconv.verification.record import hash_checkpoint, make_record
 from nemoconv.verification.report import VerifyReport, record_in_candidate, write_report
 from nemoconv.verification.runner import TEACHER_FORCED_STEPS, ModelRun, run_model, start_warmup
+from nemoconv.verification.streamed import run_model_streamed
 
 
 def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len: int = 64,
            max_new_tokens: int = 16, device="auto", dtype="auto", profile: str = "auto", report_path=None,
            overrides: dict | None = None, quiet: bool = True, record: bool = True,
-           prefix_cache: bool = False, allow_tokenizer_diff: bool = False) -> VerifyReport:
+           prefix_cache: bool = False, allow_tokenizer_diff: bool = False, stream_layers: str = "auto",
+           max_gpu_memory=None, max_host_memory=None) -> VerifyReport:
     """Run both checkpoints on the same prompts and decide whether the candidate is faithful.
 
     prompts: a file (text lines, or JSONL with `text`/`input_ids`), or a list of texts / token-id
@@ -63,6 +66,9 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
     CANDIDATE/nemoconv-verify.json and into its model card (local dirs).
     prefix_cache: also generate prompts sharing a long prefix with the candidate under each prefix-caching
     mode (memory, state) and require the tokens of caching off (`check_prefix_caching`).
+    stream_layers: auto|on|off — run the models one layer at a time (`verification.streamed`); auto when the
+    whole model does not fit max_gpu_memory (e.g. "6GB") or the device's free memory. max_host_memory caps the
+    host memory a streamed run uses.
     """
     t_start = time.perf_counter()
     _check_sizes(num_prompts, seq_len, max_new_tokens)
@@ -70,28 +76,59 @@ def verify(reference, candidate, *, prompts=None, num_prompts: int = 4, seq_len:
         raise NemoconvError(f"unknown profile {profile!r} (use auto, {', '.join(PROFILE_NAMES)})")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    caps = {"max_gpu_memory": parse_memory_size(max_gpu_memory, "--max-gpu-memory"),
+            "max_host_memory": parse_memory_size(max_host_memory, "--max-host-memory")}
     ref_ck, cand_ck = open_checkpoint(reference), open_checkpoint(candidate)
     notes = check_same_network(ref_ck, cand_ck)
+    streaming = _decide_streaming(ref_ck, cand_ck, dev, dt, stream_layers, caps, prefix_cache, notes)
     gate = decide_gate(ref_ck, cand_ck, profile, overrides, dt, allow_tokenizer_diff)
     if report_path is not None:
         check_report_path(Path(report_path))
     batch = _prompts(ref_ck, cand_ck, prompts, num_prompts, seq_len, notes)
-    start_warmup(ref_ck.spec, dev, dt, fp8_count(cand_ck) > 0, len(batch.prompts), seq_len, max_new_tokens)
+    if not streaming.on:  # the streamed path runs other shapes, and the warm-up's memory would count against a cap
+        start_warmup(ref_ck.spec, dev, dt, fp8_count(cand_ck) > 0, len(batch.prompts), seq_len, max_new_tokens)
 
-    run = _run_both(ref_ck, cand_ck, dev, dt, batch, seq_len, max_new_tokens, prefix_cache, gate, quiet)
+    run = _run_both(ref_ck, cand_ck, dev, dt, batch, seq_len, max_new_tokens, prefix_cache, gate, quiet, streaming)
     checks = gate_checks(gate, run.comparison, run.candidate, dev, dt)
     if batch.short:
         notes.append(f"{len(batch.short)} prompt(s) shorter than --seq-len {seq_len} were extended with the "
                      f"reference's greedy continuation")
     settings = {"seq_len": seq_len, "max_new_tokens": max_new_tokens, "num_prompts": len(batch.prompts),
                 "prompts": batch.origin, "teacher_forced_steps": min(TEACHER_FORCED_STEPS, seq_len - 1),
-                "tokenizer": batch.tokenizer}
+                "tokenizer": batch.tokenizer, "stream_layers": streaming.describe(run)}
     report = _report(ref_ck, cand_ck, reference, gate, run, checks, dev, dt, settings, notes, t_start)
     if report_path is not None:
         write_report(report, Path(report_path))
     if record:
         record_in_candidate(report, cand_ck, candidate)
     return report
+
+
+@dataclass
+class Streaming:
+    """Whether both models run one layer at a time (`verification.streamed`), why, and under which caps."""
+
+    on: bool
+    mode: str
+    reason: str
+    caps: dict
+
+    def describe(self, run: "BothRuns") -> dict:
+        memory = {"memory": {"reference": run.reference.memory, "candidate": run.candidate.memory}} if self.on else {}
+        return {"mode": self.mode, "streamed": self.on, "reason": self.reason, **self.caps, **memory}
+
+
+def _decide_streaming(ref_ck: Checkpoint, cand_ck: Checkpoint, dev: torch.device, dt: torch.dtype, mode: str,
+                      caps: dict, prefix_cache: bool, notes: list[str]) -> Streaming:
+    """Stream both models when either needs it: both sides then run the same kernels (an exact comparison on
+    CUDA compares like with like)."""
+    decisions = [choose_streaming(ck.path, dev, mode, caps["max_gpu_memory"], dt) for ck in (ref_ck, cand_ck)]
+    on, reason = next((d for d in decisions if d[0]), decisions[0])
+    if on and prefix_cache:
+        raise NemoconvError(f"--prefix-cache needs the whole model: it cannot run with layer streaming ({reason})")
+    if on:
+        notes.append(reason)
+    return Streaming(on, mode, reason, caps)
 
 
 def _check_sizes(num_prompts, seq_len, max_new_tokens) -> None:
@@ -140,7 +177,8 @@ class BothRuns:
 
 
 def _run_both(ref_ck: Checkpoint, cand_ck: Checkpoint, dev: torch.device, dt: torch.dtype, batch: PromptBatch,
-              seq_len: int, max_new_tokens: int, prefix_cache: bool, gate: Gate, quiet: bool) -> BothRuns:
+              seq_len: int, max_new_tokens: int, prefix_cache: bool, gate: Gate, quiet: bool,
+              streaming: Streaming) -> BothRuns:
     """The reference, then the candidate, then their comparison; meanwhile every bound file of both is hashed
     whole in the background (the record)."""
     n = len(batch.prompts)
@@ -149,14 +187,22 @@ def _run_both(ref_ck: Checkpoint, cand_ck: Checkpoint, dev: torch.device, dt: to
         fp_ref = pool.submit(hash_checkpoint, ref_ck, stop)
         fp_cand = pool.submit(hash_checkpoint, cand_ck, stop)
         progress.phase("verify: reference", total=n)
-        ref_run = run_model(ref_ck.path, dev, dt, batch.prompts, seq_len, max_new_tokens, bool(batch.short),
-                            progress.advance)
+        if streaming.on:
+            ref_run = run_model_streamed(ref_ck.path, dev, dt, batch.prompts, seq_len, max_new_tokens,
+                                         bool(batch.short), progress.advance, **streaming.caps)
+        else:
+            ref_run = run_model(ref_ck.path, dev, dt, batch.prompts, seq_len, max_new_tokens, bool(batch.short),
+                                progress.advance)
         if ref_run.nonfinite:
             raise NemoconvError(f"{ref_ck.path}: the reference produces {ref_run.nonfinite} non-finite logits "
                                 f"in {dt}; it cannot serve as a reference")
         progress.phase("verify: candidate", total=n)
-        cand_run = run_model(cand_ck.path, dev, dt, batch.prompts, seq_len, max_new_tokens, False, progress.advance,
-                             prefix_cache=prefix_cache)
+        if streaming.on:  # teacher-forced on the reference's continuation: one pass, the same first divergence
+            cand_run = run_model_streamed(cand_ck.path, dev, dt, batch.prompts, seq_len, max_new_tokens, False,
+                                          progress.advance, follow=ref_run.generated, **streaming.caps)
+        else:
+            cand_run = run_model(cand_ck.path, dev, dt, batch.prompts, seq_len, max_new_tokens, False,
+                                 progress.advance, prefix_cache=prefix_cache)
         progress.phase("verify: compare")
         comparison = compare_runs(batch.prompts, ref_run, cand_run, dev, gate.thresholds["max_cache_relative"])
         hashes = fp_ref.result(), fp_cand.result()

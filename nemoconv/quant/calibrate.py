@@ -33,6 +33,7 @@ from nemoconv import settings
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.errors import NemoconvError
+from nemoconv.model.layers import build_layer
 from nemoconv.storage.config import ATTENTION, LAYER_KIND_NAMES
 from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.stream.pipeline import Item, Journal, to_hf
@@ -224,23 +225,9 @@ def _read_hf(ck: Checkpoint, names: list[str], reader: TensorReader) -> list[tup
 
 
 def _build_block(spec, i: int, tensors: list[tuple[str, torch.Tensor]], device, dtype) -> nn.Module:
-    from nemoconv.model import Block
-
-    with torch.device("meta"):
-        block = Block(spec, i)
-    prefix = f"backbone.layers.{i}."
-    for name, t in tensors:
-        module_path, _, attr = name[len(prefix):].rpartition(".")
-        module = block.get_submodule(module_path)
-        current = getattr(module, attr, None)
-        if not isinstance(current, nn.Parameter) or tuple(current.shape) != tuple(t.shape):
-            raise NemoconvError(f"calibration: {name} does not fit the built-in model's layer {i}")
-        target = torch.float32 if attr in getattr(module, "fp32_params", ()) else dtype
-        setattr(module, attr, nn.Parameter(t.to(device=device, dtype=target), requires_grad=False))
-    empty = [n for n, p in block.named_parameters() if p.is_meta]
-    if empty:
-        raise NemoconvError(f"calibration: layer {i} lacks {prefix}{empty[0]}")
-    return block.eval()
+    # through the model's own loader (nemoconv.model.layers → loading.build_model): the same module as in
+    # the whole model, scales and dtypes included
+    return build_layer(spec, i, tensors, device, dtype)
 
 
 def _layer_context():

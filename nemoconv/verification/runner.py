@@ -21,9 +21,10 @@ import torch
 
 from nemoconv.model.cuda import warmup
 from nemoconv.model.loading import load_model
-from nemoconv.serving.engine import check_prefix_caching, resolve_prefill_chunk
+from nemoconv.serving.engine import resolve_prefill_chunk
 from nemoconv.storage.config import ModelSpec
 from nemoconv.verification.metrics import cache_consistency
+from nemoconv.verification.prefix_check import check_prefix_caching
 from nemoconv.verification.profiles import exact_cuda_tolerance
 from nemoconv.verification.prompts import Prompt
 
