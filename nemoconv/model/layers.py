@@ -29,8 +29,9 @@ from torch import nn
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cache import HybridCache
+from nemoconv.model.common import Pass, causal_mask
 from nemoconv.model.loading import build_model, canonical_name
-from nemoconv.model.modeling import Block, NemotronHLM, _Pass
+from nemoconv.model.modeling import Block, NemotronHLM
 from nemoconv.storage.config import ModelSpec
 from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.stream.pipeline import Item, Journal, to_hf
@@ -146,15 +147,15 @@ def move_cache(cache: HybridCache, device) -> HybridCache:
 
 def layer_forward(block: Block, hidden: torch.Tensor) -> torch.Tensor:
     """Whole sequences without a cache: hidden [b, s, h] → [b, s, h]."""
-    return block(hidden, _Pass(cache=None, start=0, pad_mask=None, attn_mask=None, causal=True, decode=False))
+    return block(hidden, Pass(cache=None, start=0, pad_mask=None, attn_mask=None, causal=True, decode=False))
 
 
 def layer_prefill(block: Block, hidden: torch.Tensor, cache: HybridCache) -> torch.Tensor:
     """Consume hidden [b, s, h] into the layer's cache (first call on an empty cache, or chunks after)."""
     s = hidden.shape[1]
     start = cache.reserve(s)
-    ctx = _Pass(cache=cache, start=start, pad_mask=None, causal=start == 0,
-                attn_mask=None if start == 0 else NemotronHLM._attention_mask(cache.valid[:, :start + s], start, s),
+    ctx = Pass(cache=cache, start=start, pad_mask=None, causal=start == 0,
+                attn_mask=None if start == 0 else causal_mask(cache.valid[:, :start + s], start, s),
                 decode=False)
     out = block(hidden, ctx)
     cache.advance(s)
@@ -164,7 +165,7 @@ def layer_prefill(block: Block, hidden: torch.Tensor, cache: HybridCache) -> tor
 def layer_decode(block: Block, hidden: torch.Tensor, cache: HybridCache) -> torch.Tensor:
     """One token per row: hidden [b, 1, h] → [b, 1, h], the cache advanced by one position."""
     start = cache.reserve(1)
-    out = block(hidden, _Pass(cache=cache, start=start, pad_mask=None, attn_mask=None, causal=False, decode=True))
+    out = block(hidden, Pass(cache=cache, start=start, pad_mask=None, attn_mask=None, causal=False, decode=True))
     cache.advance(1)
     return out
 
