@@ -15,11 +15,8 @@ calibration token takes the largest amax of its layer's experts for that project
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemoconv import settings
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.errors import NemoconvError
 from nemoconv.model.layers import build_layer
+from nemoconv.quant.observers import modelopt_status, pick_observer  # noqa: F401 - modelopt_status: public here too
 from nemoconv.storage.config import ATTENTION, LAYER_KIND_NAMES
 from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.stream.pipeline import Item, Journal, to_hf
@@ -105,88 +102,6 @@ def _is_jsonl(path: Path) -> bool:
     return first.lstrip().startswith("{")
 
 
-# ---- the observers -------------------------------------------------------------------------------
-
-
-def modelopt_status() -> tuple[object | None, str]:
-    """(modelopt.torch.quantization, its version) when nvidia-modelopt 0.47 imports, else (None, why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # it warns about untested transformers versions
-            import modelopt
-            import modelopt.torch.quantization as mtq
-    except Exception as exc:  # noqa: BLE001 - ImportError or anything its import raises
-        return None, f"not importable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
-    version = getattr(modelopt, "__version__", "?")
-    if not version.startswith("0.47"):
-        return None, f"version {version} installed (0.47 is the one we match)"
-    return mtq, version
-
-
-class _Observer:
-    """Running amax at the inputs of one layer's targeted linears (the builtin way)."""
-
-    name = "builtin"
-
-    def __init__(self):
-        self.handles = []
-        self.amax: dict[str, torch.Tensor] = {}
-
-    def attach(self, block: nn.Module, targets: dict[str, str]) -> nn.Module:
-        for rel, hf in targets.items():
-            self.handles.append(block.get_submodule(rel).register_forward_pre_hook(self._hook(hf)))
-        return block
-
-    def _hook(self, hf: str):
-        def hook(module, args):
-            x = args[0]
-            if x.numel():
-                a = x.detach().abs().amax()
-                prev = self.amax.get(hf)
-                self.amax[hf] = a if prev is None else torch.maximum(prev, a)
-        return hook
-
-    def calibrate(self, block: nn.Module, targets: dict[str, str], loop: Callable[[nn.Module], None]) -> dict:
-        self.attach(block, targets)
-        try:
-            loop(block)
-        finally:
-            for h in self.handles:
-                h.remove()
-            self.handles.clear()
-        found, self.amax = self.amax, {}
-        return {hf: float(a.float()) for hf, a in found.items()}
-
-
-class _ModelOptObserver:
-    """ModelOpt's max calibration on one layer: targeted linears become plain nn.Linear (the only
-    modules mtq converts here), `mtq.quantize(layer, FP8_DEFAULT_CFG, loop)` runs the loop with its
-    quantizers in calibration mode, and each input_quantizer's amax is read back."""
-
-    name = "modelopt"
-
-    def __init__(self, mtq):
-        self.mtq = mtq
-
-    def calibrate(self, block: nn.Module, targets: dict[str, str], loop: Callable[[nn.Module], None]) -> dict:
-        for rel in targets:
-            parent_name, _, child = rel.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            old = getattr(parent, child)
-            plain = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
-            plain.weight, plain.bias = old.weight, old.bias
-            setattr(parent, child, plain)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            block = self.mtq.quantize(block, self.mtq.FP8_DEFAULT_CFG, loop)
-        found = {}
-        for rel, hf in targets.items():
-            amax = getattr(block.get_submodule(rel).input_quantizer, "amax", None)
-            if amax is not None:
-                found[hf] = float(amax.float().reshape(-1).max())
-        return found
-
-
 # ---- the layer-by-layer pass ---------------------------------------------------------------------
 
 
@@ -256,23 +171,12 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
     """Input amax of every targeted linear (HF module names), streaming the network layer by layer; with
     `kv`, also the amax of every attention layer's k_proj/v_proj output (the keys and values an FP8 KV
     cache stores: Nemotron-H's attention has no positional rotation, so they are the projections' outputs)."""
-    observer, label = _pick_observer(calibrator)
+    observer, label = pick_observer(calibrator)
     spec = ck.spec
-    by_layer: dict[int, dict[str, str]] = {}      # layer → {path inside the block: HF module}
-    for hf in targets:
-        m = _LAYER.match(hf)
-        if m is None:
-            raise NemoconvError(f"internal error: calibration target {hf!r} is outside the main layers")
-        by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = hf
+    by_layer = _targets_by_layer(targets)
     index = _source_index(ck)
     rows = max(1, TOKENS_PER_BATCH.get(device.type, 2048) // ids.shape[1])
-    ctx = _layer_context()
-    amax: dict[str, float] = {}
-    weight_amax: dict[str, float] = {}
-    tokens: dict[str, int] = {}
-    kv_amax: dict[str, torch.Tensor] = {}
-    total_tokens = ids.numel()
-
+    seen = _Seen(total_tokens=ids.numel())
     with TensorReader() as reader, ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemoconv-calib") as pool, \
             torch.no_grad():
         embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
@@ -288,59 +192,89 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
             tensors = pending.result()
             pending = pool.submit(_read_hf, ck, index.get(i + 1, []), reader) if i < last else None
             layer_targets = by_layer.get(i, {})
-            weight_amax.update(_weight_amax(tensors, layer_targets.values()))
+            seen.weight_amax.update(_weight_amax(tensors, layer_targets.values()))
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
-            counts: dict = {}
-            counter = _router_counter(block, counts)
-            kv_hooks = _kv_observers(block, i, kv_amax) if kv else []
-            outputs: list[torch.Tensor] = []
-            finite = torch.ones((), dtype=torch.bool, device=device)
-
-            def loop(model, hidden=hidden, outputs=outputs):
-                nonlocal finite
-                outputs.clear()
-                for h in hidden:
-                    out = model(h, ctx)
-                    finite = finite & torch.isfinite(out).all()
-                    outputs.append(out)
-
-            if layer_targets:
-                try:
-                    found = observer.calibrate(block, layer_targets, loop)
-                except AssertionError as exc:  # ModelOpt's calibrator asserts on NaN amax
-                    if "nan" not in str(exc).lower():
-                        raise
-                    raise NemoconvError(_nonfinite(i, spec)) from None
-            else:
-                loop(block)
-                found = {}
-            if counter is not None:
-                counter.remove()
-            for h in kv_hooks:
-                h.remove()
-            if not bool(finite):
-                raise NemoconvError(_nonfinite(i, spec))
-            routed = counts["experts"].tolist() if counts.get("experts") is not None else None
-            for rel, hf in layer_targets.items():
-                if hf in found:
-                    _check_finite(found[hf], hf)
-                    amax[hf] = found[hf]
-                m = _EXPERT.match(hf)
-                tokens[hf] = (routed[int(m.group(2))] if routed else 0) if m else total_tokens
-            hidden = outputs
+            hidden = _calibrate_layer(block, i, spec, hidden, layer_targets, observer, seen, kv)
             block.to_empty(device="meta")  # frees the layer's memory now, even if a reference lingers
             del block
             if progress:
                 progress(i + 1, last + 1)
-    filled = _fill_idle_experts(targets, amax, tokens)
-    kv_found = {m: float(a.float()) for m, a in kv_amax.items()}
+    filled = _fill_idle_experts(targets, seen.amax, seen.tokens)
+    kv_found = {m: float(a.float()) for m, a in seen.kv_amax.items()}
     for m, a in kv_found.items():
         _check_finite(a, m)
-    result = CalibResult(amax, tokens, weight_amax, filled, label, str(device), str(dtype).removeprefix("torch."),
-                         rows, kv_found)
+    result = CalibResult(seen.amax, seen.tokens, seen.weight_amax, filled, label, str(device),
+                         str(dtype).removeprefix("torch."), rows, kv_found)
     result.calibrator_name = observer.name  # "modelopt" | "builtin", for the manifest
     return result
+
+
+@dataclass
+class _Seen:
+    """What the pass has observed so far."""
+
+    total_tokens: int
+    amax: dict[str, float] = field(default_factory=dict)          # HF module → input amax
+    weight_amax: dict[str, float] = field(default_factory=dict)   # HF module → amax of its stored weight
+    tokens: dict[str, int] = field(default_factory=dict)          # HF module → calibration tokens it saw
+    kv_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _targets_by_layer(targets: list[str]) -> dict[int, dict[str, str]]:
+    """layer → {path inside the block: HF module}."""
+    by_layer: dict[int, dict[str, str]] = {}
+    for hf in targets:
+        m = _LAYER.match(hf)
+        if m is None:
+            raise NemoconvError(f"internal error: calibration target {hf!r} is outside the main layers")
+        by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = hf
+    return by_layer
+
+
+def _calibrate_layer(block: nn.Module, i: int, spec, hidden: list[torch.Tensor], layer_targets: dict[str, str],
+                     observer, seen: _Seen, kv: bool) -> list[torch.Tensor]:
+    """Run every chunk through layer i with its targets observed; returns the layer's outputs (the next
+    layer's inputs)."""
+    ctx = _layer_context()
+    counts: dict = {}
+    counter = _router_counter(block, counts)
+    kv_hooks = _kv_observers(block, i, seen.kv_amax) if kv else []
+    outputs: list[torch.Tensor] = []
+    finite = torch.ones((), dtype=torch.bool, device=hidden[0].device if hidden else "cpu")
+
+    def loop(model):
+        nonlocal finite
+        outputs.clear()
+        for h in hidden:
+            out = model(h, ctx)
+            finite = finite & torch.isfinite(out).all()
+            outputs.append(out)
+
+    if layer_targets:
+        try:
+            found = observer.calibrate(block, layer_targets, loop)
+        except AssertionError as exc:  # ModelOpt's calibrator asserts on NaN amax
+            if "nan" not in str(exc).lower():
+                raise
+            raise NemoconvError(_nonfinite(i, spec)) from None
+    else:
+        loop(block)
+        found = {}
+    if counter is not None:
+        counter.remove()
+    for h in kv_hooks:
+        h.remove()
+    if not bool(finite):
+        raise NemoconvError(_nonfinite(i, spec))
+    routed = counts["experts"].tolist() if counts.get("experts") is not None else None
+    for hf in layer_targets.values():
+        if hf in found:
+            _check_finite(found[hf], hf)
+            seen.amax[hf] = found[hf]
+        m = _EXPERT.match(hf)
+        seen.tokens[hf] = (routed[int(m.group(2))] if routed else 0) if m else seen.total_tokens
+    return outputs
 
 
 def _kv_observers(block: nn.Module, i: int, kv_amax: dict) -> list:
@@ -407,16 +341,3 @@ def _fill_idle_experts(targets: list[str], amax: dict[str, float], tokens: dict[
     return filled
 
 
-def _pick_observer(calibrator: str):
-    if calibrator == "auto":  # NEMOCONV_CALIBRATOR=builtin|modelopt chooses where the CLI has no flag for it
-        calibrator = settings.current().calibrator
-    if calibrator not in ("auto", "modelopt", "builtin"):
-        raise NemoconvError(f"calibrator must be auto, modelopt or builtin, got {calibrator!r}")
-    if calibrator == "builtin":
-        return _Observer(), "nemoconv (forward pre-hooks, running max)"
-    mtq, version = modelopt_status()
-    if mtq is None:
-        if calibrator == "modelopt":
-            raise NemoconvError(f"calibrator 'modelopt' requested but nvidia-modelopt is {version}")
-        return _Observer(), f"nemoconv (forward pre-hooks, running max; nvidia-modelopt {version})"
-    return _ModelOptObserver(mtq), f"nvidia-modelopt {version} (mtq.quantize, FP8_DEFAULT_CFG, max)"
