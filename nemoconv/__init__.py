@@ -1,6 +1,6 @@
 """nemoconv: convert, quantize and verify NVIDIA Nemotron-H hybrid checkpoints.
 
-Python API (mirrors the CLI, DESIGN.md §4):
+Python API (mirrors the CLI, docs/DESIGN.md §4):
     ck = nemoconv.open_checkpoint(path_or_repo_id)
     nemoconv.convert(src, out, to="nemo")
     model = nemoconv.load_model(path, device="cpu", dtype=torch.float32)

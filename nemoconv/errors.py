@@ -1,4 +1,4 @@
-"""Errors that the CLI turns into exit codes (DESIGN.md §3)."""
+"""Errors that the CLI turns into exit codes (docs/DESIGN.md §3)."""
 
 
 class NemoconvError(Exception):

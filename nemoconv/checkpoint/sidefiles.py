@@ -1,4 +1,4 @@
-"""The files beside the tensors that a checkpoint needs, and nothing else (DESIGN.md §2).
+"""The files beside the tensors that a checkpoint needs, and nothing else (docs/DESIGN.md §2).
 
 Carried: the tokenizer, the generation config, the chat template, the quantization config, license texts,
 and the `*.py` modules that `auto_map` names (remote code). Each is read through `paths.read_owned` (a link

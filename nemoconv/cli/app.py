@@ -1,4 +1,4 @@
-"""The `nemoconv` command line (DESIGN.md §3): the typer app, its global options, and how a run ends.
+"""The `nemoconv` command line (docs/DESIGN.md §3): the typer app, its global options, and how a run ends.
 
 Each command lives in its own module (cli/inspect.py, convert.py, quantize.py, verify.py, upload.py, demo.py)
 and its rendering in cli/render_*.py; the commands themselves are Python functions in nemoconv.commands.

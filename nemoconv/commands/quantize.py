@@ -1,4 +1,4 @@
-"""`nemoconv quantize`: a bf16/fp32 checkpoint → per-tensor static FP8 in ModelOpt's format (DESIGN.md §7).
+"""`nemoconv quantize`: a bf16/fp32 checkpoint → per-tensor static FP8 in ModelOpt's format (docs/DESIGN.md §7).
 
     1. plan    the whole tensor stream on meta tensors: every check and every output name, nothing read;
                the preset, --exclude globs and mixer groups decide the targets (quant.targets)

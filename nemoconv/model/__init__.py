@@ -1,4 +1,4 @@
-"""The built-in Nemotron-H hybrid model (DESIGN.md §5).
+"""The built-in Nemotron-H hybrid model (docs/DESIGN.md §5).
 
     model = load_model(path, device="cpu", dtype=torch.float32)    # any scheme, FP8 too
     logits = model(input_ids, attention_mask=None)                  # [b, s, vocab] float32, no cache

@@ -1,4 +1,4 @@
-"""Linear layers whose weight may be FP8 (per-tensor static scaling, ModelOpt format; DESIGN.md §7).
+"""Linear layers whose weight may be FP8 (per-tensor static scaling, ModelOpt format; docs/DESIGN.md §7).
 
 A quantized linear stores
     weight        float8_e4m3fn [out, in]   W_fp8, so that W ≈ W_fp8 * weight_scale

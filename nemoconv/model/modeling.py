@@ -1,4 +1,4 @@
-"""The built-in Nemotron-H hybrid model (DESIGN.md §5): Mamba-2, NoPE GQA attention, relu² MLP and MoE layers.
+"""The built-in Nemotron-H hybrid model (docs/DESIGN.md §5): Mamba-2, NoPE GQA attention, relu² MLP and MoE layers.
 
 Module names mirror the canonical HF tensor names (`backbone.layers.{i}.mixer.in_proj.weight`, …), so
 loading is a lookup. The layers live beside this file (`mamba`, `attention`, `mlp`, the shared pieces in

@@ -1,4 +1,4 @@
-"""FP8 tensors and config files exactly as nvidia-modelopt 0.47's HF export writes them (DESIGN.md §7).
+"""FP8 tensors and config files exactly as nvidia-modelopt 0.47's HF export writes them (docs/DESIGN.md §7).
 
 Per quantized linear:
     weight        float8_e4m3fn [out, in]   e4m3(clamp(W / weight_scale, ±448)), the quotient computed

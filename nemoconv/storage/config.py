@@ -1,6 +1,6 @@
 """Nemotron-H `config.json` → a validated `ModelSpec` (storage.model_spec: layer layout and dimensions).
 
-Accepts both layout spellings (DESIGN.md §1): the released `hybrid_override_pattern` string
+Accepts both layout spellings (docs/DESIGN.md §1): the released `hybrid_override_pattern` string
 (`M` Mamba-2, `*` attention, `-` MLP, `E` MoE) and transformers ≥ 5's `layers_block_type` list.
 Every field read is type- and range-checked, so a hostile config fails here in one line.
 """

@@ -1,6 +1,6 @@
 """`ModelSpec`: a Nemotron-H network's layer layout and dimensions, the one source of expected tensor shapes.
 
-Layer codes (DESIGN.md §1): `M` Mamba-2, `*` attention, `-` MLP, `E` MoE. The spec says which HF tensors a
+Layer codes (docs/DESIGN.md §1): `M` Mamba-2, `*` attention, `-` MLP, `E` MoE. The spec says which HF tensors a
 checkpoint must hold and their shapes, so that every tensor can be checked before anything is written. It is
 built from config.json by `storage.config.parse_config`, which validates every field it reads.
 """

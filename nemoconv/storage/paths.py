@@ -1,4 +1,4 @@
-"""What nemoconv may read and where it may write (DESIGN.md §2).
+"""What nemoconv may read and where it may write (docs/DESIGN.md §2).
 
 A checkpoint names its files in text nemoconv did not write (the index's `weight_map`, config's `auto_map`),
 and a directory can hold symbolic links to anywhere. So:

@@ -1,4 +1,4 @@
-"""Atomic output directories and sharded safetensors writing (DESIGN.md §2).
+"""Atomic output directories and sharded safetensors writing (docs/DESIGN.md §2).
 
 Everything is written into a hidden temporary sibling of OUT (`.OUT.nemoconv-tmp-PID-XXXX`) and published
 only when complete: a failure (or a kill) leaves no output and leaves an existing output untouched. OUT is

@@ -1,7 +1,7 @@
 """The gate's thresholds: the profiles, which one two checkpoints call for, the user's overrides (and which of
 them loosen the gate: the record keeps those), and the tolerances that depend on the device and dtype.
 
-Thresholds come from a profile (DESIGN.md §6): the user's, or the one the two checkpoints' tensors call for
+Thresholds come from a profile (docs/DESIGN.md §6): the user's, or the one the two checkpoints' tensors call for
 (`choose_profile`; never what the candidate's manifest says).
 
 What "exact" means (the profile for lossless conversions): a lossless conversion yields bit-identical

@@ -65,7 +65,7 @@ def stand_in_spec(spec):
 
 
 def default_fp8_linears(spec) -> set[str]:
-    """The linears quantize's default preset makes FP8 (DESIGN.md §7): Mamba in/out_proj, MLP up/down_proj."""
+    """The linears quantize's default preset makes FP8 (docs/DESIGN.md §7): Mamba in/out_proj, MLP up/down_proj."""
     pairs = {MAMBA: ("in_proj", "out_proj"), MLP: ("up_proj", "down_proj")}
     return {f"backbone.layers.{i}.mixer.{name}" for i, code in enumerate(spec.layer_codes)
             for name in pairs.get(code, ())}
