@@ -15,7 +15,8 @@ from helpers import assert_same_tensors, excluded_modules, load_all, read_json, 
 from safetensors.torch import load_file, save_file
 
 import nemoconv
-from nemoconv.commands.quantize import quantize, render_summary
+from nemoconv.cli.render_quantize import render_summary
+from nemoconv.commands.quantize import quantize
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 from nemoconv.errors import NemoconvError

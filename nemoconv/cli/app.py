@@ -283,7 +283,7 @@ def quantize(
     With --analyze, writes no checkpoint (OUT must be omitted) and reports which linears FP8 hurts.
     """
     from nemoconv.commands.quantize import quantize as do_quantize
-    from nemoconv.commands.quantize import render_summary
+    from nemoconv.cli.render_quantize import render_summary
 
     if analyze:
         _analyze(src, dst, preset, exclude, calib_file, calib_samples, calib_seq_len, device, to, overwrite,
