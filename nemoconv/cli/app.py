@@ -174,6 +174,7 @@ def convert(
                                             help="Megatron source: which iter_* checkpoint (default: the latest)."),
     config_file: Optional[Path] = typer.Option(None, "--config",
                                                help="Megatron source: its HF config.json (when it carries none)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Discard what an interrupted run left and start over."),
 ):
     """Convert a checkpoint between the hf, nemo, max and megatron naming schemes, bit-exactly where lossless.
 
@@ -186,7 +187,8 @@ def convert(
     with progress_bar(f"convert → {to.value}") as progress:
         manifest = do_convert(src, dst, to=to.value, from_=from_.value, dtype=dtype.value,
                               max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
-                              progress=progress, iteration=iteration, config_file=config_file)
+                              progress=progress, iteration=iteration, config_file=config_file,
+                              resume=not no_resume)
     if _state["quiet"] and not dry_run:
         return
     verb = "plan" if dry_run else "wrote"
@@ -277,6 +279,7 @@ def quantize(
     kv_cache: KVCache = typer.Option(KVCache.none, "--kv-cache", help="fp8: also write FP8 KV-cache scales "
                                      "(k_scale/v_scale) for the attention layers, as ModelOpt does (the max "
                                      "scheme drops them)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Discard what an interrupted run left and start over."),
 ):
     """Per-tensor static FP8 (E4M3) in ModelOpt's format, calibrated by running the built-in model.
 
@@ -296,7 +299,7 @@ def quantize(
     result = do_quantize(src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value,
                          to=to.value, overwrite=overwrite, quiet=_state["quiet"], calibrator=calibrator.value,
-                         max_kl=max_kl, min_top1=min_top1, kv_cache=kv_cache.value)
+                         max_kl=max_kl, min_top1=min_top1, kv_cache=kv_cache.value, resume=not no_resume)
     if not _state["quiet"]:
         render_summary(result, out)
 

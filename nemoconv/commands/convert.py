@@ -15,9 +15,11 @@ from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.stream.output import check_output_free
 from nemoconv.stream.pipeline import stream_converted
 from nemoconv.stream.plan import TensorPlan, manifest_head, mtp_warning, plan_conversion
+from nemoconv.stream.resume import ResumeKey, source_fingerprint
 from nemoconv.stream.shards import json_bytes, parse_size
-from nemoconv.stream.writer import Beside, Layout, write_checkpoint
+from nemoconv.stream.writer import Beside, Layout, Resume, write_checkpoint
 from nemoconv.untrusted import parse_json, want_dict, want_str
+from nemoconv.version import __version__
 
 _DTYPE_OPTIONS = {"keep": None, "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -75,9 +77,11 @@ def _rewrite_quant_side(carried: list[SideFile], config: dict, ck: Checkpoint, d
 
 def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_shard_size: str | int = "5GB",
             overwrite: bool = False, dry_run: bool = False, progress: Progress | None = None,
-            iteration: int | None = None, config_file: str | Path | None = None) -> dict:
+            iteration: int | None = None, config_file: str | Path | None = None, resume: bool = True) -> dict:
     """Convert a checkpoint between naming schemes; returns the manifest (the plan with `dry_run`).
-    `iteration`, `config_file`: for a Megatron source, which iter_* directory and its HF config."""
+    `iteration`, `config_file`: for a Megatron source, which iter_* directory and its HF config.
+    `resume`: continue the partial output of an interrupted run of this same conversion (stream.resume);
+    False discards it and starts over."""
     get_scheme(to)
     if dtype not in _DTYPE_OPTIONS:
         raise NemoconvError(f"--dtype must be one of {', '.join(_DTYPE_OPTIONS)}, got {dtype!r}")
@@ -90,17 +94,20 @@ def convert(src, out, to: str, from_: str = "auto", dtype: str = "keep", max_sha
     if dry_run:
         check_output_free(Path(out).expanduser(), overwrite)
         return manifest
-    layout = Layout(plan.planned(), to, shard_limit, get_scheme(to).container)
+    layout = Layout(plan.planned(), to, shard_limit, get_scheme(to).container, [i.sources for i in plan.items])
 
     def beside() -> Beside:
         config = _rewrite_quant_side(carried, ck.config, ck, get_scheme(to), set(plan.names))
         return Beside(config, carried, manifest, card_title=f"{Path(str(src)).name} ({to} scheme)")
 
+    key = ResumeKey("convert", source_fingerprint(ck.path, [*ck.shard_files, config_file]),
+                    {"SRC": str(src), "--from": ck.scheme, "--to": to, "--dtype": dtype,
+                     "--max-shard-size": shard_limit, "--iteration": iteration, "nemoconv": __version__})
     with TensorReader(host=True) as reader:  # numpy bits: convert never imports torch
         return write_checkpoint(
             out, overwrite, layout,
-            lambda: stream_converted(ck, to=to, dtype=_DTYPE_OPTIONS[dtype], reader=reader, lazy=True),
-            beside, ck.path, progress)
+            lambda skip: stream_converted(ck, to=to, dtype=_DTYPE_OPTIONS[dtype], reader=reader, lazy=True, skip=skip),
+            beside, ck.path, progress, Resume(key, fresh=not resume))
 
 
 def _manifest(src, ck: Checkpoint, to: str, dtype: str, plan: TensorPlan, carried: list[SideFile],

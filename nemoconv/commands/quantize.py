@@ -37,8 +37,10 @@ from nemoconv.stream.items import Item, Journal
 from nemoconv.stream.output import check_output_free
 from nemoconv.stream.pipeline import FromHF, stream_converted
 from nemoconv.stream.plan import TensorPlan, accounted_plan
+from nemoconv.stream.resume import ResumeKey, digest_of, source_fingerprint
 from nemoconv.stream.shards import parse_size
-from nemoconv.stream.writer import Beside, Layout, write_checkpoint
+from nemoconv.stream.writer import Beside, Layout, Resume, write_checkpoint
+from nemoconv.version import __version__
 
 OUTPUT_SCHEMES = ("hf", "max")
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,7 +50,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
              calib_samples: int = 128, calib_seq_len: int = 512, device: str = "auto", to: str = "hf",
              overwrite: bool = False, quiet: bool = True, max_shard_size: str | int = "5GB",
              dtype: torch.dtype | None = None, calibrator: str = "auto", max_kl: float | None = None,
-             min_top1: float | None = None, kv_cache: str | None = None) -> dict:
+             min_top1: float | None = None, kv_cache: str | None = None, resume: bool = True) -> dict:
     """Quantize SRC into OUT; returns the manifest written beside the tensors, plus `timings_s`.
 
     `dtype`: activations during calibration (default bfloat16 on CUDA, float32 on CPU).
@@ -57,6 +59,8 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     it is met (quant.budget), else NemoconvError with the best reachable numbers.
     `kv_cache`: "fp8" adds k_scale/v_scale (calibrated amax of the keys/values / 448) to every attention
     layer, as ModelOpt does; None or "none" writes none.
+    `resume`: continue the partial output of an interrupted run of this same command (stream.resume; the
+    calibration is run again and must give the same values); False discards it and starts over.
     """
     t0 = time.perf_counter()
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -64,10 +68,17 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     shard_limit = parse_size(max_shard_size)
     dev = _device(device)
     run = QuantizeRun(src, Path(out).expanduser(), to, kv_cache == "fp8", dev,
-               dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32), quiet)
+                      dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32), quiet, fresh=not resume)
+    run.options = {"SRC": str(src), "--preset": preset, "--exclude": exclude,
+                   "--calib-file": calib_file and str(calib_file),
+                   "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len, "--device": dev.type,
+                   "activations": str(run.act_dtype), "--to": to, "--max-shard-size": shard_limit,
+                   "--calibrator": calibrator, "--max-kl": max_kl, "--min-top1": min_top1, "--kv-cache": kv_cache,
+                   "nemoconv": __version__}
     ck = run.ck = _open_source(src)
     check_output_location(run.out, [ck.path] + ([calib_file] if calib_file is not None else []), overwrite)
     check_output_free(run.out, overwrite)  # before spending time on calibration
+    run.inputs = [*ck.shard_files, calib_file]
 
     plan = _plan(run, preset, exclude)  # 1. names, shapes and every check, on meta tensors
     t_plan = time.perf_counter()
@@ -172,13 +183,16 @@ def _write(run: QuantizeRun, plan: TargetPlan, shard_limit: int, overwrite: bool
         return Beside(config, carried, manifest, card_title=f"{Path(str(run.src)).name} (FP8, {run.to} scheme)",
                       extra_json={QUANT_CONFIG_NAME: hf_quant})
 
-    def stream():
+    def stream(skip: frozenset):
         return _stream(ck, run.to, plan, run.calib.amax, meta=False, journal=Journal(), reader=reader,
-                       device=run.device, records=records, kv_scales=run.kv_scales)
+                       device=run.device, records=records, kv_scales=run.kv_scales, skip=skip)
 
+    layout = Layout(tensors.planned(), run.to, shard_limit, sources=[i.sources for i in tensors.items])
+    key = ResumeKey("quantize", source_fingerprint(ck.path, run.inputs), run.options,
+                    content=digest_of({"calibration": vars(run.calib), "budget": run.budget}))
+    resume = Resume(key, fresh=run.fresh, state=lambda: dict(records), restore=records.update)
     with TensorReader() as reader, Progress(f"write FP8 → {run.to}", quiet=run.quiet, unit="bytes") as progress:
-        return write_checkpoint(run.out, overwrite, Layout(tensors.planned(), run.to, shard_limit), stream, beside,
-                                ck.path, progress)
+        return write_checkpoint(run.out, overwrite, layout, stream, beside, ck.path, progress, resume)
 
 
 def check_calibration_sizes(calib_samples, calib_seq_len) -> None:
@@ -216,10 +230,11 @@ def _device(device: str) -> torch.device:
 
 def _stream(ck: Checkpoint, to: str, plan: TargetPlan, input_amax: dict[str, float], meta: bool,
             journal: Journal, reader: TensorReader | None = None, device: torch.device | None = None,
-            records: dict | None = None, kv_scales: dict | None = None) -> Iterator[Item]:
+            records: dict | None = None, kv_scales: dict | None = None, skip: frozenset = frozenset()
+            ) -> Iterator[Item]:
     """The checkpoint in `hf` names with targets quantized (and KV-cache scales beside k_proj/v_proj),
     then renamed into `to` by the scheme rules."""
-    items = stream_converted(ck, to="hf", meta=meta, journal=journal, reader=reader, lazy=True)
+    items = stream_converted(ck, to="hf", meta=meta, journal=journal, reader=reader, lazy=True, skip=skip)
     items = _quantized(items, set(plan.quantized), input_amax, device, records)
     if kv_scales:
         items = _with_kv_scales(items, kv_scales, meta)

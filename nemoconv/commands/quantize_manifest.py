@@ -34,6 +34,9 @@ class QuantizeRun:
     calib: object = None  # the calibration result
     kv_scales: dict = field(default_factory=dict)
     budget: dict | None = None
+    fresh: bool = False  # discard the partial output of an interrupted run (--no-resume)
+    options: dict = field(default_factory=dict)  # every option that changes the output (for resuming)
+    inputs: list = field(default_factory=list)  # the files read besides the source directory's own
 
 
 def exclusion_list(plan: TargetPlan, hf, scheme, out_names: set[str]) -> list[str]:

@@ -52,7 +52,7 @@ def _cast(item: Item, dtype: str, by: str, journal: Journal, why: str) -> Item:
 # ---- stage 1: read ------------------------------------------------------------------------------
 
 
-def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Item]:
+def read_items(ck: Checkpoint, reader: TensorReader, meta: bool, skip: frozenset = frozenset()) -> Iterator[Item]:
     """Source tensors in natural order (one layer's tensors together), read aliases normalized.
 
     Nothing is read here: each item points at its bytes on disk, read when a transform needs the values,
@@ -66,7 +66,7 @@ def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Ite
             raise NemoconvError(f"{ck.path}: tensors {seen[normalized]!r} and {name!r} are the same tensor under two spellings")
         seen[normalized] = name
         shape_only = entry.host_meta() if reader.host else entry.meta()
-        yield Item(normalized, shape_only, (name,), entry=entry, reader=None if meta else reader)
+        yield Item(normalized, shape_only, (name,), entry=entry, reader=None if meta or name in skip else reader)
 
 
 # ---- stage 2: source scheme → hf -----------------------------------------------------------------
@@ -311,20 +311,22 @@ class FromHF:
 
 def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype=None,
                      journal: Journal | None = None, reader: TensorReader | None = None,
-                     lazy: bool = False, prefetch: int = 0, host: bool = False) -> Iterator[Item]:
+                     lazy: bool = False, prefetch: int = 0, host: bool = False,
+                     skip: frozenset = frozenset()) -> Iterator[Item]:
     """Every tensor of `ck` in scheme `to`, checked against the config on the way through `hf`.
 
     `meta`: shapes and dtypes only (the plan). `lazy`: tensors that pass through unchanged keep pointing at
     their bytes on disk (`item.entry`), for a writer that copies file to file. `prefetch`: read up to that
     many of the next unchanged tensors on threads while the consumer handles the current one.
     `dtype`: cast floating-point weights (a name or torch dtype). `host`: HostTensors instead of torch tensors
-    (no torch import; a given `reader` decides this)."""
+    (no torch import; a given `reader` decides this). `skip`: source tensors to leave unread (they flow as meta
+    tensors; a resumed write has what they feed on disk already)."""
     journal = journal if journal is not None else Journal()
     target = get_scheme(to)
     own_reader = reader is None
     reader = reader or TensorReader(host=host)
     try:
-        items = read_items(ck, reader, meta)
+        items = read_items(ck, reader, meta, skip)
         items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal, reader)
         items = NetworkCheck(ck.spec)(items)
         items = FromHF(target, ck.spec, journal, dtype)(items)

@@ -64,15 +64,19 @@ def shard_names(n: int) -> list[str]:
 class ShardedWriter:
     """Writes a planned, ordered stream of tensors into shards, then the index."""
 
-    def __init__(self, directory: Path, planned: list[PlannedTensor], max_shard_size: int, metadata: dict[str, str]):
+    def __init__(self, directory: Path, planned: list[PlannedTensor], max_shard_size: int, metadata: dict[str, str],
+                 start_shard: int = 0, on_shard_done=None):
+        """`start_shard`: the shards before it are already on disk (a resumed run), and the first tensor written
+        is the first of that shard. `on_shard_done(path)`: called as each shard file is complete and closed."""
         self.directory = directory
         self.shards = plan_shards(planned, max_shard_size)
         self.names = shard_names(len(self.shards))
         self.metadata = metadata
-        self._shard = -1
+        self._shard = start_shard - 1
         self._writer: ShardFileWriter | None = None
         self._left = 0
-        self.weight_map: dict[str, str] = {}
+        self._on_shard_done = on_shard_done
+        self.weight_map: dict[str, str] = {p.name: self.names[k] for k in range(start_shard) for p in self.shards[k]}
         self.total_size = sum(p.nbytes for p in planned)
 
     def write(self, name: str, tensor, entry=None) -> None:
@@ -82,9 +86,15 @@ class ShardedWriter:
         self.weight_map[name] = self.names[self._shard]
         self._left -= 1
 
-    def _open_next(self) -> None:
+    def _close_shard(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+            if self._on_shard_done is not None:
+                self._on_shard_done(self.directory / self.names[self._shard])
+
+    def _open_next(self) -> None:
+        self._close_shard()
         self._shard += 1
         if self._shard >= len(self.shards):
             raise RuntimeError("internal error: more tensors than planned")
@@ -93,8 +103,7 @@ class ShardedWriter:
         self._left = len(planned)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._close_shard()
         if len(self.weight_map) != sum(len(s) for s in self.shards):
             raise RuntimeError("internal error: fewer tensors written than planned")
         if len(self.shards) > 1:
