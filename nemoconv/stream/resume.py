@@ -37,7 +37,6 @@ from nemoconv.stream.output import (
     _clean_stale,
     _io_error,
     _new_temp_dir,
-    _rename_noreplace,
     check_output_free,
     publish,
     recover_interrupted_overwrite,
@@ -135,14 +134,19 @@ def resumable_output(out: str | Path, overwrite: bool, key: ResumeKey, shard_nam
     out = Path(os.path.realpath(Path(out).expanduser()))
     _prepare(out, overwrite)
     lock_fd, partial = _claim(out, key, shard_names, fresh)
+    publishing = False
     try:
         yield partial
         if partial.key is not None:
             partial._journal.close()
             (partial.directory / JOURNAL_NAME).unlink()
+        publishing = True
         publish(partial.directory, out, overwrite)
     except (Interrupted, KeyboardInterrupt, OSError) as exc:
-        _keep_or_remove(partial, len(shard_names))
+        if publishing:  # complete, but not published: removed as any temporary output (nothing left to resume)
+            shutil.rmtree(partial.directory, ignore_errors=True)
+        else:
+            _keep_or_remove(partial, len(shard_names))
         if isinstance(exc, OSError):
             raise _io_error(exc, f"writing {out}") from None
         raise
@@ -324,7 +328,8 @@ def _create(out: Path, mine: Path, key: ResumeKey) -> tuple[int | None, Partial]
     journal.write((json.dumps({**key.header(), "content": key.content}, sort_keys=True) + "\n").encode())
     os.fsync(journal.fileno())
     try:
-        _rename_noreplace(tmp, mine)
+        # rename(2) fails on a non-empty target, and every partial holds its journal: no partial is replaced
+        os.replace(tmp, mine)
     except OSError:  # a run of the same command made it meanwhile: stay private
         journal.close()
         (tmp / JOURNAL_NAME).unlink()
