@@ -321,22 +321,28 @@ def _check_shards(directory: Path, shards: list[dict], shard_names: list[str]) -
 
 
 def _create(out: Path, mine: Path, key: ResumeKey) -> tuple[int | None, Partial]:
-    """A new partial: made privately with its journal header, then renamed into place (never seen half-made)."""
-    tmp = _new_temp_dir(out)
-    fd = _lock(tmp)
-    journal = open(tmp / JOURNAL_NAME, "wb", buffering=0)
-    journal.write((json.dumps({**key.header(), "content": key.content}, sort_keys=True) + "\n").encode())
-    os.fsync(journal.fileno())
+    """A new partial: made privately with its journal header, then renamed into place (never seen half-made).
+    Interrupted while it is made, it is removed: it holds nothing to resume."""
+    tmp, placed = _new_temp_dir(out), False
     try:
-        # rename(2) fails on a non-empty target, and every partial holds its journal: no partial is replaced
-        os.replace(tmp, mine)
-    except OSError:  # a run of the same command made it meanwhile: stay private
-        journal.close()
-        (tmp / JOURNAL_NAME).unlink()
-        return fd, Partial(tmp, None)
-    dir_fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return fd, Partial(mine, key, _journal=journal)
+        fd = _lock(tmp)
+        journal = open(tmp / JOURNAL_NAME, "wb", buffering=0)
+        journal.write((json.dumps({**key.header(), "content": key.content}, sort_keys=True) + "\n").encode())
+        os.fsync(journal.fileno())
+        try:
+            # rename(2) fails on a non-empty target, and every partial holds its journal: no partial is replaced
+            os.replace(tmp, mine)
+        except OSError:  # a run of the same command made it meanwhile: stay private
+            journal.close()
+            (tmp / JOURNAL_NAME).unlink()
+            return fd, Partial(tmp, None)
+        placed = True
+        dir_fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return fd, Partial(mine, key, _journal=journal)
+    except BaseException:
+        shutil.rmtree(mine if placed else tmp, ignore_errors=True)
+        raise
