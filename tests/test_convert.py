@@ -304,7 +304,7 @@ def test_host_and_torch_streams_agree_bit_for_bit(hf_dir, tmp_path, kind, to, dt
 def test_host_casts_round_like_torch(pair):
     """Every cast, NaN, infinities, ties and subnormals included, gives torch's bits."""
     from nemoconv.storage.safetensors_io import HostTensor
-    from nemoconv.stream.pipeline import _convert_dtype
+    from nemoconv.stream.tensor_ops import _convert_dtype
 
     src, dst = (getattr(torch, p) for p in pair)
     g = torch.Generator().manual_seed(0)
@@ -324,7 +324,7 @@ def test_host_casts_round_like_torch(pair):
 def test_fast_transpose_is_a_transpose(itemsize, shape):
     import numpy as np
 
-    from nemoconv.stream.pipeline import _transpose_into
+    from nemoconv.stream.tensor_ops import _transpose_into
 
     a = np.arange(int(np.prod(shape)), dtype=f"u{itemsize}").reshape(shape)
     out = np.empty(shape[::-1], dtype=a.dtype)

@@ -17,6 +17,7 @@ from helpers import assert_same_tensors, load_all, tree_digest
 from nemoconv.commands.convert import convert
 from nemoconv.errors import NemoconvError
 from nemoconv.storage.megatron.config import hf_config_from_megatron, split_layer_pattern
+from nemoconv.stream.pipeline import iter_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 MTP = {"num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E"}
@@ -64,7 +65,7 @@ def test_torch_dcp_loads_what_we_write_bit_exactly(megatron_dir):
 
     ck = open_checkpoint(mg)
     assert set(state) == set(ck.entries)
-    for name, t in ck.iter_tensors(to="megatron", prefetch=0):
+    for name, t in iter_tensors(ck, to="megatron", prefetch=0):
         assert torch.equal(t.view(torch.uint8), state[name].view(torch.uint8)), name
 
 
@@ -101,7 +102,7 @@ def test_qkv_is_interleaved_per_kv_group(megatron_dir):
     for g in range(groups):  # Megatron's order: the group's q heads, then its k head, then its v head
         expected += [q[(g * per_group + h) * d:(g * per_group + h + 1) * d] for h in range(per_group)]
         expected += [k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
-    fused = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    fused = dict(iter_tensors(open_checkpoint(mg), to="megatron", prefetch=0))
     assert torch.equal(fused[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], torch.cat(expected))
 
 
@@ -212,7 +213,7 @@ def test_optimizer_state_and_extra_state_are_skipped_with_a_note(megatron_dir, t
     src, mg = megatron_dir("dense")
     from nemoconv.checkpoint.local import open_checkpoint
 
-    state = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    state = dict(iter_tensors(open_checkpoint(mg), to="megatron", prefetch=0))
     state["optimizer.state.exp_avg.decoder.final_norm.weight"] = torch.zeros(4)
     state["decoder.layers.0.mixer.in_proj._extra_state"] = {"fp8": "meta"}  # a pickled object, never read
     train = tmp_path / "train"
@@ -255,7 +256,7 @@ def test_megatron_core_loads_what_we_write_with_the_expected_keys_shapes_and_val
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    ours = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    ours = dict(iter_tensors(open_checkpoint(mg), to="megatron", prefetch=0))
     assert sorted(loaded) == sorted(ours)
     for key, t in ours.items():
         digest = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -316,7 +317,7 @@ def test_bridge_qkv_in_proj_and_conv1d_mappings_give_our_tensors(megatron_dir, l
     src, mg = megatron_dir(layout)
     spec = open_checkpoint(src).spec
     hf = load_all(src)
-    ours = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    ours = dict(iter_tensors(open_checkpoint(mg), to="megatron", prefetch=0))
     config = TransformerConfig(num_layers=1, hidden_size=spec.hidden_size, num_attention_heads=spec.num_attention_heads,
                                num_query_groups=spec.num_key_value_heads, kv_channels=spec.head_dim,
                                mamba_num_heads=spec.mamba_num_heads, mamba_head_dim=spec.mamba_head_dim,
@@ -425,7 +426,7 @@ def test_vocab_padding_rows_are_cut_on_read_and_reported(megatron_dir, tmp_path)
     from nemoconv.checkpoint.local import open_checkpoint
 
     src, mg = megatron_dir("dense")
-    state = dict(open_checkpoint(mg).iter_tensors(to="megatron", prefetch=0))
+    state = dict(iter_tensors(open_checkpoint(mg), to="megatron", prefetch=0))
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         state[key] = torch.cat([state[key], torch.full((64, state[key].shape[1]), 7.0, dtype=state[key].dtype)])
     padded = tmp_path / "padded"

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import nemoconv
 from nemoconv import settings
-from nemoconv.commands.quantize import quantize, render_summary
+from nemoconv.cli.render_quantize import render_summary
+from nemoconv.commands.quantize import quantize
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 from nemoconv.errors import NemoconvError

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from nemoconv.errors import NemoconvError
 from nemoconv.schemes import Scheme, get_scheme, scheme_names
@@ -87,15 +86,6 @@ class Checkpoint:
             "scales": sum(1 for n in self.entries if is_scale(n)),
             "excluded_modules": len(want_list(excluded, "the quantization exclusion list")),
         }
-
-    def iter_tensors(self, to: str = "hf", meta: bool = False, prefetch: int = 4
-                     ) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
-        """Stream `(name, tensor)` in scheme `to`, converting on the fly (one tensor or group at a time);
-        the next `prefetch` tensors are read on threads meanwhile."""
-        from nemoconv.stream.pipeline import stream_converted
-
-        for item in stream_converted(self, to=to, meta=meta, prefetch=prefetch):
-            yield item.name, item.tensor
 
 
 def _looks_like_repo_id(text: str) -> bool:

@@ -24,6 +24,7 @@ def convert(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (only once complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Discard what an interrupted run left and start over."),
     iteration: Optional[int] = typer.Option(None, "--iteration", min=0,
                                             help="Megatron source: which iter_* checkpoint (default: the latest)."),
     config_file: Optional[Path] = typer.Option(None, "--config",
@@ -38,7 +39,8 @@ def convert(
     with options.progress(f"convert → {to.value}") as progress:
         manifest = do_convert(src, dst, to=to.value, from_=from_.value, dtype=dtype.value,
                               max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
-                              progress=progress, iteration=iteration, config_file=config_file)
+                              progress=progress, iteration=iteration, config_file=config_file,
+                              resume=not no_resume)
     if options.quiet and not dry_run:
         return
     render_conversion(manifest, dst, dry_run, stdout_console(options))

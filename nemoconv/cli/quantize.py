@@ -32,6 +32,7 @@ def quantize(
     device: Device = typer.Option(Device.auto, "--device", help="Where calibration runs."),
     to: QuantScheme = typer.Option("hf", "--to", help="Naming scheme of the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Discard what an interrupted run left and start over."),
     calibrator: Calibrator = typer.Option(Calibrator.auto, "--calibrator",
                                           help="Who observes the input amax: modelopt (nvidia-modelopt 0.47), builtin "
                                                "(nemoconv's hooks, same values), auto (modelopt when it imports, else "
@@ -60,7 +61,7 @@ def quantize(
         _refuse_checkpoint_flags([("OUT", dst is not None), ("--exclude", bool(exclude)),
                                   ("--to", to.value != "hf"), ("--overwrite", overwrite),
                                   ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None),
-                                  ("--kv-cache", kv_cache != KVCache.none)])
+                                  ("--kv-cache", kv_cache != KVCache.none), ("--no-resume", no_resume)])
         _analyze(options, src, preset.value, calib_file, calib_samples, calib_seq_len, analyze_samples,
                  device.value, report)
         return
@@ -71,12 +72,12 @@ def quantize(
     _write_fp8(options, src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value, to=to.value,
                overwrite=overwrite, calibrator=calibrator.value, max_kl=max_kl, min_top1=min_top1,
-               kv_cache=kv_cache.value)
+               kv_cache=kv_cache.value, resume=not no_resume)
 
 
 def _write_fp8(options: CliOptions, src: str, dst: Path, **settings) -> None:
+    from nemoconv.cli.render_quantize import render_summary
     from nemoconv.commands.quantize import quantize as do_quantize  # torch: only when the command runs
-    from nemoconv.commands.quantize import render_summary
 
     result = do_quantize(src, dst, quiet=options.quiet, **settings)
     if not options.quiet:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 
 from nemoconv.checkpoint.local import open_checkpoint
-from nemoconv.stream.pipeline import SCALE_SUFFIXES
+from nemoconv.errors import NemoconvError
+from nemoconv.schemes.scales import SCALE_SUFFIXES
+from nemoconv.stream.plan import mtp_warning, plan_conversion
 
 
 def inspect_checkpoint(source, scheme: str = "auto") -> dict:
     """What the checkpoint is, and `check`: whether every tensor fits config.json and none is missing or left
     over (the checks convert and verify make before they read a byte of data)."""
-    from nemoconv.commands.convert import plan_conversion
-    from nemoconv.errors import NemoconvError
-
     ck = open_checkpoint(source, scheme=scheme)
     try:
         plan_conversion(ck, "hf", None)
@@ -38,13 +37,3 @@ def inspect_checkpoint(source, scheme: str = "auto") -> dict:
         "check": check,
         "warnings": [w for w in (mtp_warning(ck),) if w],
     }
-
-
-def mtp_warning(ck) -> str | None:
-    """Why a config that declares MTP layers without their weights matters (transformers' save_pretrained
-    writes exactly that: num_nextn_predict_layers kept, the mtp.* tensors dropped); None when all is well."""
-    declared = ck.spec.num_mtp_layers
-    if not declared or any("mtp" in name for name in ck.entries):
-        return None
-    return (f"config.json declares {declared} MTP layer(s) (num_nextn_predict_layers) but the checkpoint holds no "
-            f"MTP weights (as transformers' save_pretrained writes it): MTP speculative decoding cannot run from it")

@@ -188,6 +188,7 @@ class _Filling:
 def load_model(path, device="cpu", dtype: torch.dtype | str | None = torch.float32) -> NemotronHLM:
     """The built-in hybrid model for a checkpoint of any scheme (hf, nemo, max; FP8 too)."""
     from nemoconv.checkpoint.local import open_checkpoint
+    from nemoconv.stream.pipeline import iter_tensors
 
     ck = open_checkpoint(path)
-    return build_model(ck.spec, ck.iter_tensors(to="hf"), device=device, dtype=dtype)
+    return build_model(ck.spec, iter_tensors(ck, to="hf"), device=device, dtype=dtype)

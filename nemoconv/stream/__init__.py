@@ -1,2 +1,3 @@
-"""Layer 4 — the tensor stream: one generator that renames/splits/fuses every source tensor (`pipeline`), and
-the writer that publishes shards, index, manifest and card atomically (`output`, `card`)."""
+"""Layer 4 — the tensor stream: the generator that renames/splits/fuses every source tensor (`pipeline`, with
+`items`, `tensor_ops`, `network`), its plan on meta tensors (`plan`), and the one writer of convert and quantize
+(`writer`: shards from `shards`, side files, manifest, `card`, inside an atomic output directory from `output`)."""

@@ -8,296 +8,32 @@ before a single byte is written. Each stage ends by proving that it consumed eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.schemes import Scheme, config_product, get_scheme
-from nemoconv.schemes.scales import SCALE_SUFFIXES
 from nemoconv.storage.config import ModelSpec
-from nemoconv.storage.safetensors_io import (
-    FLOAT_NAMES,
-    FP8_NAMES,
-    ChunkedEntry,
-    HostTensor,
-    TensorEntry,
-    TensorReader,
-    bits_dtype,
-    dtype_name,
-    torch_dtype,
+from nemoconv.storage.safetensors_io import FLOAT_NAMES, FP8_NAMES, TensorReader, dtype_name
+from nemoconv.stream.items import SCALE_SUFFIXES, Item, Journal, is_lossless_cast
+from nemoconv.stream.network import NetworkCheck
+from nemoconv.stream.tensor_ops import (
+    _cat,
+    _convert_dtype,
+    _grouped,
+    _on_disk,
+    _same_bits,
+    _split_along,
+    _stack,
+    _stacked_on_disk,
+    _ungrouped,
+    _unstack_all,
+    _unstacked_on_disk,
 )
 
-# The stages run on torch tensors (model loading, quantize) or, with `host=True`, on HostTensors (numpy bits,
-# no torch import: what `nemoconv convert` uses). Only the few primitives below (_cat, _split_along, _stack,
-# _unstack_all, _convert_dtype) look at which; every mapping decision is made once, by dtype name.
-
-
-@dataclass
-class Item:
-    name: str
-    tensor: object  # torch.Tensor or HostTensor: the data, or a meta tensor while `entry` is still unread
-    sources: tuple[str, ...]
-    cast_from: dict | None = None  # {"dtype": original, "by": "scheme"|"dtype"} when this stream cast it
-    entry: TensorEntry | None = None  # bytes still on disk: read only if a transform needs them
-    reader: TensorReader | None = None
-    # The narrowest dtype that holds these values exactly (None: the current one). A bf16 tensor widened to
-    # fp32 by --dtype and cast back to bf16 by a scheme loses nothing: lossiness is judged by the values.
-    values_dtype: str | None = None
-
-    def data(self):
-        """The values (read now if still on disk); a meta tensor while planning."""
-        if self.entry is not None and self.reader is not None:
-            return self.reader.read(self.entry)
-        return self.tensor
-
-    def with_tensor(self, tensor, **changes) -> "Item":
-        return replace(self, tensor=tensor, entry=None, reader=None, **changes)
-
-    @property
-    def dtype(self) -> str:
-        return dtype_name(self.tensor.dtype)
-
-
-@dataclass
-class Journal:
-    """What the stream did that a user must know: lossy steps (and the casts that lost nothing)."""
-
-    lossy: list[dict] = field(default_factory=list)
-
-    def lossy_step(self, tensor: str, step: str, detail: str) -> None:
-        self.lossy.append({"tensor": tensor, "step": step, "detail": detail})
-
-
-_WIDENING = {
-    "bfloat16": {"float32", "float64"},
-    "float16": {"float32", "float64"},
-    "float32": {"float64"},
-    "float8_e4m3fn": {"float16", "bfloat16", "float32", "float64"},
-    "float8_e5m2": {"float16", "bfloat16", "float32", "float64"},
-}
-
-
-def is_lossless_cast(src, dst) -> bool:
-    src, dst = dtype_name(src), dtype_name(dst)
-    return src == dst or dst in _WIDENING.get(src, set())
-
-
-# ---- primitives: the only code that knows torch tensors from HostTensors ---------------------------------
-
-
-def _is_host(t) -> bool:
-    return isinstance(t, HostTensor)
-
-
-_POOL = None
-
-
-def _pool():
-    """Two worker threads for the bit moves of expert merges and splits (numpy releases the GIL)."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nemoconv-move")
-    return _POOL
-
-
-def _parallel(fn, count: int) -> list:
-    """fn(0..count-1) on the two workers (in order), or inline for small jobs."""
-    if count < 4:
-        return [fn(j) for j in range(count)]
-    return list(_pool().map(fn, range(count)))
-
-
-def _meta_like(t, shape):
-    if _is_host(t):
-        return HostTensor(t.dtype, shape)
-    import torch
-
-    return torch.empty(shape, dtype=t.dtype, device="meta")
-
-
-def _cat(parts: list, axis: int):
-    first = parts[0]
-    if first.is_meta:  # planning: shapes only (torch.cat on meta pulls in the slow prims machinery)
-        shape = list(first.shape)
-        shape[axis] = sum(p.shape[axis] for p in parts)
-        return _meta_like(first, shape)
-    if _is_host(first):
-        import numpy as np
-
-        return HostTensor.of(first.dtype, np.concatenate([p.bits for p in parts], axis=axis))
-    import torch
-
-    return torch.cat(parts, dim=axis)
-
-
-def _reshape(t, shape):
-    """`t` with a new shape of the same element count (row-major, no data moved)."""
-    if _is_host(t):
-        return HostTensor(t.dtype, shape) if t.is_meta else HostTensor.of(t.dtype, t.bits.reshape(shape))
-    return t.reshape(shape)
-
-
-def _grouped(t, groups: int | None):
-    """[rows, …] → [groups, rows/groups, …] for an interleaved fuse (unchanged without groups)."""
-    return t if groups is None else _reshape(t, (groups, t.shape[0] // groups, *t.shape[1:]))
-
-
-def _ungrouped(t, grouped: bool):
-    return _reshape(t, (t.shape[0] * t.shape[1], *t.shape[2:])) if grouped else t
-
-
-def _split_along(t, sizes: list[int], axis: int) -> list:
-    """Contiguous pieces of `t` along `axis`."""
-    if t.is_meta:
-        shapes = []
-        for n in sizes:
-            shape = list(t.shape)
-            shape[axis] = n
-            shapes.append(shape)
-        return [_meta_like(t, s) for s in shapes]
-    if _is_host(t):
-        import numpy as np
-
-        bounds = [sum(sizes[:k]) for k in range(1, len(sizes))]
-        return [HostTensor.of(t.dtype, np.ascontiguousarray(p)) for p in np.split(t.bits, bounds, axis=axis)]
-    import torch
-
-    return [p.contiguous() for p in torch.split(t, sizes, dim=axis)]
-
-
-_SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-
-
-def _stack(parts: list, transpose: bool):
-    """[E] tensors of [a, b] → [E, b, a] when transposing (expert merge), else [E, a, b].
-
-    Copies raw bits through a same-size integer view: exact for every dtype (fp8 included), and an integer
-    transpose copy is several times faster than a bf16 one on CPU. Parts may be Items still on disk: each
-    worker then reads its expert and moves it, so reads and transposes run on both cores."""
-    first = parts[0].tensor if isinstance(parts[0], Item) else parts[0]
-    shape = (len(parts), *(first.shape[::-1] if transpose else first.shape))
-    if first.is_meta and not (isinstance(parts[0], Item) and parts[0].reader is not None):
-        return _meta_like(first, shape)
-    if _is_host(first):
-        import numpy as np
-
-        out = np.empty(shape, dtype=bits_dtype(first.element_size()))
-
-        def move(j: int) -> None:
-            p = parts[j].data() if isinstance(parts[j], Item) else parts[j]
-            if transpose:
-                _transpose_into(p.bits, out[j])
-            else:
-                out[j] = p.bits
-
-        _parallel(move, len(parts))
-        return HostTensor.of(first.dtype, out)
-    import torch
-
-    parts = [p.data() if isinstance(p, Item) else p for p in parts]
-    bits = getattr(torch, _SAME_SIZE_INT[first.element_size()])
-    out = torch.empty(shape, dtype=bits)
-    for j, p in enumerate(parts):
-        out[j].copy_(p.view(bits).T if transpose else p.view(bits))
-    return out.view(first.dtype)
-
-
-def _on_disk(parts: list) -> bool:
-    return all(isinstance(p, Item) and p.entry is not None and p.reader is not None for p in parts)
-
-
-def _stacked_on_disk(name: str, parts: list[Item]) -> Item:
-    """Experts stacked without a transpose are their bytes in sequence: an entry over the parts' byte ranges,
-    copied file to file by the writer (or read when a transform needs the values)."""
-    first = parts[0]
-    shape = (len(parts), *first.tensor.shape)
-    pieces = tuple(((j, *[0] * len(first.tensor.shape)), replace(p.entry, shape=(1, *p.entry.shape)))
-                   for j, p in enumerate(parts))
-    nbytes = sum(p.entry.nbytes for p in parts)
-    entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, pieces, True)
-    return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
-                entry=entry, reader=first.reader)
-
-
-def _unstacked_on_disk(item: Item, names: list[str]) -> list[Item]:
-    """The experts of a merged [E, a, b] tensor still on disk, without a transpose: each one a slab of its bytes."""
-    shape = tuple(item.tensor.shape[1:])
-    slab = item.entry.nbytes // len(names)
-    return [Item(n, _meta_like(item.tensor, shape), item.sources,
-                 entry=replace(item.entry, name=n, shape=shape, start=item.entry.start + j * slab, nbytes=slab),
-                 reader=item.reader) for j, n in enumerate(names)]
-
-
-def _unstack_all(item: Item, count: int, transpose: bool) -> list:
-    """The [E] experts of a merged [E, a, b] tensor, each [b, a] when transposing, else [a, b]. A host tensor
-    still on disk is read expert by expert, by the same workers that move the bits."""
-    t = item.tensor
-    if t.is_meta and (item.entry is None or item.reader is None):
-        return [_meta_like(t, t.shape[1:][::-1] if transpose else t.shape[1:]) for _ in range(count)]
-    if _is_host(t):
-        import numpy as np
-
-        entry, reader = item.entry, item.reader
-        slab = entry.nbytes // count if entry is not None else 0
-
-        def piece(j: int) -> HostTensor:
-            if entry is not None and reader is not None:
-                src = reader.read(replace(entry, shape=t.shape[1:], start=entry.start + j * slab, nbytes=slab)).bits
-            else:
-                src = t.bits[j]
-            if not transpose:
-                return HostTensor.of(t.dtype, np.ascontiguousarray(src))
-            out = np.empty(t.shape[1:][::-1], dtype=src.dtype)
-            _transpose_into(src, out)
-            return HostTensor.of(t.dtype, out)
-
-        return _parallel(piece, count)
-    import torch
-
-    t = item.data()
-    bits = getattr(torch, _SAME_SIZE_INT[t.element_size()])
-    return [(t[j].view(bits).T if transpose else t[j].view(bits)).contiguous().view(t.dtype) for j in range(count)]
-
-
-def _transpose_into(a, out) -> None:
-    """out[...] = a.T for 2-D bit arrays, fast: a copy with a 2-byte element per strided access runs at
-    ~0.7 GB/s, so move 16-byte runs of a row first (`a` as [R, C/k] units of k elements → [C/k, R]), then
-    spread each run's k elements over k output rows with short, cache-friendly strides (~3x faster)."""
-    import numpy as np
-
-    rows, cols = a.shape
-    k = 16 // a.itemsize
-    if k > 1 and cols % k == 0 and a.flags.c_contiguous and out.flags.c_contiguous and a.size:
-        runs = np.ascontiguousarray(a.view(np.dtype("V16")).T)  # [C/k, R] runs of k elements
-        out.reshape(cols // k, k, rows)[...] = runs.view(a.dtype).reshape(cols // k, rows, k).transpose(0, 2, 1)
-    else:
-        out[...] = a.T
-
-
-def _convert_dtype(t, dtype: str):
-    """`t` cast to the dtype named `dtype`, with torch's rounding (a meta tensor stays meta)."""
-    if not _is_host(t):
-        return t.to(torch_dtype(dtype))
-    if t.is_meta:
-        return HostTensor(dtype, t.shape)
-    import numpy as np
-
-    # The casts the schemes make, done on the bits exactly as torch does them: bf16 → fp32 is a shift, and
-    # fp32 → bf16 of values that fit (an earlier widening undone) drops zero bits.
-    if t.dtype == "bfloat16" and dtype == "float32":
-        return HostTensor.of(dtype, t.bits.astype(np.uint32) << 16)
-    if t.dtype == "float32" and dtype == "bfloat16" and not (t.bits & 0xFFFF).any():
-        return HostTensor.of(dtype, (t.bits >> 16).astype(np.uint16))
-    # Anything else (a rounding cast) goes through torch, so both streams round alike.
-    import torch
-
-    src = torch.from_numpy(t.bits.view(np.dtype(_SAME_SIZE_INT[t.element_size()]))).view(torch_dtype(t.dtype))
-    out = src.to(torch_dtype(dtype)).contiguous()
-    bits = out.view(getattr(torch, _SAME_SIZE_INT[out.element_size()])).numpy().view(bits_dtype(out.element_size()))
-    return HostTensor.of(dtype, bits)
+__all__ = ["SCALE_SUFFIXES", "FromHF", "Item", "Journal", "NetworkCheck", "is_lossless_cast", "iter_tensors",
+           "read_items", "stream_converted", "to_hf"]
 
 
 def _cast(item: Item, dtype: str, by: str, journal: Journal, why: str) -> Item:
@@ -316,7 +52,7 @@ def _cast(item: Item, dtype: str, by: str, journal: Journal, why: str) -> Item:
 # ---- stage 1: read ------------------------------------------------------------------------------
 
 
-def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Item]:
+def read_items(ck: Checkpoint, reader: TensorReader, meta: bool, skip: frozenset = frozenset()) -> Iterator[Item]:
     """Source tensors in natural order (one layer's tensors together), read aliases normalized.
 
     Nothing is read here: each item points at its bytes on disk, read when a transform needs the values,
@@ -330,7 +66,7 @@ def read_items(ck: Checkpoint, reader: TensorReader, meta: bool) -> Iterator[Ite
             raise NemoconvError(f"{ck.path}: tensors {seen[normalized]!r} and {name!r} are the same tensor under two spellings")
         seen[normalized] = name
         shape_only = entry.host_meta() if reader.host else entry.meta()
-        yield Item(normalized, shape_only, (name,), entry=entry, reader=None if meta else reader)
+        yield Item(normalized, shape_only, (name,), entry=entry, reader=None if meta or name in skip else reader)
 
 
 # ---- stage 2: source scheme → hf -----------------------------------------------------------------
@@ -434,13 +170,6 @@ def _restores_exactly(item: Item, dtype: str, reader: TensorReader | None) -> bo
     return _same_bits(values, back)
 
 
-def _same_bits(a, b) -> bool:
-    if _is_host(a):
-        return a.bits.shape == b.bits.shape and bool((a.bits == b.bits).all())
-    import torch
-
-    bits = getattr(torch, _SAME_SIZE_INT[a.element_size()])
-    return a.shape == b.shape and torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
 
 
 def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[Item]:
@@ -476,73 +205,6 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
     return [replace(item, name=hf_name)]
 
 
-# ---- stage 3: the canonical network, checked against config.json ------------------------------------
-
-
-class NetworkCheck:
-    """Checks each canonical tensor against the config and, at the end, that none is missing."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        self.expected = spec.hf_shapes()
-        self.mtp = spec.mtp_shapes()  # all or nothing: trainers and transformers often drop MTP heads
-        self.optional = dict(self.mtp)
-        if spec.tie_word_embeddings:
-            self.optional["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
-        self.seen: dict[str, tuple[int, ...]] = {}
-        self.fp8_weights: set[str] = set()
-
-    def __call__(self, items: Iterable[Item]) -> Iterator[Item]:
-        for item in items:
-            self.check(item)
-            yield item
-        self.finish()
-
-    def check(self, item: Item) -> None:
-        name, shape = item.name, tuple(item.tensor.shape)
-        if name in self.seen:
-            raise NemoconvError(f"tensor {name!r} appears twice (from {item.sources})")
-        self.seen[name] = shape
-        want = self.expected.get(name) or self.optional.get(name)
-        if want is None:
-            self._check_scale(item)
-            return
-        if shape != want:
-            raise NemoconvError(
-                f"tensor {item.sources[0]!r} has shape {list(shape)} but config.json implies {list(want)}"
-                + (f" for {name}" if item.sources[0] != name else "")
-            )
-        if item.dtype in FP8_NAMES:
-            self.fp8_weights.add(name)
-
-    def _check_scale(self, item: Item) -> None:
-        name = item.name
-        module, _, suffix = name.rpartition(".")
-        owner = module + ".weight"
-        kv_scale_on_mixer = suffix in ("k_scale", "v_scale") and (module + ".k_proj.weight") in self.expected
-        if suffix in SCALE_SUFFIXES and (owner in self.expected or owner in self.optional or kv_scale_on_mixer):
-            if item.tensor.numel() != 1 and tuple(item.tensor.shape) != (self.expected.get(owner, (0,))[0],):
-                raise NemoconvError(f"scale {name!r} has shape {list(item.tensor.shape)}; expected a per-tensor scalar")
-            return
-        if name.startswith("mtp."):
-            raise NemoconvError(
-                f"MTP tensor {item.sources[0]!r} does not fit the config's MTP layout "
-                f"(num_nextn_predict_layers={self.spec.num_mtp_layers}, pattern {self.spec.mtp_codes or '-'})"
-            )
-        raise NemoconvError(f"unknown tensor {item.sources[0]!r}: not part of a Nemotron-H network with this config")
-
-    def finish(self) -> None:
-        has_mtp = any(n in self.seen for n in self.mtp)
-        missing = [n for n in (*self.expected, *(self.mtp if has_mtp else ())) if n not in self.seen]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise NemoconvError(f"missing tensor {missing[0]!r}{more}: the checkpoint does not match config.json")
-        for w in self.fp8_weights:
-            if w[: -len("weight")] + "weight_scale" not in self.seen:
-                raise NemoconvError(f"FP8 tensor {w!r} has no weight_scale")
-
-
-# ---- stage 4: hf → target scheme ---------------------------------------------------------------------
 
 
 class FromHF:
@@ -649,20 +311,22 @@ class FromHF:
 
 def stream_converted(ck: Checkpoint, to: str, meta: bool = False, dtype=None,
                      journal: Journal | None = None, reader: TensorReader | None = None,
-                     lazy: bool = False, prefetch: int = 0, host: bool = False) -> Iterator[Item]:
+                     lazy: bool = False, prefetch: int = 0, host: bool = False,
+                     skip: frozenset = frozenset()) -> Iterator[Item]:
     """Every tensor of `ck` in scheme `to`, checked against the config on the way through `hf`.
 
     `meta`: shapes and dtypes only (the plan). `lazy`: tensors that pass through unchanged keep pointing at
     their bytes on disk (`item.entry`), for a writer that copies file to file. `prefetch`: read up to that
     many of the next unchanged tensors on threads while the consumer handles the current one.
     `dtype`: cast floating-point weights (a name or torch dtype). `host`: HostTensors instead of torch tensors
-    (no torch import; a given `reader` decides this)."""
+    (no torch import; a given `reader` decides this). `skip`: source tensors to leave unread (they flow as meta
+    tensors; a resumed write has what they feed on disk already)."""
     journal = journal if journal is not None else Journal()
     target = get_scheme(to)
     own_reader = reader is None
     reader = reader or TensorReader(host=host)
     try:
-        items = read_items(ck, reader, meta)
+        items = read_items(ck, reader, meta, skip)
         items = to_hf(items, ck.scheme_rules, ck.spec, _restore_dtypes(ck), journal, reader)
         items = NetworkCheck(ck.spec)(items)
         items = FromHF(target, ck.spec, journal, dtype)(items)
@@ -696,3 +360,11 @@ def _read_ahead(items: Iterator[Item], depth: int) -> Iterator[Item]:
 
 def _resolved(item: Item, future) -> Item:
     return item if future is None else item.with_tensor(future.result())
+
+
+def iter_tensors(ck: Checkpoint, to: str = "hf", meta: bool = False, prefetch: int = 4
+                 ) -> Iterator[tuple[str, object]]:
+    """Stream `(name, tensor)` of `ck` in scheme `to` as torch tensors, converting on the fly (one tensor or group
+    at a time); the next `prefetch` tensors are read on threads meanwhile."""
+    for item in stream_converted(ck, to=to, meta=meta, prefetch=prefetch):
+        yield item.name, item.tensor

@@ -21,9 +21,10 @@ if __name__ == "__main__":
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from nemoconv.checkpoint.local import open_checkpoint
+    from nemoconv.stream.pipeline import iter_tensors
 
     src, out = sys.argv[1], sys.argv[2]
-    tensors = dict(open_checkpoint(src).iter_tensors(to="megatron", prefetch=0))
+    tensors = dict(iter_tensors(open_checkpoint(src), to="megatron", prefetch=0))
     state = {}
     for key, t in tensors.items():
         if ".mlp.experts.linear_fc" in key:  # SequentialMLP / TEGroupedMLP: per expert, prepended axis
