@@ -38,7 +38,10 @@ ACCEPTED_PRIVATE: dict[tuple[str, str], str] = {}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # module or module:function -> why it may be longer
-ACCEPTED_LONG: dict[str, str] = {}
+ACCEPTED_LONG: dict[str, str] = {
+    "nemoconv.cli.verify:verify": "a typer command: its signature is its option list (one parameter per flag, each "
+                                  "with its help text); the body is a dozen lines",
+}
 
 
 def _modules() -> dict[str, Path]:
