@@ -9,6 +9,7 @@ from pathlib import Path
 
 from nemoconv.errors import NemoconvError
 from nemoconv.storage.safetensors_io import PlannedTensor, ShardFileWriter
+from nemoconv.storage.tensors import plan_shards  # shared with the DCP writer
 
 MAX_SHARD_SIZE = 1 << 46  # 64 TiB: far beyond any shard a file system or a loader handles in one piece
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:E[+-]?\d{1,3})?(KIB|MIB|GIB|TIB|KB|MB|GB|TB|B)?")
@@ -39,20 +40,6 @@ def parse_size(text: str | int) -> int:
     if not 1 <= value <= MAX_SHARD_SIZE:
         raise invalid
     return int(value)
-
-
-
-def plan_shards(planned: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
-    """Greedy in stream order: a shard closes when the next tensor would push it past the limit."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for p in planned:
-        if shards[-1] and size + p.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += p.nbytes
-    return shards
 
 
 def shard_names(n: int) -> list[str]:
