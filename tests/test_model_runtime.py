@@ -73,3 +73,23 @@ def test_warmup_does_not_start_on_the_cpu_or_when_switched_off():
     assert warmup.start(spec, "cpu", torch.float32, batch=1, prefill=4, steps=1, forward=4) is None
     with settings.override(warmup=False):
         assert warmup.start(spec, "cuda", torch.float32, batch=1, prefill=4, steps=1, forward=4) is None
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_a_model_is_freed_as_soon_as_its_last_reference_goes(kind):
+    """No reference cycle through the runner or the caches: verify deletes the reference model before it loads
+    the candidate, and its memory must be free then, not whenever the cyclic garbage collector runs."""
+    import gc
+    import weakref
+
+    model = tiny_model(kind)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    model.generate(ids, max_new_tokens=3)
+    gc.disable()
+    try:
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -21,7 +21,7 @@ from nemoconv.commands.quantize import quantize
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.data.demo_checkpoint import write_tiny_checkpoint
 from nemoconv.errors import NemoconvError
-from nemoconv.quant import calibrate
+from nemoconv.quant import calibrate, observers
 
 FAST = dict(calib_samples=4, calib_seq_len=16, device="cpu", calibrator="builtin")
 FP8 = torch.float8_e4m3fn
@@ -535,7 +535,7 @@ def test_environment_chooses_the_calibrator_behind_auto(src, tmp_path, monkeypat
 
 def _no_modelopt(monkeypatch):
     monkeypatch.delenv("NEMOCONV_CALIBRATOR", raising=False)
-    monkeypatch.setattr(calibrate, "modelopt_status", lambda: (None, "not importable (ModuleNotFoundError: No "
+    monkeypatch.setattr(observers, "modelopt_status", lambda: (None, "not importable (ModuleNotFoundError: No "
                                                                     "module named 'requests')"))
 
 

@@ -19,6 +19,8 @@ its input. CUDA graphs: see `graphs`.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -45,9 +47,15 @@ class Runner:
     """
 
     def __init__(self, model):
-        self.model = model
+        # a weak reference: the model owns its runner, and a cycle would keep every weight alive after the last
+        # reference to the model goes (until the cyclic GC runs: verify's second model would load beside it)
+        self._model = weakref.ref(model)
         self.pool = None
         self.generation_caches: dict[int, HybridCache] = {}
+
+    @property
+    def model(self):
+        return self._model()
 
     # ---- which path ------------------------------------------------------------------------
     def triton(self) -> bool:
