@@ -23,11 +23,12 @@ from nemoconv.checkpoint.local import QUANT_CONFIG_NAME, Checkpoint, open_checkp
 from nemoconv.checkpoint.sidefiles import select_side_files
 from nemoconv.commands.quantize_manifest import QuantizeRun, exclusion_list, kv_manifest, quantize_manifest
 from nemoconv.errors import NemoconvError
-from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
+from nemoconv.model.device import resolve_device
 from nemoconv.progress import Progress
 from nemoconv.quant import fp8
 from nemoconv.quant.budget import check_budget, fit_budget, verify_command
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
+from nemoconv.quant.sizes import check_calibration_sizes
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, TargetPlan, exclude_unscalable, plan_targets
 from nemoconv.schemes import get_scheme, quantize_outputs
 from nemoconv.schemes.scales import KV_SCALE_OF, KV_SCALES
@@ -66,7 +67,7 @@ def quantize(src, out, preset: str = "default", exclude: Iterable[str] = (), cal
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     _check_options(to, preset, calib_samples, calib_seq_len, max_kl, min_top1, kv_cache)
     shard_limit = parse_size(max_shard_size)
-    dev = _device(device)
+    dev = resolve_device(device)
     run = QuantizeRun(src, Path(out).expanduser(), to, kv_cache == "fp8", dev,
                       dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32), quiet, fresh=not resume)
     run.options = {"SRC": str(src), "--preset": preset, "--exclude": exclude,
@@ -195,14 +196,6 @@ def _write(run: QuantizeRun, plan: TargetPlan, shard_limit: int, overwrite: bool
         return write_checkpoint(run.out, overwrite, layout, stream, beside, ck.path, progress, resume)
 
 
-def check_calibration_sizes(calib_samples, calib_seq_len) -> None:
-    for value, flag, most in ((calib_samples, "--calib-samples", MAX_CALIB_SAMPLES),
-                              (calib_seq_len, "--calib-seq-len", MAX_SEQ_LEN)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            raise NemoconvError(f"{flag} must be an integer in [1, {most}], got {value!r}")
-    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
-        raise NemoconvError(f"--calib-samples × --calib-seq-len = {calib_samples * calib_seq_len} tokens; at most "
-                            f"{MAX_CALIB_TOKENS} are calibrated on")
 
 
 def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
@@ -217,12 +210,6 @@ def _unscalable(plan: TargetPlan, calib) -> dict[str, str]:
     return problems
 
 
-def _device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise NemoconvError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NemoconvError("--device cuda: no CUDA device is available")
-    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 # ---- the tensor stream ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 
 from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.errors import NemoconvError
+from nemoconv.model.device import resolve_device
 from nemoconv.quant import fp8
 from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.sizes import check_calibration_sizes
@@ -60,7 +61,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
 
     t0 = time.perf_counter()
     probe_samples = _check_arguments(preset, calib_samples, calib_seq_len, probe_samples)
-    dev = _device(device)
+    dev = resolve_device(device)
     act_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     ck = open_checkpoint(src)
     modules = _analysable(ck)
@@ -113,13 +114,6 @@ def _check_arguments(preset: str, calib_samples, calib_seq_len, probe_samples) -
     return probe_samples
 
 
-def _device(device: str) -> torch.device:
-    # (a local copy of quantize's device rule until a shared resolver exists)
-    if device not in ("auto", "cpu", "cuda"):
-        raise NemoconvError(f"--device must be one of auto, cpu, cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NemoconvError("--device cuda: no CUDA device is available")
-    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _analysable(ck) -> list:

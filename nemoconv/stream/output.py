@@ -124,10 +124,9 @@ def _new_temp_dir(out: Path) -> Path:
             continue
 
 
-@contextmanager
-def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory; on success it is published at OUT, on any failure it vanishes."""
-    out = Path(os.path.realpath(Path(out).expanduser()))
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Before writing beside OUT: put back what an interrupted --overwrite moved away, check OUT may be written,
+    create its parent and remove stale temporaries of dead runs."""
     try:
         restored = recover_interrupted_overwrite(out) if out.parent.is_dir() else None
     except OSError as exc:
@@ -139,6 +138,16 @@ def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale(out)
+    except OSError as exc:
+        raise _io_error(exc, f"cannot create output next to {out}") from None
+
+
+@contextmanager
+def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory; on success it is published at OUT, on any failure it vanishes."""
+    out = Path(os.path.realpath(Path(out).expanduser()))
+    prepare_output(out, overwrite)
+    try:
         tmp = _new_temp_dir(out)
     except OSError as exc:
         raise _io_error(exc, f"cannot create output next to {out}") from None

@@ -34,12 +34,10 @@ from typing import Iterator
 
 from nemoconv.errors import Interrupted, NemoconvError
 from nemoconv.stream.output import (
-    _clean_stale,
     _io_error,
     _new_temp_dir,
-    check_output_free,
+    prepare_output,
     publish,
-    recover_interrupted_overwrite,
 )
 from nemoconv.untrusted import parse_json
 
@@ -132,7 +130,7 @@ def resumable_output(out: str | Path, overwrite: bool, key: ResumeKey, shard_nam
     """Like `output.atomic_output`, in a partial directory that survives an interrupt and is resumed by the same
     command (`fresh`: any partial of OUT is discarded first, as --no-resume asks)."""
     out = Path(os.path.realpath(Path(out).expanduser()))
-    _prepare(out, overwrite)
+    prepare_output(out, overwrite)
     lock_fd, partial = _claim(out, key, shard_names, fresh)
     publishing = False
     try:
@@ -160,21 +158,6 @@ def resumable_output(out: str | Path, overwrite: bool, key: ResumeKey, shard_nam
             os.close(lock_fd)
 
 
-def _prepare(out: Path, overwrite: bool) -> None:
-    """What atomic_output checks and cleans before it writes (see output)."""
-    try:
-        restored = recover_interrupted_overwrite(out) if out.parent.is_dir() else None
-    except OSError as exc:
-        raise _io_error(exc, f"cannot check {out}") from None
-    if restored is not None and not overwrite:
-        raise NemoconvError(f"{out}: restored the previous output that an interrupted --overwrite had moved to "
-                            f"{restored.name}; it is not empty (use --overwrite)")
-    check_output_free(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(out)
-    except OSError as exc:
-        raise _io_error(exc, f"cannot create output next to {out}") from None
 
 
 def _keep_or_remove(partial: Partial, shards: int) -> None:
