@@ -88,16 +88,25 @@ PROMPT = 70
 def case_spec_and_tensors(kind: str, fp8: bool = False):
     spec = parse_config(tiny_config("moe" if kind == "moe" else "dense", **MODELS[kind]))
     tensors = random_tensors(spec, seed=0)
-    if fp8:   # the default preset: Mamba in/out and MLP up/down as per-tensor static FP8
-        for i, code in enumerate(spec.layer_codes):
-            for leaf in {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ()):
-                key = f"backbone.layers.{i}.mixer.{leaf}"
-                w = tensors[f"{key}.weight"]
-                scale = (w.abs().max() / 448).float()
-                tensors[f"{key}.weight"] = quantize_fp8(w, scale)
-                tensors[f"{key}.weight_scale"] = scale
-                tensors[f"{key}.input_scale"] = torch.tensor(8.0 / 448)
+    if fp8:
+        fp8_default_preset(spec, tensors)
     return spec, tensors
+
+
+def fp8_default_preset(spec, tensors: dict) -> list[str]:
+    """Make the default preset's linears (Mamba in/out, MLP up/down) per-tensor static FP8 in `tensors`, in
+    place; returns their module names."""
+    targets = []
+    for i, code in enumerate(spec.layer_codes):
+        for leaf in {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ()):
+            key = f"backbone.layers.{i}.mixer.{leaf}"
+            w = tensors[f"{key}.weight"]
+            scale = (w.abs().max() / 448).float()
+            tensors[f"{key}.weight"] = quantize_fp8(w, scale)
+            tensors[f"{key}.weight_scale"] = scale
+            tensors[f"{key}.input_scale"] = torch.tensor(8.0 / 448)
+            targets.append(key)
+    return targets
 
 
 def build_case(kind: str, dtype: torch.dtype, fp8: bool = False):

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-from cuda_cases import BATCH, DEVICE, SEQ, build, inputs, skip_reason, spec_and_tensors, sync
+from cuda_cases import BATCH, DEVICE, SEQ, build, fp8_default_preset, inputs, skip_reason, spec_and_tensors, sync
 
 from nemoconv.model import build_model, fp8, reference
 from nemoconv.model.cuda import kernels
@@ -126,16 +126,7 @@ def fp8_model() -> dict:
     """
     spec, tensors = spec_and_tensors()
     tensors = dict(tensors)
-    targets = []
-    for i, code in enumerate(spec.layer_codes):
-        for leaf in {"M": ("in_proj", "out_proj"), "-": ("up_proj", "down_proj")}.get(code, ()):
-            key = f"backbone.layers.{i}.mixer.{leaf}"
-            w = tensors[f"{key}.weight"]
-            scale = (w.abs().max() / 448).float()
-            tensors[f"{key}.weight"] = quantize_fp8(w, scale)
-            tensors[f"{key}.weight_scale"] = scale
-            tensors[f"{key}.input_scale"] = torch.tensor(8.0 / 448)
-            targets.append(key)
+    targets = fp8_default_preset(spec, tensors)
     ids, mask = inputs()
     real = mask.bool()
     cpu = build_model(spec, tensors.items(), device="cpu", dtype=torch.float32)
