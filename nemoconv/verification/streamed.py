@@ -54,7 +54,7 @@ from nemoconv.verification.prompts import Prompt
 
 # The one place this module reaches into the verify command (ModelRun and its constants move to
 # nemoconv/verification/runner.py).
-from nemoconv.verification.runner import LOGITS_BATCH_BYTES, TEACHER_FORCED_STEPS, ModelRun
+from nemoconv.verification.runner import TEACHER_FORCED_STEPS, ModelRun, prompts_per_batch
 
 
 @dataclass
@@ -286,7 +286,7 @@ def _extend_prompts(st: _Streamer, prompts: list[Prompt], seq_len: int) -> None:
 
 
 def _batches(prompts: list[Prompt], seq_len: int, new_tokens: int, vocab: int) -> list[list[Prompt]]:
-    per_batch = max(1, LOGITS_BATCH_BYTES // ((seq_len + new_tokens) * 4 * max(1, vocab)))   # as run_model
+    per_batch = prompts_per_batch(seq_len, new_tokens, vocab)   # the same batches as run_model
     return [prompts[i:i + per_batch] for i in range(0, len(prompts), per_batch)]
 
 
