@@ -220,3 +220,41 @@ def test_a_partial_in_use_by_a_live_run_is_left_alone(moe, tmp_path, interrupt_a
         os.close(fd)
     assert tree_digest(out) == clean
     assert _siblings(out) == [partial]  # written privately; the other run's partial untouched
+
+
+def _journal_of(out):
+    [partial] = _siblings(out)
+    return out.parent / partial / resume_mod.JOURNAL_NAME
+
+
+def test_a_journal_naming_a_file_outside_the_plan_starts_over(moe, tmp_path, clean, interrupt_after, capsys):
+    """A lie in the journal (a shard path outside the partial) is never followed: the run starts over."""
+    out = tmp_path / "out"
+    interrupt_after(3)
+    with pytest.raises(Interrupted):
+        _convert(moe, out)
+    capsys.readouterr()
+    journal = _journal_of(out)
+    header, first, *rest = journal.read_bytes().split(b"\n")
+    forged = first.replace(b'"shard": "model-', b'"shard": "../../model-')
+    assert forged != first
+    journal.write_bytes(b"\n".join([header, forged, *rest]))
+    _convert(moe, out)
+    err = capsys.readouterr().err
+    assert "note: starting over (its journal names shard '../../model-" in err, err
+    assert tree_digest(out) == clean
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff not json", b'{"nemoconv_resume": "1"}', b"[1, 2, 3]", b""])
+def test_a_garbage_journal_is_not_resumed_and_the_run_ends_byte_identical(moe, tmp_path, clean, interrupt_after,
+                                                                          capsys, garbage):
+    out = tmp_path / "out"
+    interrupt_after(3)
+    with pytest.raises(Interrupted):
+        _convert(moe, out)
+    capsys.readouterr()
+    _journal_of(out).write_bytes(garbage)
+    _convert(moe, out)
+    assert "resuming:" not in capsys.readouterr().err
+    assert tree_digest(out) == clean
+    assert _siblings(out) == []
