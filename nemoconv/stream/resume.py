@@ -3,11 +3,14 @@
 The output is written into `.OUT.nemoconv-partial-<key>` (beside OUT, never visible as OUT), where `<key>` is a
 digest of the command, its inputs (every source file's size, mtime and a hash of its head and tail) and every
 option that changes the output. `nemoconv-resume.jsonl` in it is the journal: a header (the key's parts and
-a digest of the planned content), then one line per completed shard (name, size, sha256, and the command's
-state, e.g. quantize's per-module scales), each appended only after the shard is fsync'ed, and fsync'ed itself.
+a digest of the planned content), then one line per completed shard (name and fingerprint: size, mtime and a
+hash of its head and tail; and the command's state, e.g. quantize's per-module scales), each appended only after
+the shard is fsync'ed, and fsync'ed itself. (A fingerprint, not a hash of every byte: rereading a written shard
+to hash it cost more than a third of a conversion, and a shard changed after its journal line changes its size
+or mtime. Whoever can rewrite a shard and restore its mtime can rewrite the journal too.)
 
-A rerun of the same command finds its partial by name, checks the header and every journaled shard (size
-and sha256) and writes only the shards after them; the journal is removed and the directory published at
+A rerun of the same command finds its partial by name, checks the header and every journaled shard (its
+fingerprint) and writes only the shards after them; the journal is removed and the directory published at
 OUT by the same no-replace rename or exchange as any output (`output.publish`). A partial of another
 command, other inputs or other options is removed (one line on stderr says why) and never mixed in. Each
 run holds an flock on its partial: a partial in use by a live run is left alone (a second run of the same
@@ -89,7 +92,7 @@ def digest_of(data) -> str:
 
 @dataclass
 class Partial:
-    """An open partial output: its directory, the shards already complete (name, size, sha256) and the state
+    """An open partial output: its directory, the shards already complete (name, fingerprint) and the state
     journaled with the last of them."""
 
     directory: Path
@@ -102,21 +105,18 @@ class Partial:
         """Record a completed shard: its bytes reach the disk first, then the journal line."""
         if self.key is None:
             return
-        size, sha = _sync_and_hash(path)
-        line = {"shard": path.name, "size": size, "sha256": sha, "state": state or {}}
+        line = {"shard": path.name, "fingerprint": _synced_fingerprint(path), "state": state or {}}
         self._journal.write((json.dumps(line, sort_keys=True) + "\n").encode())
         self._journal.flush()
         os.fsync(self._journal.fileno())
         self.done.append(line)
 
 
-def _sync_and_hash(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
+def _synced_fingerprint(path: Path) -> list:
+    """The shard's bytes on disk first (fsync), then its fingerprint (the mtime is final once it is synced)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-        return f.tell(), h.hexdigest()
+    return file_fingerprint(path)
 
 
 def _say(line: str) -> None:
@@ -298,7 +298,7 @@ def _check_shards(directory: Path, shards: list[dict], shard_names: list[str]) -
         if k >= len(shard_names) or name != shard_names[k] or not isinstance(line.get("state"), dict):
             return f"its journal names shard {str(name)[:80]!r} out of this run's plan"
         path = directory / name
-        if not path.is_file() or path.is_symlink() or _sync_and_hash(path) != (line.get("size"), line.get("sha256")):
+        if not path.is_file() or path.is_symlink() or file_fingerprint(path) != line.get("fingerprint"):
             return f"its shard {name} is not the one it journaled"
     return None
 
