@@ -258,3 +258,22 @@ def test_a_garbage_journal_is_not_resumed_and_the_run_ends_byte_identical(moe, t
     assert "resuming:" not in capsys.readouterr().err
     assert tree_digest(out) == clean
     assert _siblings(out) == []
+
+
+def test_each_shard_is_journaled_once_the_next_is_complete_and_the_last_never(moe, tmp_path, monkeypatch):
+    """A shard's fsync and journal line wait for the next shard (its bytes have reached the disk by then);
+    the last shard is followed only by the publish, so an uninterrupted run never waits on an fsync of it."""
+    out = tmp_path / "out"
+    journaled, synced = [], []
+    real_done, real_fp = resume_mod.Partial.shard_done, resume_mod._synced_fingerprint
+
+    def shard_done(self, path, state):
+        real_done(self, path, state)
+        journaled.append(len(self.done))
+
+    monkeypatch.setattr(resume_mod.Partial, "shard_done", shard_done)
+    monkeypatch.setattr(resume_mod, "_synced_fingerprint", lambda path: (synced.append(path.name), real_fp(path))[1])
+    manifest = _convert(moe, out)
+    shards = manifest["shards"]
+    assert journaled == list(range(len(shards)))   # after the n-th shard: n - 1 journaled
+    assert synced == shards[:-1]

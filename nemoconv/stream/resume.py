@@ -5,7 +5,9 @@ digest of the command, its inputs (every source file's size, mtime and a hash of
 option that changes the output. `nemoconv-resume.jsonl` in it is the journal: a header (the key's parts and
 a digest of the planned content), then one line per completed shard (name and fingerprint: size, mtime and a
 hash of its head and tail; and the command's state, e.g. quantize's per-module scales), each appended only after
-the shard is fsync'ed, and fsync'ed itself. (A fingerprint, not a hash of every byte: rereading a written shard
+the shard is fsync'ed, and fsync'ed itself. A shard is journaled once the next one is complete, or on an
+interrupt; the last one never is (a SIGKILL costs at most one complete shard more, an uninterrupted run never
+waits for the disk). (A fingerprint, not a hash of every byte: rereading a written shard
 to hash it cost more than a third of a conversion, and a shard changed after its journal line changes its size
 or mtime. Whoever can rewrite a shard and restore its mtime can rewrite the journal too.)
 
@@ -101,11 +103,25 @@ class Partial:
     state: dict = field(default_factory=dict)
     _journal: object = None
 
+    _pending: tuple | None = None  # (path, journal line) of the last completed shard, not journaled yet
+
     def shard_done(self, path: Path, state: dict | None) -> None:
-        """Record a completed shard: its bytes reach the disk first, then the journal line."""
+        """A shard is complete. Its journal line waits until the next shard is complete (by then its bytes have
+        had a shard's time to reach the disk, so the fsync rarely waits) or the run is interrupted. The last
+        shard is never journaled: only the publish follows it, and a run killed in between rewrites that one
+        shard, where an fsync of it would make every run wait for the disk, which cp never does."""
         if self.key is None:
             return
-        line = {"shard": path.name, "fingerprint": _synced_fingerprint(path), "state": state or {}}
+        self.journal_pending()
+        self._pending = (path, {"shard": path.name, "state": json.loads(json.dumps(state or {}))})
+
+    def journal_pending(self) -> None:
+        """Journal the completed shard still waiting: its bytes reach the disk first, then the journal line."""
+        if self._pending is None:
+            return
+        path, line = self._pending
+        self._pending = None
+        line = {**line, "fingerprint": _synced_fingerprint(path)}
         self._journal.write((json.dumps(line, sort_keys=True) + "\n").encode())
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -144,6 +160,7 @@ def resumable_output(out: str | Path, overwrite: bool, key: ResumeKey, shard_nam
         if publishing:  # complete, but not published: removed as any temporary output (nothing left to resume)
             shutil.rmtree(partial.directory, ignore_errors=True)
         else:
+            _journal_last(partial)
             _keep_or_remove(partial, len(shard_names))
         if isinstance(exc, OSError):
             raise _io_error(exc, f"writing {out}") from None
@@ -158,6 +175,16 @@ def resumable_output(out: str | Path, overwrite: bool, key: ResumeKey, shard_nam
             os.close(lock_fd)
 
 
+
+
+def _journal_last(partial: Partial) -> None:
+    """On an interrupt, the last completed shard is journaled too, so that the next run skips it."""
+    if partial.key is None:
+        return
+    try:
+        partial.journal_pending()
+    except OSError:  # e.g. the disk is full: that shard is written again
+        pass
 
 
 def _keep_or_remove(partial: Partial, shards: int) -> None:
