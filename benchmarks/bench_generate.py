@@ -186,11 +186,21 @@ def bytes_per_decode_step(model) -> int:
     return total
 
 
-def weight_streaming_floor(model, batch: int, device, repeat: int) -> dict:
+def decode_state_bytes(model, batch: int) -> int:
+    """Cache bytes a decode step must read and write besides the weights: every Mamba layer's SSM state
+    (its dtype, float32 by the config's mamba_ssm_cache_dtype) and conv window, read and written once."""
+    cache = model.new_cache(batch, 1)
+    mem = cache.memory_bytes()
+    return 2 * (mem.get("ssm", 0) + mem.get("conv", 0))
+
+
+def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: bool = False) -> dict:
     """The decode step no implementation can beat on this device: every weight matrix of the model (each
     Linear, lm_head included; FP8 ones as FP8 GEMMs on an activation already quantized) multiplied once by
-    a [batch, in] activation, nothing else. On CUDA the whole step is one CUDA graph (no launch overhead),
-    timed as the median over `repeat` runs of 10 replays. → {step_ms, tok_s, weight_bytes}."""
+    a [batch, in] activation, nothing else. `with_state`: also read and write every Mamba layer's SSM state
+    and conv window once (an in-place scale of the cache's own tensors), which a decode step cannot avoid
+    either. On CUDA the whole step is one CUDA graph (no launch overhead), timed as the median over `repeat`
+    runs of 10 replays. → {step_ms, tok_s, weight_bytes, state_bytes}."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     dtype = model.dtype
     inputs = []
@@ -201,6 +211,8 @@ def weight_streaming_floor(model, batch: int, device, repeat: int) -> dict:
                                                  lin.input_scale)))
         else:
             inputs.append((lin, x))
+    cache = model.new_cache(batch, 1) if with_state else None
+    states = [cache.ssm, cache.conv] if cache is not None else []
 
     def step():
         for lin, x in inputs:
@@ -209,6 +221,8 @@ def weight_streaming_floor(model, batch: int, device, repeat: int) -> dict:
                                          dtype)
             else:
                 lin(x)
+        for t in states:
+            t.mul_(1.0)
 
     with torch.no_grad():
         step()
@@ -223,7 +237,8 @@ def weight_streaming_floor(model, batch: int, device, repeat: int) -> dict:
         t, _ = timed(run, device, repeat)
     step_s = t / per
     return {"step_ms": round(step_s * 1e3, 3), "tok_s": round(batch / step_s, 1),
-            "weight_bytes": bytes_per_decode_step(model)}
+            "weight_bytes": bytes_per_decode_step(model),
+            "state_bytes": decode_state_bytes(model, batch) if with_state else 0}
 
 
 def percent_of_floor(ours: dict, floors: dict) -> dict:
@@ -370,7 +385,7 @@ def profile_prefill(model, ids, device, path: Path | None) -> dict:
                     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
 
 
-def profile_decode(model, ids, device, path: Path | None) -> dict:
+def profile_decode(model, ids, device, path: Path | None, modes=("eager", "graph")) -> dict:
     """torch.profiler over decode steps: eager (graphs off: one row per kernel launch) and graph replays."""
     if device.type != "cuda" or path is None:
         return {}
@@ -380,7 +395,7 @@ def profile_decode(model, ids, device, path: Path | None) -> dict:
     cache = model.new_cache(ids.shape[0], ids.shape[1] + 16)
     model.prefill(ids, cache, last_only=True)
     token = ids[:, -1]
-    for mode in ("eager", "graph"):
+    for mode in modes:
         model.cuda_graphs = mode == "graph"
         for _ in range(3):
             model.decode_step(token, cache)
@@ -468,10 +483,16 @@ def main() -> None:
                                                                                      args.repeat, graphs=False))
     outs_ours = {}
     floors: dict = {}
+    floors_state: dict = {}   # the same floors plus the SSM state and conv window read and written once per step
     for b in DECODE_BATCHES:
         floor = section(f"floor_b{b}", lambda b=b: weight_streaming_floor(model, b, device, args.repeat))
         if floor:
             floors[f"decode_b{b}_tok_s"], floors[f"decode_b{b}_step_ms"] = floor["tok_s"], floor["step_ms"]
+        floor = section(f"floor_state_b{b}", lambda b=b: weight_streaming_floor(model, b, device, args.repeat,
+                                                                               with_state=True))
+        if floor:
+            floors_state[f"decode_b{b}_tok_s"], floors_state[f"decode_b{b}_step_ms"] = floor["tok_s"], floor["step_ms"]
+            floors_state[f"decode_b{b}_state_bytes"] = floor["state_bytes"]
         r = section(f"ours_decode_b{b}", lambda b=b: decode_rate(ours_generate(model), ids[b], args.new, device,
                                                                  args.repeat))
         if r:
@@ -484,6 +505,9 @@ def main() -> None:
         res["graph_stats_b1"] = {"captures": d.captures, "replays": d.replays, "error": d.error}
     res["prefill_graph_stats"] = dict(PREFILL_GRAPHS) or None
     res["profile_bf16"] = section("profile_bf16", lambda: profile_decode(model, ids[1], device, args.profile_dir))
+    for b in (8, 64):
+        res[f"profile_bf16_b{b}"] = section(f"profile_bf16_b{b}", lambda b=b: profile_decode(
+            model, ids[b], device, args.profile_dir, modes=("graph",)))
     res["profile_prefill"] = section("profile_prefill",
                                      lambda: profile_prefill(model, ids_prefill, device, args.profile_dir))
 
@@ -522,6 +546,11 @@ def main() -> None:
         floor = section("floor_fp8_b1", lambda: weight_streaming_floor(model, 1, device, args.repeat))
         if floor:
             floors["fp8_decode_b1_tok_s"], floors["fp8_decode_b1_step_ms"] = floor["tok_s"], floor["step_ms"]
+        floor = section("floor_state_fp8_b1", lambda: weight_streaming_floor(model, 1, device, args.repeat,
+                                                                            with_state=True))
+        if floor:
+            floors_state["fp8_decode_b1_tok_s"] = floor["tok_s"]
+            floors_state["fp8_decode_b1_step_ms"] = floor["step_ms"]
         res["greedy_identity_graph_vs_eager"]["fp8_b1"] = section(
             "identity_fp8", lambda: greedy_identity(model, ids[1], args.new))
         res["profile_fp8"] = section("profile_fp8", lambda: profile_decode(model, ids[1], device, args.profile_dir))
@@ -550,7 +579,9 @@ def main() -> None:
         flops_per_token = res["weight_bytes_per_decode_step"]    # bf16: bytes = 2 · parameters = FLOPs per token
         floors["prefill_tok_s_at_matmul_ceiling"] = round(c["bf16_matmul_8192_TFLOP_s"] * 1e12 / flops_per_token, 1)
     res["floors"] = floors
+    res["floors_with_state"] = floors_state
     res["percent_of_floor"] = percent_of_floor(ours, floors)
+    res["percent_of_floor_with_state"] = percent_of_floor(ours, {**floors, **floors_state})
     res["ratios"], res["targets"], res["targets_met"] = ratios, TARGETS, met
     for d in (ours, theirs):
         for k, v in d.items():
