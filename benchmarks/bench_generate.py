@@ -355,34 +355,44 @@ def quantize_default_preset(model, calib_ids) -> int:
 
 
 def profile_prefill(model, ids, device, path: Path | None) -> dict:
-    """torch.profiler over one prefill: where the time of a long prompt goes, by kernel."""
+    """torch.profiler over one prefill, eager (one row per kernel launch; the host's own time shows as Self
+    CPU) and replayed from its CUDA graph: where the time of a long prompt goes, by kernel, and how much of
+    the wall time no kernel covers (`idle_us`: wall minus the kernels' summed device time)."""
     if device.type != "cuda" or path is None:
         return {}
     from torch.profiler import ProfilerActivity, profile
 
-    # Eager (graphs off): one row per kernel launch; the host's own time shows as Self CPU.
+    out = {}
     saved = model.cuda_graphs
-    model.cuda_graphs = False
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
     try:
-        cache = model.new_cache(ids.shape[0], ids.shape[1])
-        model.prefill(ids, cache, last_only=True)
-        cache.reset()
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model.prefill(ids, cache, last_only=True)
+        for mode in ("eager", "graph"):
+            model.cuda_graphs = mode == "graph"
+            for _ in range(3):                       # compile; capture the graph; replay it once
+                cache.reset()
+                model.prefill(ids, cache, last_only=True)
             sync(device)
+            cache.reset()
+            sync(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                model.prefill(ids, cache, last_only=True)
+                sync(device)
+                wall_us = (time.perf_counter() - t0) * 1e6
+            avg = prof.key_averages()
+            with open(path / "profile_prefill.txt", "a") as f:
+                f.write(f"==== prefill of {ids.shape[1]} tokens, b{ids.shape[0]}, {mode} ====\n"
+                        f"{avg.table(sort_by='self_device_time_total', row_limit=40)}\n")
+            events = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+            total = sum(e.self_device_time_total for e in events)
+            out[mode] = {"device_us": round(total, 1), "wall_us": round(wall_us, 1),
+                         "idle_us": round(wall_us - total, 1), "kernels": sum(e.count for e in events),
+                         "host_cpu_us": round(sum(e.self_cpu_time_total for e in avg), 1),
+                         "top": [(e.key[:60], round(e.self_device_time_total, 1), e.count)
+                                 for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
     finally:
         model.cuda_graphs = saved
-    avg = prof.key_averages()
-    with open(path / "profile_prefill.txt", "a") as f:
-        f.write(f"==== prefill of {ids.shape[1]} tokens, b{ids.shape[0]}, eager ====\n"
-                f"{avg.table(sort_by='self_device_time_total', row_limit=40)}\n")
-    events = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    return {"device_us": round(total, 1), "kernels": sum(e.count for e in events),
-            "host_cpu_us": round(sum(e.self_cpu_time_total for e in avg), 1),
-            "top": [(e.key[:60], round(e.self_device_time_total, 1), e.count)
-                    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
+    return out
 
 
 def profile_decode(model, ids, device, path: Path | None, modes=("eager", "graph")) -> dict:

@@ -2,10 +2,10 @@
 
 The model calls only these, so it never branches on the device itself. CUDA uses
   - mamba-ssm's `mamba_chunk_scan_combined` (chunked SSD scan) for whole sequences and prefill,
-  - mamba-ssm's `selective_state_update` for single-token decode,
   - mamba-ssm's `rmsnorm_fn` (layernorm_gated) for the grouped gated RMSNorm,
   - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), relu², the
-    causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A),
+    causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A), the
+    single-token SSM state update (`triton_decode.ssm_step`),
   - torch's scaled_dot_product_attention (flash / memory-efficient kernels) for prefill attention,
     and a static-shape masked attention over the whole preallocated KV cache for decode, so that a
     decode step has the same shapes at every position and can be captured in a CUDA graph.
@@ -195,20 +195,6 @@ def _fused():
     return triton_kernels().fused
 
 
-_zeros: dict = {}
-
-
-def _zeros_like_heads(h: int, device) -> torch.Tensor:
-    """A persistent float32 zeros [h] (never allocated while a CUDA graph is being captured)."""
-    key = (h, str(device))
-    z = _zeros.get(key)
-    if z is None:
-        z = torch.zeros(h, device=device, dtype=torch.float32)
-        if not torch.cuda.is_current_stream_capturing():
-            _zeros[key] = z
-    return z
-
-
 # ---------------------------------------------------------------------------------------------
 # Norms and activations
 # ---------------------------------------------------------------------------------------------
@@ -301,14 +287,7 @@ def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_fin
 def ssm_step(state, x, dt, A, B, C, D):
     """One decode step: state [b, h, p, n] updated in place; x [b, h, p], dt [b, h], B/C [b, g, n] → y [b, h, p]."""
     if _use_triton(x):
-        b, h, p = x.shape
-        n = state.shape[-1]
-        # The kernel takes per-(head, channel) parameters; stride-0 expansions select its tied-head path.
-        zeros = _zeros_like_heads(h, x.device)
-        return triton_kernels().state_update(
-            state, x, dt.float()[:, :, None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
-            B, C, D=D.float()[:, None].expand(h, p), z=None,
-            dt_bias=zeros[:, None].expand(h, p), dt_softplus=False)
+        return _fused().ssm_step(state, x, dt.float(), A.float(), B, C, D.float())
     return reference.ssm_step(state, x, dt, A, B, C, D)
 
 

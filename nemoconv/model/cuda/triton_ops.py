@@ -9,8 +9,8 @@ Each one replaces a chain of tiny torch ops that costs one launch and one pass o
   conv_step      one decode step of the conv (state shifted in place) + SiLU, and in the same launch
                  the step size softplus(dt + dt_bias) clamped, and A = -exp(A_log)   (1 instead of ~12)
   quantize_fp8   x / scale, saturated, rounded to e4m3, rows zero-padded  (1 instead of 5)
-and, from `triton_decode` (the decode step's own kernels), expert_gemv, decode_attention and
-paged_decode_attention, so that `kernels` finds every fused kernel in this one module.
+and, from `triton_decode` (the decode step's own kernels), expert_gemv, decode_attention,
+paged_decode_attention and ssm_step, so that `kernels` finds every fused kernel in this one module.
 All arithmetic is float32, as in `reference`; results are rounded once, to the output dtype. The
 only other differences from the torch reference are summation order and the exp/log approximations
 (a few ulp of float32).
@@ -22,7 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nemoconv.model.cuda.triton_decode import decode_attention, expert_gemv, paged_decode_attention  # noqa: F401
+from nemoconv.model.cuda.triton_decode import (  # noqa: F401
+    decode_attention,
+    expert_gemv,
+    paged_decode_attention,
+    ssm_step,
+)
 
 
 def _warps(block: int) -> int:
@@ -169,7 +174,7 @@ def _conv_state_kernel(X, STATE, S, C, stride_xb, stride_xt, stride_sb, stride_s
     tl.store(state + j[:, None] * stride_sk, v, mask=slot[:, None] & cmask[None, :])
 
 
-CONV_TILE = (16, 256, 4)      # (positions, channels, warps) per program of the sequence conv
+CONV_TILE = (32, 256, 4)      # (positions, channels, warps) per program of the sequence conv (bench_kernels)
 
 
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

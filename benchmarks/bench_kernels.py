@@ -1,0 +1,173 @@
+"""The decode step's and the prefill's own Triton kernels at the 8B layout's shapes, against what they replace.
+
+For each kernel: its time per call (CUDA events, median of `--repeat` runs of 20 calls, inside one CUDA
+graph so launch overhead does not count), the bytes it must move, the bandwidth that makes, and its
+largest difference from the torch reference (`nemoconv.model.reference`) on the same inputs:
+  ssm_step      ours at several tiles vs mamba-ssm's selective_state_update (the kernel it replaced),
+                batch 1, 8 and 64: the fp32 state is read and written once
+  conv_step     the decode conv step at batch 1, 8 and 64
+  conv_seq      the prefill conv over 2048 positions at several tiles (the strided xBC slice of in_proj's
+                output, as the model passes it)
+Prints one JSON object.
+
+    python benchmarks/bench_kernels.py [--repeat 5]
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --small    # CPU: correctness only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nemoconv.model import reference  # noqa: E402
+
+H, P, G, N, HIDDEN, CONV_K = 128, 64, 8, 128, 4096, 4
+INNER = H * P
+CONV_DIM = INNER + 2 * G * N
+IN_PROJ = INNER + CONV_DIM + H
+
+
+def graph_time_us(fn, device, repeat: int, calls: int = 20) -> float:
+    """Median µs per call of `fn` replayed from one CUDA graph of `calls` calls (eager on the CPU)."""
+    if device.type != "cuda":
+        fn()
+        return float("nan")
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def row(us: float, nbytes: int, diff: float) -> dict:
+    return {"us": round(us, 2), "bytes": nbytes, "TB_s": round(nbytes / us / 1e6, 3) if us == us else None,
+            "max_abs_diff_vs_reference": diff}
+
+
+def ssm_step_rows(device, repeat: int, batches, tiles) -> dict:
+    from nemoconv.model.cuda import triton_decode
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = {}
+    for b in batches:
+        state0 = (torch.randn(b, H, P, N, generator=g) * 0.1).to(device)
+        x = torch.randn(b, H, P, generator=g).to(device, torch.bfloat16)
+        dt = (torch.rand(b, H, generator=g) * 0.1).to(device)
+        A = -torch.rand(H, generator=g).to(device)
+        Bm = torch.randn(b, G, N, generator=g).to(device, torch.bfloat16)
+        Cm = torch.randn(b, G, N, generator=g).to(device, torch.bfloat16)
+        D = torch.randn(H, generator=g).to(device)
+        ref_state = state0.clone()
+        ref_y = reference.ssm_step(ref_state, x, dt, A, Bm, Cm, D)
+        nbytes = 2 * state0.numel() * 4
+        for tile in tiles:
+            state = state0.clone()
+            y = triton_decode.ssm_step(state, x, dt, A, Bm, Cm, D, tile=tile)
+            diff = max(float((y.float() - ref_y.float()).abs().max()), float((state - ref_state).abs().max()))
+            work = state0.clone()
+            us = graph_time_us(lambda: triton_decode.ssm_step(work, x, dt, A, Bm, Cm, D, tile=tile), device, repeat)
+            out[f"b{b}_ours_{tile[0]}x{tile[1]}w"] = row(us, nbytes, diff)
+        if device.type == "cuda":
+            out[f"b{b}_mamba_ssm"] = mamba_ssm_row(state0, x, dt, A, Bm, Cm, D, ref_state, ref_y, nbytes, repeat)
+    return out
+
+
+def mamba_ssm_row(state0, x, dt, A, Bm, Cm, D, ref_state, ref_y, nbytes, repeat) -> dict:
+    from nemoconv.model.cuda import kernels
+
+    selective_state_update = kernels.triton_kernels().state_update   # imported past mamba-ssm's CUDA-only root
+    b = x.shape[0]
+    zeros = torch.zeros(H, device=x.device)
+    args = (x, dt[:, :, None].expand(b, H, P), A[:, None, None].expand(H, P, N), Bm, Cm)
+    kw = dict(D=D[:, None].expand(H, P), z=None, dt_bias=zeros[:, None].expand(H, P), dt_softplus=False)
+    state = state0.clone()
+    y = selective_state_update(state, *args, **kw)
+    diff = max(float((y.float() - ref_y.float()).abs().max()), float((state - ref_state).abs().max()))
+    work = state0.clone()
+    return row(graph_time_us(lambda: selective_state_update(work, *args, **kw), x.device, repeat), nbytes, diff)
+
+
+def conv_step_rows(device, repeat: int, batches) -> dict:
+    from nemoconv.model.cuda import triton_ops
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    out = {}
+    for b in batches:
+        zx = torch.randn(b, IN_PROJ, generator=g).to(device, torch.bfloat16)
+        xbc, dt = zx[:, INNER:INNER + CONV_DIM], zx[:, INNER + CONV_DIM:]
+        w = (torch.randn(CONV_DIM, CONV_K, generator=g) / 2).to(device, torch.bfloat16)
+        bias = torch.randn(CONV_DIM, generator=g).to(device, torch.bfloat16)
+        state0 = torch.randn(b, CONV_DIM, CONV_K - 1, generator=g).to(device, torch.bfloat16)
+        dt_bias, A_log = torch.randn(H, generator=g).to(device), torch.randn(H, generator=g).to(device)
+        ref_state = state0.clone()
+        ref = reference.causal_conv1d_silu_step(xbc, w, bias, ref_state)
+        state = state0.clone()
+        y, _, _ = triton_ops.conv_step(xbc, dt, w, bias, state, dt_bias, (0.0, float("inf")), A_log)
+        diff = max(float((y.float() - ref.float()).abs().max()), float((state.float() - ref_state.float()).abs().max()))
+        work = state0.clone()
+        us = graph_time_us(lambda: triton_ops.conv_step(xbc, dt, w, bias, work, dt_bias, (0.0, float("inf")), A_log),
+                           device, repeat)
+        nbytes = 2 * state0.numel() * 2 + 2 * b * CONV_DIM * 2
+        out[f"b{b}"] = row(us, nbytes, diff)
+    return out
+
+
+def conv_seq_rows(device, repeat: int, seq: int, tiles) -> dict:
+    from nemoconv.model.cuda import triton_ops
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    zx = torch.randn(1, seq, IN_PROJ, generator=g).to(device, torch.bfloat16)
+    xbc = zx[..., INNER:INNER + CONV_DIM]
+    w = (torch.randn(CONV_DIM, CONV_K, generator=g) / 2).to(device, torch.bfloat16)
+    bias = torch.randn(CONV_DIM, generator=g).to(device, torch.bfloat16)
+    ref = reference.causal_conv1d_silu(xbc, w, bias, None)
+    out = {}
+    saved = triton_ops.CONV_TILE
+    try:
+        for tile in tiles:
+            triton_ops.CONV_TILE = tile
+            y = triton_ops.conv_silu(xbc, w, bias, None)
+            diff = float((y.float() - ref.float()).abs().max())
+            us = graph_time_us(lambda: triton_ops.conv_silu(xbc, w, bias, None), device, repeat)
+            out["x".join(map(str, tile))] = row(us, 2 * seq * CONV_DIM * 2, diff)
+    finally:
+        triton_ops.CONV_TILE = saved
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--small", action="store_true", help="CPU (Triton's interpreter): correctness, no timing")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    batches = (1, 2) if args.small else (1, 8, 64)
+    ssm_tiles = [(16, 4)] if args.small else [(8, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)]
+    conv_tiles = [(16, 256, 4)] if args.small else [(16, 256, 4), (32, 256, 4), (64, 256, 8), (32, 512, 8),
+                                                    (64, 128, 4), (128, 128, 8)]
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
+           "ssm_step": ssm_step_rows(device, args.repeat, batches, ssm_tiles),
+           "conv_step": conv_step_rows(device, args.repeat, batches),
+           "conv_seq": conv_seq_rows(device, args.repeat, 64 if args.small else 2048, conv_tiles)}
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
