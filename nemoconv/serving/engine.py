@@ -87,7 +87,8 @@ class PrefixCachingEngine:
         self.model, self.mode = model, mode
         self.block_size = B = block_size or max(16, spec.chunk_size)
         self.prefill_chunk = resolve_prefill_chunk(prefill_chunk, B)
-        self.pool = BlockPool(spec, -(-max_tokens // self.block_size), self.block_size, model.device, model.dtype)
+        self.pool = BlockPool(spec, -(-max_tokens // self.block_size), self.block_size, model.device, model.dtype,
+                              sink_positions=self.prefill_chunk if pad_tails else 0)
         self.slots = SlotPool(spec, max_batch, model.device, model.dtype)
         budget = state_budget_bytes if state_budget_bytes is not None else 16 * self.slots.state_bytes
         self.states = StateStore(budget if mode == "state" else 0)
