@@ -12,11 +12,18 @@ call reuses prefixes of an earlier one. Modes are explained in `prefix_cache`; w
 logits are bit for bit the ones caching off gives, because every mode cuts its prefill at the same
 multiples of `prefill_chunk` and reuses state and keys/values only at those points.
 
-On CUDA (dense models), each whole prefill chunk runs from a CUDA graph per (state slot, chunk
-position) once its shapes ran eagerly: a chunk's ~600 kernel launches cost the host ~35 ms on the
-8B layout, about what the GPU needs for 1,500 tokens, so without graphs short chunks would leave the
-GPU waiting. A prompt's last, shorter segment runs eagerly. Decode steps have static shapes (paged
-attention reads positions and block tables from the device) and replay one graph per wave.
+A prompt's last, shorter segment is padded on the right to a bucket (`prefix_cache.tail_bucket`) and
+masked so that its real positions compute what the unpadded segment would: logits at the last real
+position, Mamba step size 0 and x = B = 0 at the pads (the state passes through) with the conv context
+ending at the last real input, the pads' keys/values in a sink behind the block pool (`paged`). The
+real length is a device tensor, so one graph per bucket serves every length in it. Every mode pads
+alike (on the CPU too), so the modes still agree bit for bit.
+
+On CUDA (dense models), whole chunks and padded tails replay CUDA graphs per (state slot, position,
+length) once their shapes ran eagerly: a segment's ~600 kernel launches cost the host ~35 ms on the 8B
+layout, about what the GPU needs for 1,500 tokens, so without graphs a short segment (a state hit's
+suffix) would leave the GPU waiting. Decode steps have static shapes (paged attention reads positions
+and block tables from the device) and replay one graph per wave.
 """
 
 from __future__ import annotations
@@ -72,10 +79,8 @@ class PrefixCachingEngine:
     max_tokens   positions the block pool holds over all requests in flight (and cached prefixes)
     max_batch    requests per wave (Mamba state slots)
     state_budget_bytes  memory for saved Mamba states (default: 16 states)
-    pad_tails    pad a prompt's last, shorter segment on the right to a bucket length (`tail_bucket`),
-                 masked so that the result is the unpadded computation's, and run it like a whole
-                 chunk (from a CUDA graph where one can hold it). Every mode pads alike. False runs
-                 the exact length eagerly (for comparisons).
+    pad_tails    pad a prompt's last, shorter segment to a bucket and run it like a whole chunk (see the
+                 module docstring); False runs it eagerly at its own length (for comparisons)
     """
 
     def __init__(self, model: NemotronHLM, mode: str = "state", block_size: int | None = None,
@@ -332,11 +337,8 @@ class PrefixCachingEngine:
         def prefill(ids, positions, write_index, write_rows, lengths):
             # built here from its inputs, so that a captured graph reads the next segment's at each replay.
             # Right padding needs no attention mask: it follows every real token, so causality hides it.
-            if start == 0:
-                attn = None
-            else:
-                valid = torch.ones(b, t, dtype=torch.bool, device=model.device)
-                attn = causal_mask(valid, start, s)                                # [b, 1, s, t]
+            attn = None if start == 0 else causal_mask(torch.ones(b, t, dtype=torch.bool, device=model.device),
+                                                        start, s)                  # [b, 1, s, t]
             ctx = Pass(cache=view.with_index_tensors(positions, write_index, write_rows), start=start,
                        pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused, lengths=lengths)
             hidden = model.run(ids, ctx)

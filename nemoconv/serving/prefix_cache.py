@@ -15,7 +15,8 @@ produced it. And it holds the very bits caching off would compute: the engine cu
 every mode, at multiples of its `prefill_chunk`, checkpoints lie only there, and blocks are shared
 only in whole chunks, so the segment that produced a reused block or state is the same computation
 (same tokens, incoming state, shapes, kernels) as the one caching off runs. One long prefill and one
-resumed at a checkpoint would otherwise round their sums differently on a GPU.
+resumed at a checkpoint would otherwise round their sums differently on a GPU. A prompt's last, shorter
+segment is padded to the same bucket (`tail_bucket`) in every mode, for the same reason.
 
 Where states are saved decides the hit rate (then each place moves down to a checkpoint). A state saved at the end of a prompt's last full block
 usually lies in tokens unique to that request and is never matched again (vLLM's "align" mode pitfall,
