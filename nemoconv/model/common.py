@@ -31,6 +31,8 @@ class Pass:
                                       # [1] for a HybridCache, [b] (one per row) for a paged cache
     fused: bool = False               # CUDA structure: residual add fused into the next norm, MoE without sync
     prequant: tuple | None = None     # (normed hidden, its FP8 quantization for the mixer's first linear)
+    lengths: torch.Tensor | None = None   # int64 [b] on the device: real new tokens per row, right padding after
+                                      # them (the serving engine's bucketed prefill tails); None: no right padding
 
 
 def causal_mask(valid: torch.Tensor, start: int, s: int) -> torch.Tensor:

@@ -15,6 +15,17 @@ from nemoconv.model.fp8 import Linear
 from nemoconv.storage.config import ModelSpec
 
 
+def last_inputs(context: torch.Tensor, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The conv context after the first `lengths[r]` of x's positions: context [b, c, k-1] (the inputs
+    before x), x [b, s, c], lengths int64 [b] on the device → [b, c, k-1], reaching back into the old
+    context where a row has fewer than k-1 real inputs. A gather: no host reads, so a CUDA graph
+    replays it for any length."""
+    k1 = context.shape[-1]
+    window = torch.cat([context, x.transpose(1, 2).to(context.dtype)], dim=-1)     # [b, c, k-1+s]
+    index = lengths[:, None] + torch.arange(k1, device=x.device)[None]            # window positions n … n+k-2
+    return window.gather(2, index[:, None, :].expand(-1, window.shape[1], -1))
+
+
 class Conv1d(nn.Module):
     """Holds the depthwise conv parameters in HF's layout: weight [c, 1, k], bias [c]."""
 
@@ -83,13 +94,25 @@ class MambaMixer(nn.Module):
             # a biased in_proj; after the conv it must give x = B = 0 so the scan state stays untouched.
             xbc = xbc.masked_fill(~pad, 0.0)
         conv_state, ssm_state = ctx.cache.layer_mamba(self.layer_idx) if ctx.cache is not None else (None, None)
+        context = conv_state.clone() if ctx.lengths is not None and conv_state is not None else None
+        conv_in = xbc
         xbc = kernels.causal_conv1d_silu(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        step = self._step_size(dt)                                             # [b, s, h] float32
+        if ctx.lengths is not None:
+            # Right padding (a bucketed prefill tail): dt = 0 and x = B = 0 there, so the scan state passes
+            # through unchanged (decay exp(0·A) = 1, nothing added); the conv context must end at the last
+            # real input, not at the pads the conv kernel saw last.
+            real = (torch.arange(s, device=hidden.device)[None] < ctx.lengths[:, None])[..., None]   # [b, s, 1]
+            xbc = xbc.masked_fill(~real, 0.0)
+            step = step.masked_fill(~real, 0.0)
+            if context is not None:
+                conv_state.copy_(last_inputs(context, conv_in, ctx.lengths))
         if pad is not None:
             xbc = xbc.masked_fill(~pad, 0.0)
         x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
         A = -torch.exp(self.A_log.float())                                     # [h], negative
         result = kernels.ssd_chunk_scan(
-            x.reshape(b, s, h, p), self._step_size(dt), A, B.reshape(b, s, g, n), C.reshape(b, s, g, n), self.D,
+            x.reshape(b, s, h, p), step, A, B.reshape(b, s, g, n), C.reshape(b, s, g, n), self.D,
             self.chunk_size, initial_state=ssm_state, return_final_state=ssm_state is not None)
         if ssm_state is not None:
             y, final_state = result

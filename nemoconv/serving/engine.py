@@ -12,11 +12,18 @@ call reuses prefixes of an earlier one. Modes are explained in `prefix_cache`; w
 logits are bit for bit the ones caching off gives, because every mode cuts its prefill at the same
 multiples of `prefill_chunk` and reuses state and keys/values only at those points.
 
-On CUDA (dense models), each whole prefill chunk runs from a CUDA graph per (state slot, chunk
-position) once its shapes ran eagerly: a chunk's ~600 kernel launches cost the host ~35 ms on the
-8B layout, about what the GPU needs for 1,500 tokens, so without graphs short chunks would leave the
-GPU waiting. A prompt's last, shorter segment runs eagerly. Decode steps have static shapes (paged
-attention reads positions and block tables from the device) and replay one graph per wave.
+A prompt's last, shorter segment is padded on the right to a bucket (`prefix_cache.tail_bucket`) and
+masked so that its real positions compute what the unpadded segment would: logits at the last real
+position, Mamba step size 0 and x = B = 0 at the pads (the state passes through) with the conv context
+ending at the last real input, the pads' keys/values in a sink behind the block pool (`paged`). The
+real length is a device tensor, so one graph per bucket serves every length in it. Every mode pads
+alike (on the CPU too), so the modes still agree bit for bit.
+
+On CUDA (dense models), whole chunks and padded tails replay CUDA graphs per (state slot, position,
+length) once their shapes ran eagerly: a segment's ~600 kernel launches cost the host ~35 ms on the 8B
+layout, about what the GPU needs for 1,500 tokens, so without graphs a short segment (a state hit's
+suffix) would leave the GPU waiting. Decode steps have static shapes (paged attention reads positions
+and block tables from the device) and replay one graph per wave.
 """
 
 from __future__ import annotations
@@ -31,20 +38,10 @@ from nemoconv.model.common import Pass, causal_mask
 from nemoconv.model.cuda.graphs import GraphCache
 from nemoconv.model.modeling import NemotronHLM
 from nemoconv.serving.paged import BlockPool, PagedBatch, PagedStep, SlotPool, to_device
-from nemoconv.serving.prefix_cache import MODES, PrefixStats, StateStore, chain_hashes
+from nemoconv.serving.prefix_cache import (MODES, PrefixStats, StateStore, chain_hashes, resolve_prefill_chunk,
+                                           tail_bucket)
 
-DEFAULT_PREFILL_CHUNK = 1024
 GRAPHS_PER_SLOT = 16            # prefill chunk graphs per state slot (one memory pool; later chunks run eagerly)
-
-
-def resolve_prefill_chunk(prefill_chunk: int | None, block_size: int) -> int:
-    """The engine's prefill segment length: as given (a positive multiple of block_size), or the default
-    rounded up to a multiple of block_size."""
-    if prefill_chunk is None:
-        return -(-DEFAULT_PREFILL_CHUNK // block_size) * block_size
-    if prefill_chunk < 1 or prefill_chunk % block_size:
-        raise NemoconvError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of block_size ({block_size})")
-    return prefill_chunk
 
 
 @dataclass
@@ -82,22 +79,26 @@ class PrefixCachingEngine:
     max_tokens   positions the block pool holds over all requests in flight (and cached prefixes)
     max_batch    requests per wave (Mamba state slots)
     state_budget_bytes  memory for saved Mamba states (default: 16 states)
+    pad_tails    pad a prompt's last, shorter segment to a bucket and run it like a whole chunk (see the
+                 module docstring); False runs it eagerly at its own length (for comparisons)
     """
 
     def __init__(self, model: NemotronHLM, mode: str = "state", block_size: int | None = None,
                  max_tokens: int = 16384, max_batch: int = 8, state_budget_bytes: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, pad_tails: bool = True):
         if mode not in MODES:
             raise NemoconvError(f"unknown prefix-cache mode {mode!r} (use one of {', '.join(MODES)})")
         spec = model.spec
         self.model, self.mode = model, mode
         self.block_size = B = block_size or max(16, spec.chunk_size)
         self.prefill_chunk = resolve_prefill_chunk(prefill_chunk, B)
-        self.pool = BlockPool(spec, -(-max_tokens // self.block_size), self.block_size, model.device, model.dtype)
+        self.pool = BlockPool(spec, -(-max_tokens // self.block_size), self.block_size, model.device, model.dtype,
+                              sink_positions=self.prefill_chunk if pad_tails else 0)
         self.slots = SlotPool(spec, max_batch, model.device, model.dtype)
         budget = state_budget_bytes if state_budget_bytes is not None else 16 * self.slots.state_bytes
         self.states = StateStore(budget if mode == "state" else 0)
         self.max_batch = max_batch
+        self.pad_tails = pad_tails
         self._graphs = None                       # CUDA graphs of prefill chunks (graphs.GraphCache)
         self._graphs_signature = None             # the model state they were captured with
         self._step_graphs = None                  # CUDA graphs of decode steps, one per wave shape
@@ -290,12 +291,16 @@ class PrefixCachingEngine:
         ends = list(range(skip + self.prefill_chunk, L, self.prefill_chunk)) + [L]
         start, logits = skip, None
         for end in ends:
-            ids = to_device(torch.tensor([r.tokens[start:end]], dtype=torch.long), self.model.device)
-            positions = torch.arange(start, end, dtype=torch.int64)[None]
             # a whole chunk has the same shapes in every request that reaches it: worth a CUDA graph; a
-            # prompt's last, shorter segment has its own length, which may never come again
+            # prompt's last, shorter segment is padded to a bucket, whose graph serves every length in it
+            whole = end - start == self.prefill_chunk
+            padded = not whole and self.pad_tails
+            width = tail_bucket(end - start, B, self.prefill_chunk) if padded else end - start
+            tokens = r.tokens[start:end] + [0] * (width - (end - start))
+            ids = to_device(torch.tensor([tokens], dtype=torch.long), self.model.device)
+            positions = torch.arange(start, start + width, dtype=torch.int64)[None]
             logits = self._forward([r], ids, positions, decode=False, write_from=r.shared * B,
-                                   graph=end - start == self.prefill_chunk)
+                                   graph=whole or padded, length=end - start if padded else None)
             if end % B == 0 and end // B in saves:
                 if self.states.put(r.hashes[end // B - 1], self.slots.snapshot(r.slot)):
                     stats.states_saved += 1
@@ -303,10 +308,12 @@ class PrefixCachingEngine:
         return logits
 
     def _forward(self, requests: list[_Request], ids: torch.Tensor, positions: torch.Tensor, decode: bool,
-                 write_from: int = 0, graph: bool = False) -> torch.Tensor:
+                 write_from: int = 0, graph: bool = False, length: int | None = None) -> torch.Tensor:
         """Run ids [b, s] at positions [b, s] (host) through the model on the requests' blocks and slots
         → logits of each row's last new position [b, vocab] float32. A prefill with `graph` runs from
-        a CUDA graph where it can (then the logits are its buffer: valid until the next forward)."""
+        a CUDA graph where it can (then the logits are its buffer: valid until the next forward). With
+        `length`, a prefill's rows hold that many real tokens, then right padding: the length reaches the
+        pass as a device tensor (a graph input), so one graph serves every length of the padded shape."""
         model, runner = self.model, self.model.runner
         first_slot = requests[0].slot
         if [r.slot for r in requests] != list(range(first_slot, first_slot + len(requests))):
@@ -315,7 +322,7 @@ class PrefixCachingEngine:
         if decode and runner.static_ok():
             return self._static_step(requests, ids, positions[:, -1].tolist(), fused)
         view = PagedBatch(self.pool, self.slots, first_slot, [r.table for r in requests], positions,
-                          [write_from] * len(requests))
+                          [write_from] * len(requests), None if length is None else [length] * len(requests))
         start = int(positions[0, 0])
         b, s = ids.shape
         t = view.positions.shape[1]
@@ -327,22 +334,25 @@ class PrefixCachingEngine:
                        fused=fused)
             return model.logits(model.run(ids, ctx)[:, -1])
 
-        def prefill(ids, positions, write_index, write_rows):
-            # built here from its inputs, so that a captured graph reads the next segment's at each replay
-            if start == 0:
-                attn = None
-            else:
-                valid = torch.ones(b, t, dtype=torch.bool, device=model.device)
-                attn = causal_mask(valid, start, s)                                # [b, 1, s, t]
+        def prefill(ids, positions, write_index, write_rows, lengths):
+            # built here from its inputs, so that a captured graph reads the next segment's at each replay.
+            # Right padding needs no attention mask: it follows every real token, so causality hides it.
+            attn = None if start == 0 else causal_mask(torch.ones(b, t, dtype=torch.bool, device=model.device),
+                                                        start, s)                  # [b, 1, s, t]
             ctx = Pass(cache=view.with_index_tensors(positions, write_index, write_rows), start=start,
-                       pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused)
-            return model.logits(model.run(ids, ctx)[:, -1])
+                       pad_mask=None, attn_mask=attn, causal=start == 0, decode=False, fused=fused, lengths=lengths)
+            hidden = model.run(ids, ctx)
+            if lengths is None:
+                return model.logits(hidden[:, -1])
+            last = (lengths - 1)[:, None, None].expand(b, 1, hidden.shape[-1])  # each row's last real position
+            return model.logits(hidden.gather(1, last)[:, 0])
 
-        shape = (b, start, s, t, view.any_write, view.write_rows is None, view.write_index.numel())
+        lengths = None if length is None else to_device(torch.full((b,), length, dtype=torch.int64), model.device)
+        shape = (b, start, s, t, view.any_write, view.write_rows is None, view.write_index.numel(), length is None)
         key = self._graph_key(ids, fused) if graph else None
         if key is None:
-            return prefill(ids, *view.index_tensors())
-        logits, _ = self._graphs.run((first_slot, shape, key), prefill, ids, *view.index_tensors(),
+            return prefill(ids, *view.index_tensors(), lengths)
+        logits, _ = self._graphs.run((first_slot, shape, key), prefill, ids, *view.index_tensors(), lengths,
                                      compiled=shape in self._shapes_run)
         self._shapes_run.add(shape)
         return logits

@@ -9,7 +9,9 @@ and go, so that a prompt prefix computed once can be reused by later requests (`
               Blocks are reference-counted; a full block of prompt tokens is indexed by the hash of its
               token chain, so a later request with the same prefix can share it instead of filling a
               new one. A block whose count drops to zero stays indexed (evictable, least recently used
-              first) until its storage is needed.
+              first) until its storage is needed. Behind them, `sink_positions` more positions
+              (whole blocks) are never handed out: the keys/values of padding (a bucketed prefill
+              tail) are written and read there, never in a request's blocks.
   SlotPool    the conv and SSM state of every Mamba layer for `num_slots` requests (as MAX does)
               conv  [n_mamba_layers, num_slots, conv_dim, conv_kernel - 1]              model dtype
               ssm   [n_mamba_layers, num_slots, heads, head_dim, state]                 float32 default
@@ -52,12 +54,16 @@ def block_table(tables: list[list[int]], width: int) -> torch.Tensor:
 class BlockPool:
     """Reference-counted KV blocks with a prefix index (block-chain hash → block)."""
 
-    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, device, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, device, dtype: torch.dtype,
+                 sink_positions: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise NemoconvError(f"a block pool needs ≥ 1 block of ≥ 1 position, got {num_blocks} × {block_size}")
         self.block_size, self.num_blocks = block_size, num_blocks
         self.layer_slot = {i: j for j, i in enumerate(i for i, c in enumerate(spec.layer_codes) if c == ATTENTION)}
-        shape = (len(self.layer_slot), num_blocks, block_size, spec.num_key_value_heads, spec.head_dim)
+        self.sink = num_blocks                            # the first block kept for padding (see the module docstring)
+        self.sink_positions = -(-sink_positions // block_size) * block_size
+        blocks = num_blocks + self.sink_positions // block_size
+        shape = (len(self.layer_slot), blocks, block_size, spec.num_key_value_heads, spec.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.refs = [0] * num_blocks
@@ -214,14 +220,20 @@ class PagedBatch(_PagedView):
 
     new_positions [b, s] int64 (host): the position of each new token (a decode step has one per row,
     and rows may stand at different positions). Positions below `write_from[r]` lie in shared blocks
-    that already hold the same keys/values: they are read, never written again.
+    that already hold the same keys/values: they are read, never written again. With `lengths`, only
+    the first lengths[r] new tokens of a row are real, the rest right padding: their keys/values are
+    written to, and read from, the pool's sink (padding position first + j at sink row j), so that the
+    write has the same shape for every real length (a CUDA graph's input), never touches a block a
+    request owns, and padding attends to its own keys, not to whatever a block held before: what
+    padding computes depends only on the real tokens (routing a MoE layer's experts, it must not
+    differ between caching modes).
     `positions` [b, t] (device) is the flat KV index (block · B + offset) of positions 0 … t-1 of each
     row, t = 1 + the largest new position; entries past a shorter row's end point at its own blocks
     or block 0 and must be masked by the caller.
     """
 
     def __init__(self, pool: BlockPool, slots: SlotPool, first_slot: int, tables: list[list[int]],
-                 new_positions: torch.Tensor, write_from: list[int]):
+                 new_positions: torch.Tensor, write_from: list[int], lengths: list[int] | None = None):
         super().__init__(pool, slots, first_slot, len(tables))
         device = pool.k.device
         B = pool.block_size
@@ -230,10 +242,24 @@ class PagedBatch(_PagedView):
         table = block_table(tables, width)
         positions = flat_rows(table, torch.arange(t).expand(len(tables), t), B)    # [b, t]
         write = new_positions >= torch.tensor(write_from, dtype=torch.int64)[:, None]   # [b, s]
+        if lengths is not None:
+            positions = self._padding_to_sink(pool, positions, new_positions[:, :1], lengths)
+        rows = positions.gather(1, new_positions)                                  # flat KV index per new token
         self.positions = to_device(positions, device)
         self.write_rows = to_device(write.reshape(-1).nonzero()[:, 0], device) if not bool(write.all()) else None
-        self.write_index = to_device(positions.gather(1, new_positions)[write], device)   # flat KV index per written token
+        self.write_index = to_device(rows[write], device)                          # per written token
         self.any_write = bool(write.any())
+
+    @staticmethod
+    def _padding_to_sink(pool: BlockPool, positions: torch.Tensor, first: torch.Tensor, lengths: list[int]):
+        """positions [b, t] with each row's padding (positions ≥ first + length) moved to sink rows."""
+        key_pos = torch.arange(positions.shape[1])[None]
+        offset = key_pos - first                                                   # [b, t]
+        pad = offset >= torch.tensor(lengths, dtype=torch.int64)[:, None]
+        if bool(pad.any()) and int(offset.max()) >= pool.sink_positions:
+            raise NemoconvError(f"internal: {int(offset.max()) + 1} padded positions but the pool's sink holds "
+                                f"{pool.sink_positions}")
+        return torch.where(pad, pool.sink * pool.block_size + offset.clamp(min=0), positions)
 
     def index_tensors(self) -> tuple:
         """The device tensors that differ between passes of the same shape (a CUDA graph's inputs)."""

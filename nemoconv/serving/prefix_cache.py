@@ -15,7 +15,8 @@ produced it. And it holds the very bits caching off would compute: the engine cu
 every mode, at multiples of its `prefill_chunk`, checkpoints lie only there, and blocks are shared
 only in whole chunks, so the segment that produced a reused block or state is the same computation
 (same tokens, incoming state, shapes, kernels) as the one caching off runs. One long prefill and one
-resumed at a checkpoint would otherwise round their sums differently on a GPU.
+resumed at a checkpoint would otherwise round their sums differently on a GPU. A prompt's last, shorter
+segment is padded to the same bucket (`tail_bucket`) in every mode, for the same reason.
 
 Where states are saved decides the hit rate (then each place moves down to a checkpoint). A state saved at the end of a prompt's last full block
 usually lies in tokens unique to that request and is never matched again (vLLM's "align" mode pitfall,
@@ -34,7 +35,33 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nemoconv.errors import NemoconvError
+
 MODES = ("off", "memory", "state")
+DEFAULT_PREFILL_CHUNK = 1024
+TAIL_BUCKETS = 8                # a prompt's last segment is padded to one of at most this many lengths
+
+
+def resolve_prefill_chunk(prefill_chunk: int | None, block_size: int) -> int:
+    """The engine's prefill segment length: as given (a positive multiple of block_size), or the default
+    rounded up to a multiple of block_size."""
+    if prefill_chunk is None:
+        return -(-DEFAULT_PREFILL_CHUNK // block_size) * block_size
+    if prefill_chunk < 1 or prefill_chunk % block_size:
+        raise NemoconvError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of block_size ({block_size})")
+    return prefill_chunk
+
+
+def tail_bucket(length: int, block_size: int, prefill_chunk: int) -> int:
+    """The padded length of a prompt's last segment of `length` (1 … prefill_chunk) tokens: the next
+    multiple of a step that is a multiple of block_size and at least prefill_chunk / TAIL_BUCKETS.
+
+    Multiples of block_size (by default the SSM chunk size), so that padding fills scan chunks the
+    kernel computes whole anyway and the segment ends on a block boundary; a step of ≥ 1/8 chunk, so
+    that a start position has at most 8 tail graphs per state slot while padding costs at most 1/8 of
+    a chunk's work (≤ 127 tokens at the defaults: 1024 and 128)."""
+    step = max(block_size, prefill_chunk // TAIL_BUCKETS // block_size * block_size)
+    return min(prefill_chunk, -(-length // step) * step)
 
 
 def chain_hashes(tokens: list[int], block_size: int) -> list[bytes]:
