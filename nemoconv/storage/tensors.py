@@ -129,6 +129,11 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class RowsEntry(TensorEntry):
+    """Whole rows cut out of a stored tensor (one part of a split along axis 0): one run of its bytes."""
+
+
+@dataclass(frozen=True)
 class ChunkedEntry(TensorEntry):
     """A tensor stored in several byte ranges (DCP chunks: tensor-parallel shards, per-expert slices; or experts
     merged on the fly). `start`/`nbytes` are a

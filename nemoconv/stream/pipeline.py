@@ -22,9 +22,12 @@ from nemoconv.stream.tensor_ops import (
     _cat,
     _convert_dtype,
     _grouped,
+    _joined_on_disk,
     _on_disk,
+    _rows_on_disk,
     _same_bits,
     _split_along,
+    _split_on_disk,
     _stack,
     _stacked_on_disk,
     _ungrouped,
@@ -130,6 +133,8 @@ class _PartJoiner:
                 if member.tensor.shape[split.axis] != size:
                     raise NemoconvError(f"{member.sources[0]}: has {member.tensor.shape[split.axis]} rows along axis "
                                         f"{split.axis}, config implies {size}")
+            if split.axis == 0 and _rows_on_disk(group) and len({(m.dtype, m.tensor.shape[1:]) for m in group}) == 1:
+                return _joined_on_disk(split.hf.format(fields), group)  # copied file to file, never read
             return Item(split.hf.format(fields), _cat([m.data() for m in group], split.axis),
                         tuple(src for m in group for src in m.sources))
         return item
@@ -236,6 +241,11 @@ class FromHF:
             if fields is None:
                 continue
             sizes = [config_product(x, self.spec) for x in split.sizes]
+            if split.axis == 0 and _rows_on_disk([item]) and sum(sizes) == item.tensor.shape[0]:
+                names = [split.to.format({**fields, "part": part}) for part in split.parts]
+                for piece in _split_on_disk(item, names, sizes):  # copied file to file, never read
+                    yield self._finish(piece)
+                return
             for part, piece in zip(split.parts, _split_along(item.data(), sizes, split.axis)):
                 yield self._finish(Item(split.to.format({**fields, "part": part}), piece, item.sources))
             return
