@@ -8,7 +8,6 @@ before a single byte is written. Each stage ends by proving that it consumed eve
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Iterable, Iterator
 
 from nemoconv.checkpoint.local import Checkpoint
@@ -94,7 +93,7 @@ def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[
         if hf_name is None:
             raise NemoconvError(f"unknown tensor {item.name!r}: no rule of the {scheme.name} scheme names it")
         original = restore.get(item.name)
-        whole = parts.add(replace(item, name=hf_name))
+        whole = parts.add(item.renamed(hf_name))
         if whole is None:
             continue
         for piece in _split(whole.name, whole, scheme, spec):
@@ -207,7 +206,7 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
         pieces = _split_along(_grouped(item.data(), groups), [n // (groups or 1) for n in sizes], axis)
         return [Item(tpl.format(fields), _ungrouped(piece, groups is not None), item.sources)
                 for tpl, piece in zip(fuse.hf, pieces)]
-    return [replace(item, name=hf_name)]
+    return [item.renamed(hf_name)]
 
 
 
@@ -313,7 +312,7 @@ class FromHF:
         new_name = self.scheme.to_scheme(item.name, self.spec)
         if new_name is None:
             raise NemoconvError(f"the {self.scheme.name} scheme has no name for {item.name!r}")
-        return replace(item, name=new_name)
+        return item.renamed(new_name)
 
 
 # ---- the whole stream --------------------------------------------------------------------------------

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nemoconv.storage.safetensors_io import ChunkedEntry, HostTensor, RowsEntry, bits_dtype, torch_dtype
+from nemoconv.storage.safetensors_io import (
+    ChunkedEntry,
+    HostTensor,
+    RowsEntry,
+    TensorEntry,
+    bits_dtype,
+    torch_dtype,
+)
 from nemoconv.stream.items import Item
 
 
@@ -134,13 +141,21 @@ def _on_disk(parts: list) -> bool:
     return all(isinstance(p, Item) and p.entry is not None and p.reader is not None for p in parts)
 
 
+def _reshaped_entry(entry: TensorEntry, shape: tuple) -> TensorEntry:
+    """`entry` with another shape of the same size (one per expert: a plain entry is built directly, since
+    dataclasses.replace is slow)."""
+    if type(entry) is TensorEntry:
+        return TensorEntry(entry.name, entry.file, entry.dtype_name, shape, entry.start, entry.nbytes)
+    return replace(entry, shape=shape)
+
+
 def _stacked_on_disk(name: str, parts: list[Item]) -> Item:
     """Experts stacked without a transpose are their bytes in sequence: an entry over the parts' byte ranges,
     copied file to file by the writer (or read when a transform needs the values)."""
     first = parts[0]
     shape = (len(parts), *first.tensor.shape)
-    pieces = tuple(((j, *[0] * len(first.tensor.shape)), replace(p.entry, shape=(1, *p.entry.shape)))
-                   for j, p in enumerate(parts))
+    zeros = (0,) * len(first.tensor.shape)
+    pieces = tuple(((j, *zeros), _reshaped_entry(p.entry, (1, *p.entry.shape))) for j, p in enumerate(parts))
     nbytes = sum(p.entry.nbytes for p in parts)
     entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, pieces, True)
     return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
