@@ -9,6 +9,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from nemoconv.errors import NemoconvError
@@ -250,7 +251,7 @@ class PlannedTensor:
     dtype: object  # a dtype name, or a torch dtype
     shape: tuple[int, ...]
 
-    @property
+    @cached_property  # asked for often (shard plans, progress); written to __dict__, so a frozen class allows it
     def nbytes(self) -> int:
         return math.prod(self.shape) * ITEMSIZE[dtype_name(self.dtype)]
 
