@@ -49,17 +49,19 @@ def _infinity(text: str):
 
 
 def _depth(obj) -> int:
-    """Nesting depth, without recursion."""
-    deepest, stack = 0, [(obj, 1)]
+    """Nesting depth (a scalar inside a container counts one level), without recursion; only containers are
+    visited (a safetensors header holds thousands of numbers)."""
+    deepest, stack = 1, [(obj, 1)]
     while stack:
         node, d = stack.pop()
-        deepest = max(deepest, d)
-        if d > MAX_DEPTH:
-            return d
-        if isinstance(node, dict):
-            stack.extend((v, d + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, d + 1) for v in node)
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        if not children:
+            continue
+        if d + 1 > deepest:
+            deepest = d + 1
+            if deepest > MAX_DEPTH:
+                return deepest
+        stack.extend((v, d + 1) for v in children if isinstance(v, (dict, list)))
     return deepest
 
 

@@ -549,3 +549,47 @@ def test_shard_planning_lives_in_storage_and_is_still_importable_from_stream_out
     planned = [PlannedTensor(f"t{k}", "bfloat16", (1024,)) for k in range(5)]  # 2 KiB each
     assert from_output is plan_shards
     assert [len(s) for s in plan_shards(planned, 4096)] == [2, 2, 1]
+
+
+def test_small_writes_are_gathered_and_keep_their_place_between_copies(tmp_path, monkeypatch):
+    from nemoconv.storage.fileio import Appender
+
+    src, data = _source_file(tmp_path)
+    writes = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, b: writes.append(len(b)) or real(fd, b))
+    out = Appender(tmp_path / "out.bin")
+    for piece in (b"PK", b"header", b"pad"):  # a record's headers: one write
+        out.write(piece)
+    out.copy(src, 0, 4096, "a")
+    out.write(b"between")  # after the copy, and it keeps the next copy from merging with the first
+    out.copy(src, 4096, 4096, "b")
+    out.write(b"x" * (1 << 17))  # large: written at once, after what is gathered
+    out.write(b"end")
+    assert out.pos == 2 + 6 + 3 + 4096 + 7 + 4096 + (1 << 17) + 3
+    out.close()
+    assert (tmp_path / "out.bin").read_bytes() == (b"PKheaderpad" + data[:4096] + b"between" + data[4096:8192]
+                                                   + b"x" * (1 << 17) + b"end")
+    assert writes == [11, 7, 1 << 17, 3]
+
+
+def test_mamba_parts_are_split_and_joined_on_disk_into_the_same_bytes(megatron_dir, tmp_path, monkeypatch):
+    """in_proj and conv1d are stored as parts in Megatron: cut and joined as byte runs, never read, and the outputs
+    are byte for byte those of cutting and joining the values in memory."""
+    import nemoconv.stream.pipeline as pipeline
+    from nemoconv.storage.safetensors_io import TensorReader
+
+    src, _ = megatron_dir("moe")
+    read = []
+    real_read = TensorReader.read
+    monkeypatch.setattr(TensorReader, "read", lambda self, entry: read.append(entry.name) or real_read(self, entry))
+    convert(src, tmp_path / "mg", to="megatron")
+    convert(tmp_path / "mg", tmp_path / "back", to="hf")
+    assert not [n for n in read if ".in_proj." in n or ".conv1d." in n]
+    monkeypatch.setattr(pipeline, "_rows_on_disk", lambda parts: False)  # the values, in memory
+    convert(src, tmp_path / "mg-mem", to="megatron")
+    convert(tmp_path / "mg-mem", tmp_path / "back-mem", to="hf")
+    assert [n for n in read if ".in_proj." in n or ".conv1d." in n]
+    assert tree_digest(tmp_path / "mg") == tree_digest(tmp_path / "mg-mem")
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == \
+        (tmp_path / "back-mem" / "model.safetensors").read_bytes()

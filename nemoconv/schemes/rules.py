@@ -49,6 +49,7 @@ from nemoconv.storage.safetensors_io import dtype_name
 DTYPES = ("float32", "bfloat16", "float16")
 CONTAINERS = ("safetensors", "torch_dist")
 frozen_rule = dataclass(frozen=True, kw_only=True)
+_ANY_SPEC = object()  # Scheme._memo: answers that hold for every spec
 
 
 def _uses_only(target: Template, available, key_name: str, source: str, hint: str = "") -> None:
@@ -190,8 +191,25 @@ class Scheme:
     trims: tuple[Trim, ...] = key(tables(Trim), (), toml="trim")
 
     # ---- names --------------------------------------------------------------------------
+    def _memo(self, spec) -> dict:
+        """Answers by name for one spec (a frozen ModelSpec): a conversion asks about every name twice (the plan,
+        then the write) and each answer tries the rules in turn. One spec at a time keeps it bounded; the
+        (spec, answers) pair is swapped whole, so threads converting other checkpoints never mix answers."""
+        slot = self.__dict__.get("_answers")
+        if slot is None or (slot[0] is not spec and spec is not _ANY_SPEC):
+            slot = (spec, {})
+            self.__dict__["_answers"] = slot  # not a field: equality, hashing and repr ignore it
+        return slot[1]
+
     def normalize(self, name: str) -> str:
         """Apply read aliases (e.g. `model.` → `backbone.`) to a name in this scheme."""
+        memo = self._memo(_ANY_SPEC)  # its answer does not depend on the spec
+        key = ("normalize", name)
+        if key not in memo:
+            memo[key] = self._normalize(name)
+        return memo[key]
+
+    def _normalize(self, name: str) -> str:
         for alias in self.aliases:  # applied in order, each at most once
             fields = alias.from_.match(name)
             if fields is not None:
@@ -199,6 +217,13 @@ class Scheme:
         return name
 
     def to_scheme(self, hf_name: str, spec=None) -> str | None:
+        memo = self._memo(spec)
+        key = ("to_scheme", hf_name)
+        if key not in memo:
+            memo[key] = self._to_scheme(hf_name, spec)
+        return memo[key]
+
+    def _to_scheme(self, hf_name: str, spec) -> str | None:
         for r in self.renames:
             if r.read_only:
                 continue
@@ -210,6 +235,13 @@ class Scheme:
         return None
 
     def to_hf(self, name: str, spec=None) -> str | None:
+        memo = self._memo(spec)
+        key = ("to_hf", name)
+        if key not in memo:
+            memo[key] = self._to_hf(name, spec)
+        return memo[key]
+
+    def _to_hf(self, name: str, spec) -> str | None:
         for r in self.renames:
             fields = r.to.match(name)
             if fields is not None and r.index is not None:

@@ -19,6 +19,7 @@ from nemoconv import settings
 from nemoconv.errors import NemoconvError
 
 WRITEBACK_STEP = 64 << 20
+SMALL_WRITE = 64 << 10  # writes below this are gathered into one buffer (a DCP record header is ~100 bytes)
 _FALLBACK_ERRNOS = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
 _sync_file_range = None
 
@@ -89,28 +90,41 @@ class Appender:
         self._flushed = 0  # written and handed to the disk up to here
         self._sources: dict[Path, int] = {}
         self._pending: list = []  # [source path, offset, nbytes, first tensor name] of the copy not yet made
+        self._small = bytearray()  # small writes not yet made, all after the pending copy
 
     def write(self, data) -> int:
         view = memoryview(data)
-        self._copy_pending()
-        write_all(self.fd, view)
-        self.pos += view.nbytes
+        nbytes = view.nbytes
+        if nbytes < SMALL_WRITE:  # one system call for a run of headers instead of one each
+            self._small += view
+        else:
+            self._copy_pending()
+            self._write_small()
+            write_all(self.fd, view)
+        self.pos += nbytes
         self._writeback()
-        return view.nbytes
+        return nbytes
+
+    def _write_small(self) -> None:
+        if self._small:
+            write_all(self.fd, memoryview(self._small))
+            self._small = bytearray()
 
     def copy(self, source: Path, offset: int, nbytes: int, name: str) -> int:
         """Append `nbytes` of `source` from `offset` (the bytes of tensor `name`); merged with the pending copy
         when it continues it."""
         p = self._pending
-        if p and p[0] == source and p[1] + p[2] == offset:
+        if p and not self._small and p[0] == source and p[1] + p[2] == offset:
             p[2] += nbytes
         else:
             self._copy_pending()
+            self._write_small()
             self._pending = [source, offset, nbytes, name]
         self.pos += nbytes
         return nbytes
 
     def _copy_pending(self) -> None:
+        """The pending copy (it precedes every buffered small write)."""
         if not self._pending:
             return
         source, offset, nbytes, name = self._pending
@@ -124,7 +138,7 @@ class Appender:
     def _writeback(self, final: bool = False) -> None:
         if not self._early:
             return
-        written = self.pos - (self._pending[2] if self._pending else 0)
+        written = self.pos - (self._pending[2] if self._pending else 0) - len(self._small)
         if written - self._flushed >= WRITEBACK_STEP or (final and written > self._flushed):
             start_writeback(self.fd, self._flushed, written - self._flushed)
             self._flushed = written
@@ -132,6 +146,7 @@ class Appender:
     def close(self) -> None:
         try:
             self._copy_pending()
+            self._write_small()
             self._writeback(final=True)
         finally:
             for fd in (*self._sources.values(), self.fd):

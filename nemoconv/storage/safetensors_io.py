@@ -28,6 +28,7 @@ from nemoconv.storage.tensors import (
     ChunkedEntry,
     HostTensor,
     PlannedTensor,
+    RowsEntry,
     TensorEntry,
     TensorReader,
     bits_dtype,
@@ -40,8 +41,8 @@ from nemoconv.storage.tensors import (
 from nemoconv.untrusted import parse_json
 
 __all__ = ["FLOAT_NAMES", "FP8_NAMES", "ITEMSIZE", "ST_NAME", "ChunkedEntry", "HostTensor", "PlannedTensor",
-           "ShardFileWriter", "TensorEntry", "TensorReader", "bits_dtype", "dtype_name", "plan_shards", "read_header",
-           "torch_dtype", "write_single_file"]
+           "RowsEntry", "ShardFileWriter", "TensorEntry", "TensorReader", "bits_dtype", "dtype_name", "plan_shards",
+           "read_header", "torch_dtype", "write_single_file"]
 
 _MAX_HEADER = 100 * 1024 * 1024
 

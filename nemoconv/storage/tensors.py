@@ -9,6 +9,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from nemoconv.errors import NemoconvError
@@ -129,6 +130,11 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class RowsEntry(TensorEntry):
+    """Whole rows cut out of a stored tensor (one part of a split along axis 0): one run of its bytes."""
+
+
+@dataclass(frozen=True)
 class ChunkedEntry(TensorEntry):
     """A tensor stored in several byte ranges (DCP chunks: tensor-parallel shards, per-expert slices; or experts
     merged on the fly). `start`/`nbytes` are a
@@ -245,7 +251,7 @@ class PlannedTensor:
     dtype: object  # a dtype name, or a torch dtype
     shape: tuple[int, ...]
 
-    @property
+    @cached_property  # asked for often (shard plans, progress); written to __dict__, so a frozen class allows it
     def nbytes(self) -> int:
         return math.prod(self.shape) * ITEMSIZE[dtype_name(self.dtype)]
 

@@ -8,7 +8,6 @@ before a single byte is written. Each stage ends by proving that it consumed eve
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Iterable, Iterator
 
 from nemoconv.checkpoint.local import Checkpoint
@@ -22,9 +21,12 @@ from nemoconv.stream.tensor_ops import (
     _cat,
     _convert_dtype,
     _grouped,
+    _joined_on_disk,
     _on_disk,
+    _rows_on_disk,
     _same_bits,
     _split_along,
+    _split_on_disk,
     _stack,
     _stacked_on_disk,
     _ungrouped,
@@ -91,7 +93,7 @@ def to_hf(items: Iterable[Item], scheme: Scheme, spec: ModelSpec, restore: dict[
         if hf_name is None:
             raise NemoconvError(f"unknown tensor {item.name!r}: no rule of the {scheme.name} scheme names it")
         original = restore.get(item.name)
-        whole = parts.add(replace(item, name=hf_name))
+        whole = parts.add(item.renamed(hf_name))
         if whole is None:
             continue
         for piece in _split(whole.name, whole, scheme, spec):
@@ -130,6 +132,8 @@ class _PartJoiner:
                 if member.tensor.shape[split.axis] != size:
                     raise NemoconvError(f"{member.sources[0]}: has {member.tensor.shape[split.axis]} rows along axis "
                                         f"{split.axis}, config implies {size}")
+            if split.axis == 0 and _rows_on_disk(group) and len({(m.dtype, m.tensor.shape[1:]) for m in group}) == 1:
+                return _joined_on_disk(split.hf.format(fields), group)  # copied file to file, never read
             return Item(split.hf.format(fields), _cat([m.data() for m in group], split.axis),
                         tuple(src for m in group for src in m.sources))
         return item
@@ -202,7 +206,7 @@ def _split(hf_name: str, item: Item, scheme: Scheme, spec: ModelSpec) -> list[It
         pieces = _split_along(_grouped(item.data(), groups), [n // (groups or 1) for n in sizes], axis)
         return [Item(tpl.format(fields), _ungrouped(piece, groups is not None), item.sources)
                 for tpl, piece in zip(fuse.hf, pieces)]
-    return [replace(item, name=hf_name)]
+    return [item.renamed(hf_name)]
 
 
 
@@ -236,6 +240,11 @@ class FromHF:
             if fields is None:
                 continue
             sizes = [config_product(x, self.spec) for x in split.sizes]
+            if split.axis == 0 and _rows_on_disk([item]) and sum(sizes) == item.tensor.shape[0]:
+                names = [split.to.format({**fields, "part": part}) for part in split.parts]
+                for piece in _split_on_disk(item, names, sizes):  # copied file to file, never read
+                    yield self._finish(piece)
+                return
             for part, piece in zip(split.parts, _split_along(item.data(), sizes, split.axis)):
                 yield self._finish(Item(split.to.format({**fields, "part": part}), piece, item.sources))
             return
@@ -303,7 +312,7 @@ class FromHF:
         new_name = self.scheme.to_scheme(item.name, self.spec)
         if new_name is None:
             raise NemoconvError(f"the {self.scheme.name} scheme has no name for {item.name!r}")
-        return replace(item, name=new_name)
+        return item.renamed(new_name)
 
 
 # ---- the whole stream --------------------------------------------------------------------------------

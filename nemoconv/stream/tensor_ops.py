@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nemoconv.storage.safetensors_io import ChunkedEntry, HostTensor, bits_dtype, torch_dtype
+from nemoconv.storage.safetensors_io import (
+    ChunkedEntry,
+    HostTensor,
+    RowsEntry,
+    TensorEntry,
+    bits_dtype,
+    torch_dtype,
+)
 from nemoconv.stream.items import Item
 
 
@@ -134,13 +141,21 @@ def _on_disk(parts: list) -> bool:
     return all(isinstance(p, Item) and p.entry is not None and p.reader is not None for p in parts)
 
 
+def _reshaped_entry(entry: TensorEntry, shape: tuple) -> TensorEntry:
+    """`entry` with another shape of the same size (one per expert: a plain entry is built directly, since
+    dataclasses.replace is slow)."""
+    if type(entry) is TensorEntry:
+        return TensorEntry(entry.name, entry.file, entry.dtype_name, shape, entry.start, entry.nbytes)
+    return replace(entry, shape=shape)
+
+
 def _stacked_on_disk(name: str, parts: list[Item]) -> Item:
     """Experts stacked without a transpose are their bytes in sequence: an entry over the parts' byte ranges,
     copied file to file by the writer (or read when a transform needs the values)."""
     first = parts[0]
     shape = (len(parts), *first.tensor.shape)
-    pieces = tuple(((j, *[0] * len(first.tensor.shape)), replace(p.entry, shape=(1, *p.entry.shape)))
-                   for j, p in enumerate(parts))
+    zeros = (0,) * len(first.tensor.shape)
+    pieces = tuple(((j, *zeros), _reshaped_entry(p.entry, (1, *p.entry.shape))) for j, p in enumerate(parts))
     nbytes = sum(p.entry.nbytes for p in parts)
     entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, pieces, True)
     return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
@@ -154,6 +169,38 @@ def _unstacked_on_disk(item: Item, names: list[str]) -> list[Item]:
     return [Item(n, _meta_like(item.tensor, shape), item.sources,
                  entry=replace(item.entry, name=n, shape=shape, start=item.entry.start + j * slab, nbytes=slab),
                  reader=item.reader) for j, n in enumerate(names)]
+
+
+def _rows_on_disk(parts: list) -> bool:
+    """Parts whose rows can be cut or joined as runs of bytes: on disk, each one stored run (not chunked)."""
+    return _on_disk(parts) and not any(isinstance(p.entry, ChunkedEntry) for p in parts)
+
+
+def _split_on_disk(item: Item, names: list[str], sizes: list[int]) -> list[Item]:
+    """Parts along axis 0 of a tensor still on disk: rows are contiguous, so each part is a run of its bytes."""
+    shape, entry = tuple(item.tensor.shape), item.entry
+    row = entry.nbytes // shape[0] if shape[0] else 0
+    parts, start = [], entry.start
+    for name, rows in zip(names, sizes):
+        part = RowsEntry(name, entry.file, entry.dtype_name, (rows, *shape[1:]), start, rows * row)
+        parts.append(Item(name, _meta_like(item.tensor, part.shape), item.sources, entry=part, reader=item.reader))
+        start += rows * row
+    return parts
+
+
+def _joined_on_disk(name: str, parts: list[Item]) -> Item:
+    """Parts along axis 0 still on disk, joined: an entry over their byte runs in sequence (as `_stacked_on_disk`)."""
+    first = parts[0]
+    rest = tuple(first.tensor.shape[1:])
+    shape = (sum(p.tensor.shape[0] for p in parts), *rest)
+    pieces, row = [], 0
+    for p in parts:
+        pieces.append(((row, *[0] * len(rest)), p.entry))
+        row += p.tensor.shape[0]
+    nbytes = sum(p.entry.nbytes for p in parts)
+    entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, tuple(pieces), True)
+    return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
+                entry=entry, reader=first.reader)
 
 
 def _unstack_all(item: Item, count: int, transpose: bool) -> list:

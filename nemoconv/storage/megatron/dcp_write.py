@@ -16,7 +16,16 @@ from pathlib import Path
 
 from nemoconv.errors import NemoconvError
 from nemoconv.storage.fileio import Appender
-from nemoconv.storage.tensors import ChunkedEntry, PlannedTensor, copy_entry, dtype_name, plan_shards, write_tensor
+from nemoconv.storage.tensors import (
+    ITEMSIZE,
+    ChunkedEntry,
+    PlannedTensor,
+    RowsEntry,
+    copy_entry,
+    dtype_name,
+    plan_shards,
+    write_tensor,
+)
 
 METADATA_NAME = ".metadata"
 
@@ -168,11 +177,9 @@ class DcpWriter:
         out = self._out
         dtype, shape = dtype_name(expected.dtype), tuple(expected.shape)
         start = out.pos
-        source = entry.start if entry is not None and not isinstance(entry, ChunkedEntry) else None
-        if isinstance(entry, ChunkedEntry) and entry.rows_tiled and entry.pieces:
-            source = entry.pieces[0][1].start  # merged experts: the first expert's bytes
         data = (lambda: copy_entry(entry, out)) if entry is not None else (lambda: write_tensor(out, tensor))
-        length = write_torch_archive(out, tensor_pickle(dtype, shape), expected.nbytes, data, congruent_to=source)
+        length = write_torch_archive(out, tensor_pickle(dtype, shape), expected.nbytes, data,
+                                     congruent_to=_source_start(entry))
         self.written.append(_Written(name, dtype, shape, fname, start, length))
 
     def close(self) -> None:
@@ -187,6 +194,20 @@ class DcpWriter:
         common = Appender(self.directory / "common.pt")
         write_torch_archive(common, b"\x80\x02}q\x00.")  # an empty dict: no common state
         common.close()
+
+
+def _source_start(entry) -> int | None:
+    """Where the bytes of a whole stored tensor (or of experts merged on the fly) start in their source file, to
+    store them page-congruent; None for computed data and for parts cut out of a stored tensor, which are stored
+    64-byte aligned as when they were computed in memory (the same output bytes either way)."""
+    if entry is None or isinstance(entry, RowsEntry):
+        return None
+    if not isinstance(entry, ChunkedEntry):
+        return entry.start
+    whole = entry.start == 0 and entry.nbytes == math.prod(entry.full_shape) * ITEMSIZE[entry.dtype_name]
+    if entry.rows_tiled and entry.pieces and whole:
+        return entry.pieces[0][1].start  # merged experts: the first expert's bytes
+    return None
 
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
