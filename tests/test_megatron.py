@@ -593,3 +593,30 @@ def test_mamba_parts_are_split_and_joined_on_disk_into_the_same_bytes(megatron_d
     assert tree_digest(tmp_path / "mg") == tree_digest(tmp_path / "mg-mem")
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == \
         (tmp_path / "back-mem" / "model.safetensors").read_bytes()
+
+
+def test_early_writeback_starts_only_once_the_output_outgrows_the_page_cache(tmp_path, monkeypatch):
+    """Below EARLY_WRITEBACK_AFTER bytes written by the process, the page cache holds the output (as cp's);
+    past it, every WRITEBACK_STEP is handed to the disk, from where the file's last hand-off ended."""
+    from nemoconv.storage import fileio
+
+    calls = []
+    monkeypatch.setattr(fileio, "start_writeback", lambda fd, offset, n: calls.append((offset, n)))
+    monkeypatch.setattr(fileio, "WRITEBACK_STEP", 1 << 16)
+    monkeypatch.setattr(fileio, "_appended", 0)
+    monkeypatch.setattr(fileio, "EARLY_WRITEBACK_AFTER", 5 << 16)
+    out = fileio.Appender(tmp_path / "out.bin")
+    chunk = bytes(1 << 16)
+    for _ in range(5):
+        out.write(chunk)
+    assert calls == []                                   # 5 steps: not past the threshold yet
+    out.write(chunk)
+    assert calls == [(0, 6 << 16)]                       # past it: everything so far, at once
+    out.write(chunk)
+    out.close()
+    assert calls == [(0, 6 << 16), (6 << 16, 1 << 16)]
+    assert (tmp_path / "out.bin").stat().st_size == 7 << 16
+    quiet = fileio.Appender(tmp_path / "dcp.bin", writeback=False)   # the DCP writer never asks
+    quiet.write(chunk)
+    quiet.close()
+    assert len(calls) == 2

@@ -4,9 +4,12 @@ Every writer of converted checkpoints (safetensors shards, DCP `.distcp` files) 
 - byte ranges of source files are copied with `copy_file_range` (no pass through Python or torch), and ranges
   that continue one another in the same source file are merged into one copy (a merged expert tensor split
   into its experts is one copy, not one per expert);
-- written data is handed to the disk in 64 MiB steps (`sync_file_range(WRITE)`, asynchronous), so the device
-  writes while we convert instead of all at once when the page cache is flushed. There is no fsync: like cp,
-  durability is left to the page cache; atomicity comes from the temporary output directory.
+- once this process has written more than a quarter of the machine's memory, written data is handed to the
+  disk in 64 MiB steps (`sync_file_range(WRITE)`, asynchronous), so the device writes while we convert
+  instead of the page cache holding a backlog of many GB. Below that the page cache absorbs the output, as
+  it does cp's: measured on a 4.4 GB megatron → hf, early writeback made the command 25 % slower (and the
+  same output, synced, 15 % faster). There is no fsync: like cp, durability is left to the page cache;
+  atomicity comes from the temporary output directory.
 """
 
 from __future__ import annotations
@@ -22,6 +25,20 @@ WRITEBACK_STEP = 64 << 20
 SMALL_WRITE = 64 << 10  # writes below this are gathered into one buffer (a DCP record header is ~100 bytes)
 _FALLBACK_ERRNOS = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
 _sync_file_range = None
+
+
+_appended = 0          # bytes this process appended to output files so far (every Appender)
+
+
+def _early_writeback_after() -> int:
+    """A quarter of physical memory: below it the page cache holds the output as it holds cp's."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+EARLY_WRITEBACK_AFTER = _early_writeback_after()
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -88,6 +105,7 @@ class Appender:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.pos = 0
         self._flushed = 0  # written and handed to the disk up to here
+        self._counted = 0  # written and added to the process's total (_appended)
         self._sources: dict[Path, int] = {}
         self._pending: list = []  # [source path, offset, nbytes, first tensor name] of the copy not yet made
         self._small = bytearray()  # small writes not yet made, all after the pending copy
@@ -136,9 +154,14 @@ class Appender:
         self._writeback()
 
     def _writeback(self, final: bool = False) -> None:
+        global _appended
         if not self._early:
             return
         written = self.pos - (self._pending[2] if self._pending else 0) - len(self._small)
+        _appended += written - self._counted
+        self._counted = written
+        if _appended <= EARLY_WRITEBACK_AFTER:
+            return
         if written - self._flushed >= WRITEBACK_STEP or (final and written > self._flushed):
             start_writeback(self.fd, self._flushed, written - self._flushed)
             self._flushed = written
