@@ -53,7 +53,7 @@ from nemoconv.stream.pipeline import stream_converted
 
 PROBE_FRACTION = 16   # default probe: 1/16 of the calibration sequences (at least one)
 METHODS = ("fisher", "exact")
-TOP_K = 8             # fisher: linears measured exactly after the estimate
+TOP_K = 4             # fisher: linears measured exactly after the estimate (each costs a stream)
 MAX_TOP_K = 10_000
 
 
@@ -93,12 +93,8 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     sqnr: dict[str, float] = {}
     estimate, info = None, {"method": method}
     if method == "fisher":
-        with Progress("estimate (layers down and up)", quiet=quiet) as progress:
-            estimate = estimate_kl(ck, probe, live, calib.amax, dev, act_dtype, {m.name: m.group for m in modules},
-                                   label_samples, progress=progress, sqnr=sqnr, kept=calib.kept)
-        calib.kept = []
+        estimate, live = _estimate(ck, probe, modules, live, calib, dev, act_dtype, label_samples, top_k, sqnr, quiet)
         info.update(_estimate_info(estimate, top_k))
-        live = sorted(live, key=lambda m: estimate.kl[m], reverse=True)[:top_k]
     t_estimate = time.perf_counter()
     variants = [Variant(m, frozenset([m])) for m in live]
     streams = max_streams(data.ids.numel(), probe.numel())
@@ -127,6 +123,17 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                       "total": round(t_end - t0, 3), "ratio_to_calibration": round((calib_s + analyze_s) / calib_s, 3)
                       if calib_s > 0 else None},
     }
+
+
+def _estimate(ck, probe, modules, live, calib, dev, act_dtype, label_samples, top_k, sqnr, quiet):
+    """The Fisher estimate for every live linear and the top_k of them by it (to measure exactly)."""
+    from nemoconv.progress import Progress
+
+    with Progress("estimate (layers up and down)", quiet=quiet) as progress:
+        estimate = estimate_kl(ck, probe, live, calib.amax, dev, act_dtype, {m.name: m.group for m in modules},
+                               label_samples, progress=progress, sqnr=sqnr, kept=calib.kept)
+    calib.kept = []   # the probe's hidden states: no longer needed
+    return estimate, sorted(live, key=lambda m: estimate.kl[m], reverse=True)[:top_k]
 
 
 def _estimate_info(estimate, top_k: int) -> dict:

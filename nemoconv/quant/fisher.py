@@ -156,7 +156,7 @@ def _head_gradient(ck: Checkpoint, reader: TensorReader, hidden: torch.Tensor, s
         with torch.no_grad():
             logits = F.linear(kernels.rmsnorm(h.to(norm_w.dtype), norm_w, eps), head_w).float()
             p = torch.softmax(logits, dim=-1)
-            labels = torch.multinomial(p, samples, replacement=True, generator=gen)       # [t, S]
+            labels = _draw_labels(p, samples, gen)                                         # [t, S]
             d_normed = head32[labels.t()] - (p @ head32)                                   # [S, t, width]
         x = h.detach().expand(samples, -1, -1).clone().requires_grad_(True)
         with torch.enable_grad():
@@ -164,6 +164,11 @@ def _head_gradient(ck: Checkpoint, reader: TensorReader, hidden: torch.Tensor, s
             (g,) = torch.autograd.grad((normed * d_normed.to(normed.dtype)).sum(), x)
         out[:, a:a + span] = g
     return out.view(samples * n, s, width)
+
+
+def _draw_labels(p: torch.Tensor, samples: int, gen: torch.Generator) -> torch.Tensor:
+    """`samples` labels per position from the model's own distribution p [t, V] → [t, S]."""
+    return torch.multinomial(p, samples, replacement=True, generator=gen)
 
 
 def _backward_layer(block, i: int, h_in: torch.Tensor, grad: torch.Tensor, weights: dict, rows: int,
