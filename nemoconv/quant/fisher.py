@@ -91,7 +91,7 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
         grad = _head_gradient(ck, reader, saved.pop(), label_samples, seed, device, dtype)
         if progress:
             progress(n_layers + 1, steps)
-        for i in reversed(range(n_layers)):
+        for i in range(n_layers - 1, min(by_layer, default=n_layers) - 1, -1):   # none below the first target
             tensors = _read_hf(ck, index.get(i, []), reader)
             weights = _fp8_weights(tensors, by_layer.get(i, set()), input_amax, device, sqnr)
             block = _build_block(spec, i, tensors, device, dtype)
@@ -101,6 +101,8 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
             del block
             if progress:
                 progress(steps - i, steps)
+        if progress:
+            progress(steps, steps)
     positions = ids.numel()
     scale = 1.0 / (2 * label_samples * positions)
     kl = {m: float(x.pow(2).sum()) * scale for m, x in sums.items()}
