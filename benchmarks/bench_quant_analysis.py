@@ -43,25 +43,30 @@ from nemoconv.stream.pipeline import stream_converted
 from nemoconv.verification.metrics import LogitStats
 
 
-def plain_calibration_s(src, samples, seq_len, device: torch.device) -> tuple[float, float]:
+def plain_calibration_s(src, samples, seq_len, device: torch.device, repeat: int = 1) -> tuple[float, float]:
     """(wall s, process CPU s) of a plain calibration of the default preset's targets."""
     ck = open_checkpoint(src)
     names = {i.name for i in stream_converted(ck, to="hf", meta=True)}
     plan = plan_targets(ck.spec, names, "default", [], lambda m: m)
     data = calibration_tokens(ck, None, samples, seq_len)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return timed(lambda: run_calibration(ck, plan.quantized, data.ids, device, dtype, "builtin"), device)[:2]
+    return timed(lambda: run_calibration(ck, plan.quantized, data.ids, device, dtype, "builtin"), device, repeat)[:2]
 
 
-def timed(fn, device: torch.device):
-    """(wall s, process CPU s, result) of fn(), device-synchronized."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - w0, time.process_time() - c0, out
+def timed(fn, device: torch.device, repeat: int = 1):
+    """(wall s, process CPU s, result) of fn(), device-synchronized; the least of `repeat` runs of each (a shared
+    machine's load only ever adds time)."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), min(cpus), out
 
 
 def decode_tok_s(path, device: torch.device, new: int) -> float:
@@ -99,7 +104,7 @@ def quality(ref_logits: torch.Tensor, ckpt, ids: torch.Tensor, device: torch.dev
 def analysis_entry(src: Path, args, device: torch.device) -> dict:
     entry = {"checkpoint": str(src), "preset": args.preset,
              "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len}}
-    wall, cpu = plain_calibration_s(src, args.calib_samples, args.calib_seq_len, device)
+    wall, cpu = plain_calibration_s(src, args.calib_samples, args.calib_seq_len, device, args.repeat)
     entry["plain_calibration_s"], entry["plain_calibration_cpu_s"] = round(wall, 2), round(cpu, 2)
     runs = [("fisher", int(k)) for k in args.analyze_top.split(",")] + ([("exact", None)] if args.exact else [])
     results = {}
@@ -110,7 +115,8 @@ def analysis_entry(src: Path, args, device: torch.device) -> dict:
         wall, cpu, a = timed(lambda: nemoconv.analyze_fp8(
             src, preset=args.preset, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
             probe_samples=args.analyze_samples, device=device.type, calibrator="builtin", method=method,
-            **({} if top is None else {"top_k": top, "label_samples": args.label_samples})), device)
+            **({} if top is None else {"top_k": top, "label_samples": args.label_samples})), device,
+            1 if method == "exact" else args.repeat)
         results[label] = a
         entry[label] = {"timings_s": a["timings_s"], "probe": a["probe"], "analysis": a["analysis"],
                         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
@@ -136,7 +142,8 @@ def agreement(fisher: dict, exact: dict) -> dict:
     table_top = {r["module"] for r in fisher["modules"][:5]}
     return {"linears": len(names), "spearman_est_vs_exact": round(spearman([est[n] for n in names],
                                                                            [kl[n] for n in names]), 3),
-            "top5_overlap_est_vs_exact": len(top(est) & top(kl)), "top5_overlap_table_vs_exact": len(table_top & top(kl)),
+            "top5_overlap_est_vs_exact": len(top(est) & top(kl)),
+            "top5_overlap_table_vs_exact": len(table_top & top(kl)),
             "table_first_is_exact_worst": fisher["modules"][0]["module"] == max(names, key=lambda n: kl[n])}
 
 
@@ -179,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--analyze-samples", type=int, default=None)
     ap.add_argument("--analyze-top", default="4", help="fisher runs: comma-separated --analyze-top values")
     ap.add_argument("--label-samples", type=int, default=LABEL_SAMPLES, help="fisher: label sets per probe sequence")
+    ap.add_argument("--repeat", type=int, default=1, help="time each calibration and fisher run this many times, "
+                                                           "report the least (a loaded machine only adds time)")
     ap.add_argument("--exact", action="store_true", help="also the exact sweep of every linear, and how the "
                                                           "estimate agrees with it (top-5 overlap, Spearman)")
     ap.add_argument("--budgets", default="0.5,0.25", help="fractions of the preset's held-out KL")

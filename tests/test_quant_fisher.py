@@ -69,6 +69,25 @@ def test_row_sums_are_the_derivative_of_the_sampled_log_likelihood(tiny_dir, mon
             (name, got, numeric)
 
 
+def test_label_sets_are_independent_copies_in_any_chunking(tiny_dir, monkeypatch):
+    """S label sets run as S copies of the probe rows (ε computed once on the first copy's inputs, experts
+    included): with every copy given the same labels, each copy's row sums equal the one-copy run's, also when
+    the rows are cut into chunks of one probe row."""
+    ck, names, ids, calib = _setup(tiny_dir("moe", trained_like=True))
+    probe = ids[:3]
+    real = fisher._draw_labels
+    monkeypatch.setattr(fisher, "_draw_labels", lambda p, s, g: real(p, 1, g).expand(-1, s))
+    one = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=1)
+    monkeypatch.setattr(fisher, "TOKENS_PER_BATCH", {"cpu": 2 * ids.shape[1]})
+    three = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=3)
+    for n in names:
+        want = one.row_sums[n]
+        assert three.row_sums[n].shape == (9,)
+        for copy in three.row_sums[n].view(3, 3):
+            assert torch.allclose(copy, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), n
+        assert three.kl[n] == pytest.approx(one.kl[n], rel=1e-3)
+
+
 def test_estimate_tracks_the_exact_kl(tiny_dir):
     """On a trained-like model the estimate ranks the linears as the exact sweep does (rank correlation) and
     stays within a small factor of it in total."""

@@ -110,7 +110,8 @@ def _analyze(options: CliOptions, src: str, preset: str, calib_file: Optional[Pa
         check_report_path(report)
     result = analyze_fp8(src, preset=preset, calib_file=calib_file, calib_samples=calib_samples,
                          calib_seq_len=calib_seq_len, probe_samples=probe_samples, device=device,
-                         quiet=options.quiet, method=(method or AnalyzeMethod.fisher).value, **({} if top_k is None else {"top_k": top_k}))
+                         quiet=options.quiet, method=(method or AnalyzeMethod.fisher).value,
+                         **({} if top_k is None else {"top_k": top_k}))
     if report is not None:
         write_analysis(result, report)
     if not options.quiet:

@@ -180,7 +180,8 @@ def _rows(modules: list, in_preset: set[str], calib, stats: dict, sqnr: dict, es
     for m in modules:
         row = {"module": m.name, "kind": m.kind, "layer": m.layer, "group": m.group, "in_preset": m.kind in in_preset,
                "weight_amax": calib.weight_amax.get(m.name), "input_amax": calib.amax.get(m.name),
-               "calibration_tokens": calib.tokens.get(m.name, 0), "sqnr_db": _finite(sqnr[m.name]) if m.name in sqnr else None,
+               "calibration_tokens": calib.tokens.get(m.name, 0),
+               "sqnr_db": _finite(sqnr[m.name]) if m.name in sqnr else None,
                "est_kl": estimate.kl.get(m.name) if estimate is not None else None, "measured": m.name in stats}
         if m.name in stats:
             s = stats[m.name].summary()
