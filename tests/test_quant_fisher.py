@@ -159,6 +159,25 @@ def test_saved_hidden_states_are_what_the_docstring_says(tiny_dir):
         assert reused.kl[n] == pytest.approx(alone.kl[n], rel=1e-4)
 
 
+def test_exact_sweep_from_the_estimate_states_equals_the_sweep_alone(tiny_dir):
+    """compare_variants(reference=estimate.hidden) skips the reference stream and starts at the first FP8 layer,
+    with the numbers the full sweep gives (shortcut variants, in_proj variants, late-layer variants)."""
+    ck, names, ids, calib = _setup(tiny_dir("dense", trained_like=True), keep_rows=3)
+    probe = ids[:3]
+    est = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=1, kept=calib.kept)
+    assert len(est.hidden) == len(ck.spec.layer_codes) + 1
+    picks = [n for n in names if n.startswith(("backbone.layers.2.", "backbone.layers.5.", "backbone.layers.6."))]
+    for chosen in (picks, picks[-2:]):
+        variants = [Variant(n, frozenset([n])) for n in chosen]
+        alone = compare_variants(ck, probe, variants, calib.amax, CPU, torch.float32)
+        reused = compare_variants(ck, probe, variants, calib.amax, CPU, torch.float32, reference=est.hidden)
+        for v in variants:
+            a, b = alone[v.name].summary(), reused[v.name].summary()
+            assert a["kl_mean"] > 0
+            assert b["kl_mean"] == pytest.approx(a["kl_mean"], rel=1e-4), v.name
+            assert b["top1_agreement"] == a["top1_agreement"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--analyze-method", "guess"], "--analyze-method"),
     (["--analyze-top", "-1"], "--analyze-top"),

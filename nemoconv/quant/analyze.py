@@ -98,10 +98,11 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     t_estimate = time.perf_counter()
     variants = [Variant(m, frozenset([m])) for m in live]
     streams = max_streams(data.ids.numel(), probe.numel())
-    stats = {}
-    if variants:
-        with Progress("analyse (layers × sweeps)", quiet=quiet) as progress:
-            stats = compare_variants(ck, probe, variants, calib.amax, dev, act_dtype, streams, progress, sqnr)
+    with Progress("analyse (layers × sweeps)", quiet=quiet) as progress:
+        stats = compare_variants(ck, probe, variants, calib.amax, dev, act_dtype, streams, progress, sqnr,
+                                 estimate.hidden if estimate is not None else None) if variants else {}
+    if estimate is not None:
+        estimate.hidden = []   # the probe's states: no longer needed
     t_end = time.perf_counter()
 
     rows = _rows(modules, set(PRESETS[preset]), calib, stats, sqnr, estimate)

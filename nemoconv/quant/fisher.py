@@ -19,17 +19,26 @@ held fixed, as a linearization does (the choice has no gradient; the routing wei
 
 Passes and memory (layer by layer, one layer's weights at a time, as calibration):
   forward    the probe through every layer without autograd, keeping each layer's INPUT hidden state:
-             (n_layers + 1) × probe_tokens × hidden values in the compute dtype (`saved_bytes`);
-  head       logits per slice of positions, S labels per position from a seeded generator, and the gradient
-             at the last hidden state: S × probe_tokens × hidden;
-  backward   from the last layer: rebuild it, rerun its forward from the saved input with autograd on S copies
-             of the probe rows (copy s carries label set s), in row chunks of calibration's batch size, and
-             take the gradient at its input (the previous layer's output gradient) and at every target
-             linear's output (forward hooks give x and L(x)). Saved inputs are dropped as the pass goes down.
-  So: (n_layers + 1 + 2·S) × probe_tokens hidden states plus one chunk's autograd graph; the probe size caps it.
-Cost: about (1 + 3·S) × probe_tokens token-layer passes, independent of the number of linears.
-Devices: the backward needs autograd through every op; the Triton kernels used on CUDA have none, so the whole
-estimate runs with the torch reference ops (settings.override(kernels="reference")) on every device.
+             (n_layers + 1) × probe_tokens × hidden values in the compute dtype (`saved_bytes`). The probe is
+             the first calibration sequences, so --analyze has calibration keep them (run_calibration's
+             keep_rows) and this pass only runs the layers calibration did not;
+  head       logits per slice of positions, S labels per position from a seeded generator (the same probe
+             gives the same estimate), and the gradient at the last hidden state: S × probe_tokens × hidden;
+  backward   from the last layer down to the first targeted one: rebuild it, rerun its forward from the saved
+             input with autograd on S copies of the probe rows (copy k carries label set k), a few probe rows
+             (× S) at a time within calibration's batch size, and take the gradient at its input (the previous
+             layer's output gradient) and at every target linear's output (forward hooks give x and L(x)).
+             The saved states stay (`hidden`): the exact sweep of the worst linears takes its reference from
+             them instead of running it again.
+  So at most (n_layers + 1 + 2·S) × probe_tokens hidden states plus one chunk's autograd graph; the probe
+  size caps it (with the default probe, 1/16 of the calibration tokens, that is below calibration's 2 ×
+  calibration tokens for up to ~22 layers at S = 4; a deeper model holds more, e.g. 52 layers: ~3.8 ×).
+Cost: one probe pass (the layers calibration did not run) + S × probe_tokens through every layer forward and
+backward: about (1 + 3·S) × probe_tokens token-layer passes, independent of the number of linears.
+Devices: the backward needs autograd through every op; the Triton kernels used on CUDA have none, so the
+recompute runs with the torch reference ops (settings.override(kernels="reference")) on every device, and
+ε with the device's own FP8 product (torch._scaled_mm on CUDA where the shapes allow). The saved states
+calibration kept were computed with the device's kernels (equal to the reference up to rounding).
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ class FisherEstimate:
     positions: int
     saved_bytes: int                          # the forward's saved hidden states (see the module docstring)
     row_sums: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)   # linear → X_r [S·rows]
+    # the unquantized hidden states at every layer boundary (compare_variants' `reference`; drop them after)
+    hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
 def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_amax: dict[str, float],
@@ -84,23 +95,26 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
     copies = label_samples * ids.shape[0]
     sums = {m: torch.zeros(copies, dtype=torch.float64, device=device) for m in linears}
     steps = 2 * n_layers + 1
-    with TensorReader() as reader, settings.override(kernels="reference"):
+    with TensorReader() as reader:
+        # the forward with the device's kernels (as calibration and the exact sweep, which reuses the states);
+        # the backward with the reference ops, which autograd can differentiate
         saved = _forward(ck, ids, index, reader, device, dtype, list(kept or []),
                          lambda d: progress and progress(d, steps))
         saved_bytes = sum(h.numel() * h.element_size() for h in saved)
-        grad = _head_gradient(ck, reader, saved.pop(), label_samples, seed, device, dtype)
-        if progress:
-            progress(n_layers + 1, steps)
-        for i in range(n_layers - 1, min(by_layer, default=n_layers) - 1, -1):   # none below the first target
-            tensors = _read_hf(ck, index.get(i, []), reader)
-            weights = _fp8_weights(tensors, by_layer.get(i, set()), input_amax, device, sqnr)
-            block = _build_block(spec, i, tensors, device, dtype)
-            del tensors
-            grad = _backward_layer(block, i, saved.pop(), grad, weights, rows, sums)
-            block.to_empty(device="meta")
-            del block
+        with settings.override(kernels="reference"):
+            grad = _head_gradient(ck, reader, saved[-1], label_samples, seed, device, dtype)
             if progress:
-                progress(steps - i, steps)
+                progress(n_layers + 1, steps)
+            for i in range(n_layers - 1, min(by_layer, default=n_layers) - 1, -1):   # none below the first target
+                tensors = _read_hf(ck, index.get(i, []), reader)
+                weights = _fp8_weights(tensors, by_layer.get(i, set()), input_amax, device, sqnr)
+                block = _build_block(spec, i, tensors, device, dtype)
+                del tensors
+                grad = _backward_layer(block, i, saved[i], grad, weights, rows, sums)
+                block.to_empty(device="meta")
+                del block
+                if progress:
+                    progress(steps - i, steps)
         if progress:
             progress(steps, steps)
     positions = ids.numel()
@@ -113,7 +127,7 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
             if m in sums:
                 members[g] = members[g] + sums[m] if g in members else sums[m].clone()
         group_kl = {g: float(x.pow(2).sum()) * scale for g, x in members.items()}
-    return FisherEstimate(kl, group_kl, label_samples, positions, saved_bytes, sums)
+    return FisherEstimate(kl, group_kl, label_samples, positions, saved_bytes, sums, saved)
 
 
 def _fp8_weights(tensors, modules: set[str], input_amax: dict[str, float], device, sqnr: dict | None) -> dict:
