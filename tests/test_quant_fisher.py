@@ -200,3 +200,12 @@ def test_analysis_options_need_analyze(tiny_dir, tmp_path, capsys):
 def test_garbage_api_values_are_nemoconv_errors(tiny_dir, kw):
     with pytest.raises(nemoconv.NemoconvError):
         nemoconv.analyze_fp8(tiny_dir("dense"), calib_samples=2, calib_seq_len=8, device="cpu", **kw)
+
+
+def test_a_top_k_beyond_the_linears_measures_them_all(tiny_dir):
+    """--analyze-top larger than the number of linears (a lie about how many there are) measures every one."""
+    kw = dict(calib_samples=4, calib_seq_len=16, probe_samples=1, device="cpu", calibrator="builtin")
+    result = nemoconv.analyze_fp8(tiny_dir("dense", trained_like=True), top_k=10_000, **kw)
+    rows = [r for r in result["modules"] if r["sqnr_db"] is not None]
+    assert rows and all(r["measured"] and r["kl"] is not None and r["est_kl"] is not None for r in rows)
+    assert [r["kl"] for r in rows] == sorted((r["kl"] for r in rows), reverse=True)
