@@ -35,6 +35,11 @@ class Preset(str, Enum):
     aggressive = "aggressive"
 
 
+class AnalyzeMethod(str, Enum):
+    fisher = "fisher"
+    exact = "exact"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"

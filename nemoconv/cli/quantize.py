@@ -7,12 +7,18 @@ from typing import Optional
 
 import typer
 
-from nemoconv.cli.choices import Calibrator, Device, KVCache, Preset, QuantScheme
+from nemoconv.cli.choices import AnalyzeMethod, Calibrator, Device, KVCache, Preset, QuantScheme
 from nemoconv.cli.options import CliOptions, options_of
 from nemoconv.cli.render import stdout_console
 from nemoconv.cli.render_analysis import render_analysis
 from nemoconv.errors import NemoconvError
 from nemoconv.limits import MAX_CALIB_SAMPLES, MAX_SEQ_LEN
+
+ANALYZE_METHOD_HELP = ("fisher (default): a second-order estimate for every linear from one forward and backward pass, "
+                       "then the exact KL for the --analyze-top worst by it; exact: the exact KL for every linear "
+                       "(one propagated stream each: slow with many linears, e.g. MoE experts).")
+ANALYZE_TOP_HELP = ("With --analyze-method fisher: how many linears, worst by the estimate, to measure exactly "
+                    "(default 4; 0: estimates only).")
 
 
 def quantize(
@@ -43,6 +49,8 @@ def quantize(
     analyze_samples: Optional[int] = typer.Option(None, "--analyze-samples", min=1, max=MAX_CALIB_SAMPLES,
                                                   help="Calibration sequences the --analyze probe runs "
                                                        "(default: 1/16 of --calib-samples)."),
+    analyze_method: Optional[AnalyzeMethod] = typer.Option(None, "--analyze-method", help=ANALYZE_METHOD_HELP),
+    analyze_top: Optional[int] = typer.Option(None, "--analyze-top", min=0, max=10_000, help=ANALYZE_TOP_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="With --analyze: write the analysis as JSON here."),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Quality budget: keep the most harmful mixers in "
                                            "bf16 until KL(ref‖FP8) on held-out prompts is at most this."),
@@ -63,12 +71,12 @@ def quantize(
                                   ("--max-kl", max_kl is not None), ("--min-top1", min_top1 is not None),
                                   ("--kv-cache", kv_cache != KVCache.none), ("--no-resume", no_resume)])
         _analyze(options, src, preset.value, calib_file, calib_samples, calib_seq_len, analyze_samples,
-                 device.value, report)
+                 device.value, report, analyze_method, analyze_top)
         return
     if dst is None:
         raise NemoconvError("quantize needs OUT (the output directory), unless --analyze is given")
-    if report is not None or analyze_samples is not None:
-        raise NemoconvError("--report and --analyze-samples go with --analyze")
+    if report is not None or analyze_samples is not None or analyze_method is not None or analyze_top is not None:
+        raise NemoconvError("--report, --analyze-samples, --analyze-method and --analyze-top go with --analyze")
     _write_fp8(options, src, dst, preset=preset.value, exclude=exclude, calib_file=calib_file,
                calib_samples=calib_samples, calib_seq_len=calib_seq_len, device=device.value, to=to.value,
                overwrite=overwrite, calibrator=calibrator.value, max_kl=max_kl, min_top1=min_top1,
@@ -91,15 +99,19 @@ def _refuse_checkpoint_flags(given: list[tuple[str, bool]]) -> None:
 
 
 def _analyze(options: CliOptions, src: str, preset: str, calib_file: Optional[Path], calib_samples: int,
-             calib_seq_len: int, probe_samples: Optional[int], device: str, report: Optional[Path]) -> None:
+             calib_seq_len: int, probe_samples: Optional[int], device: str, report: Optional[Path],
+             method: Optional[AnalyzeMethod], top_k: Optional[int]) -> None:
     from nemoconv.quant.analyze import analyze_fp8, write_analysis
     from nemoconv.storage.paths import check_report_path
 
+    if top_k is not None and method == AnalyzeMethod.exact:
+        raise NemoconvError("--analyze-top goes with --analyze-method fisher (exact measures every linear)")
     if report is not None:
         check_report_path(report)
     result = analyze_fp8(src, preset=preset, calib_file=calib_file, calib_samples=calib_samples,
                          calib_seq_len=calib_seq_len, probe_samples=probe_samples, device=device,
-                         quiet=options.quiet)
+                         quiet=options.quiet, method=(method or AnalyzeMethod.fisher).value,
+                         **({} if top_k is None else {"top_k": top_k}))
     if report is not None:
         write_analysis(result, report)
     if not options.quiet:

@@ -116,6 +116,8 @@ class CalibResult:
     dtype: str = ""
     micro_batch: int = 0
     kv_amax: dict[str, float] = field(default_factory=dict)  # attention k_proj/v_proj → amax of its output
+    # with keep_rows=k: the first k sequences' input to every layer run, then the last one's output (--analyze)
+    kept: list[torch.Tensor] = field(default_factory=list)
 
 
 def _source_index(ck: Checkpoint) -> dict[object, list[str]]:
@@ -167,10 +169,13 @@ def _router_counter(block: nn.Module, counts: dict):
 
 def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, device: torch.device,
                     dtype: torch.dtype, calibrator: str = "auto",
-                    progress: Callable[[int, int], None] | None = None, kv: bool = False) -> CalibResult:
+                    progress: Callable[[int, int], None] | None = None, kv: bool = False,
+                    keep_rows: int = 0) -> CalibResult:
     """Input amax of every targeted linear (HF module names), streaming the network layer by layer; with
     `kv`, also the amax of every attention layer's k_proj/v_proj output (the keys and values an FP8 KV
-    cache stores: Nemotron-H's attention has no positional rotation, so they are the projections' outputs)."""
+    cache stores: Nemotron-H's attention has no positional rotation, so they are the projections' outputs).
+    With `keep_rows`, `kept` holds the first keep_rows sequences' hidden state at every layer boundary run
+    (the Fisher estimate's forward pass, for free)."""
     observer, label = pick_observer(calibrator)
     spec = ck.spec
     by_layer = _targets_by_layer(targets)
@@ -188,6 +193,7 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
         if kv:
             last = max([last] + [i for i, c in enumerate(spec.layer_codes) if c == ATTENTION])
         pending = pool.submit(_read_hf, ck, index.get(0, []), reader) if last >= 0 else None
+        kept: list[torch.Tensor] = []
         for i in range(last + 1):
             tensors = pending.result()
             pending = pool.submit(_read_hf, ck, index.get(i + 1, []), reader) if i < last else None
@@ -195,11 +201,15 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
             seen.weight_amax.update(_weight_amax(tensors, layer_targets.values()))
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
+            if keep_rows:
+                kept.append(_first_rows(hidden, keep_rows))
             hidden = _calibrate_layer(block, i, spec, hidden, layer_targets, observer, seen, kv)
             block.to_empty(device="meta")  # frees the layer's memory now, even if a reference lingers
             del block
             if progress:
                 progress(i + 1, last + 1)
+        if keep_rows:
+            kept.append(_first_rows(hidden, keep_rows))
     filled = _fill_idle_experts(targets, seen.amax, seen.tokens)
     kv_found = {m: float(a.float()) for m, a in seen.kv_amax.items()}
     for m, a in kv_found.items():
@@ -207,7 +217,19 @@ def run_calibration(ck: Checkpoint, targets: list[str], ids: torch.Tensor, devic
     result = CalibResult(seen.amax, seen.tokens, seen.weight_amax, filled, label, str(device),
                          str(dtype).removeprefix("torch."), rows, kv_found)
     result.calibrator_name = observer.name  # "modelopt" | "builtin", for the manifest
+    result.kept = kept
     return result
+
+
+def _first_rows(chunks: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The first `rows` rows of a list of row chunks, as one new tensor."""
+    taken, need = [], rows
+    for c in chunks:
+        if need <= 0:
+            break
+        taken.append(c[:need])
+        need -= taken[-1].shape[0]
+    return torch.cat(taken).clone()
 
 
 @dataclass

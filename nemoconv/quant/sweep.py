@@ -65,9 +65,10 @@ def layer_of(module: str) -> int:
 
 
 def weight_sqnr_db(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
-    """10·log10(‖W‖² / ‖W − dequant(q)‖²): the FP8 weight's signal-to-quantization-noise ratio."""
-    w = w.double()
-    noise = float(((q.double() * float(scale)) - w).pow(2).sum())
+    """10·log10(‖W‖² / ‖W − dequant(q)‖²): the FP8 weight's signal-to-quantization-noise ratio (float32 sums:
+    torch's are pairwise, far finer than the 0.1 dB reported, and a MoE has hundreds of these)."""
+    w = w.float()
+    noise = float(((q.float() * float(scale)) - w).pow(2).sum())
     signal = float(w.pow(2).sum())
     if noise == 0:
         return math.inf
@@ -76,9 +77,12 @@ def weight_sqnr_db(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> flo
 
 def compare_variants(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_amax: dict[str, float],
                      device: torch.device, dtype: torch.dtype, max_streams: int = 64, progress=None,
-                     sqnr: dict[str, float] | None = None) -> dict[str, LogitStats]:
+                     sqnr: dict[str, float] | None = None,
+                     reference: list[torch.Tensor] | None = None) -> dict[str, LogitStats]:
     """Each variant's logits on `ids` [n, s] against the unquantized network's (name → LogitStats).
-    `sqnr`, when given, receives every FP8 weight's SQNR in dB."""
+    `sqnr`, when given, receives every FP8 weight's SQNR in dB. `reference`, the unquantized network's hidden
+    states on `ids` at every layer boundary ([n, s, hidden] × (layers + 1), e.g. the Fisher estimate's), spares
+    running the reference stream: a sweep then starts at its first variant's first FP8 layer."""
     if any(not v.quantized for v in variants):
         raise ValueError("a variant needs at least one FP8 linear")
     results: dict[str, LogitStats] = {}
@@ -86,12 +90,14 @@ def compare_variants(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant],
     passes = [variants[k:k + step] for k in range(0, len(variants), step)]
     for n, batch in enumerate(passes):
         results.update(_sweep(ck, ids, batch, input_amax, device, dtype, sqnr,
-                              (lambda d, t, n=n: progress(n * t + d, len(passes) * t)) if progress else None))
+                              (lambda d, t, n=n: progress(n * t + d, len(passes) * t)) if progress else None,
+                              reference))
     return results
 
 
 def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_amax: dict[str, float],
-           device: torch.device, dtype: torch.dtype, sqnr: dict | None, progress) -> dict[str, LogitStats]:
+           device: torch.device, dtype: torch.dtype, sqnr: dict | None, progress,
+           reference: list[torch.Tensor] | None = None) -> dict[str, LogitStats]:
     spec = ck.spec
     first = {v.name: min(layer_of(m) for m in v.quantized) for v in variants}
     wanted = {m for v in variants for m in v.quantized}
@@ -99,19 +105,25 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
     rows = max(1, TOKENS_PER_BATCH.get(device.type, 2048) // ids.shape[1])
     ctx = _layer_context()
     layers = len(spec.layer_codes)
+    start = min(first.values()) if reference is not None else 0
     with TensorReader() as reader, torch.no_grad():
-        embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
-        embed = embed.to(device=device, dtype=dtype)
-        ref = [F.embedding(chunk.to(device), embed) for chunk in ids.split(rows)]
-        del embed
+        if reference is not None:
+            ref = list(reference[start].split(rows))
+        else:
+            embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
+            embed = embed.to(device=device, dtype=dtype)
+            ref = [F.embedding(chunk.to(device), embed) for chunk in ids.split(rows)]
+            del embed
         streams: dict[str, list[torch.Tensor]] = {}
-        for i in range(layers):
+        for i in range(start, layers):
             tensors = _read_hf(ck, index.get(i, []), reader)
             fp8_here = _fp8_weights(tensors, {m for m in wanted if layer_of(m) == i}, input_amax, device, sqnr)
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
             live = [v for v in variants if first[v.name] <= i]
-            _advance(block, ctx, i, live, fp8_here, ref, streams, rows)
+            _advance(block, ctx, i, live, fp8_here, ref, streams, rows, reference is None)
+            if reference is not None:
+                ref = list(reference[i + 1].split(rows))
             block.to_empty(device="meta")
             del block
             if progress:
@@ -124,12 +136,13 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
 
 
 def _advance(block: nn.Module, ctx, i: int, live: list[Variant], fp8_here: dict, ref: list[torch.Tensor],
-             streams: dict[str, list[torch.Tensor]], rows: int) -> None:
+             streams: dict[str, list[torch.Tensor]], rows: int, run_ref: bool = True) -> None:
     """Every live stream (and the reference) through layer i, chunk by chunk in place, so that only one
     batch of outputs exists beside the streams. A variant with FP8 linears in this layer runs alone with
     them swapped in (forking from the reference's input at its first layer), except one whose only FP8
     linear here is the mixer's output linear: it reuses the reference's pass (`_shortcut`). The reference
-    and every stream without an FP8 linear here run together, in batches of up to `rows` rows."""
+    and every stream without an FP8 linear here run together, in batches of up to `rows` rows (the reference
+    only with `run_ref`: else the caller has its next state, unless a shortcut needed its pass)."""
     plain, short = [], {}
     last = f"backbone.layers.{i}.{_LAST_LINEAR[block.code]}" if block.code in _LAST_LINEAR else None
     for v in live:
@@ -145,7 +158,7 @@ def _advance(block: nn.Module, ctx, i: int, live: list[Variant], fp8_here: dict,
                     chunks[k] = block(h, ctx)
     if short:
         streams.update(_shortcut(block, ctx, i, last, ref, short))
-    _batched(block, ctx, ([] if short else [ref]) + plain, rows)
+    _batched(block, ctx, ([] if short or not run_ref else [ref]) + plain, rows)
 
 
 # Mixers whose output is their last linear's output, so that block(h) = h + L(x_L): a variant whose only FP8

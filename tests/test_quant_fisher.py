@@ -1,0 +1,211 @@
+"""quantize --analyze's second-order estimate (nemoconv/quant/fisher.py) and the fisher method of the analysis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nemoconv
+from nemoconv.checkpoint.local import open_checkpoint
+from nemoconv.quant import fisher, fp8
+from nemoconv.quant.analyze import _analysable
+from nemoconv.quant.calibrate import calibration_tokens, run_calibration
+from nemoconv.quant.sweep import Variant, compare_variants
+from tests.helpers import run_cli
+from tests.test_quant_analysis import DAMAGED, _damaged
+
+CPU = torch.device("cpu")
+
+
+def _setup(src, samples=8, seq_len=32, keep_rows=0):
+    ck = open_checkpoint(src)
+    names = [m.name for m in _analysable(ck)]
+    ids = calibration_tokens(ck, None, samples, seq_len).ids
+    calib = run_calibration(ck, names, ids, CPU, torch.float32, "builtin", keep_rows=keep_rows)
+    return ck, names, ids, calib
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_row_sums_are_the_derivative_of_the_sampled_log_likelihood(tiny_dir, monkeypatch, kind):
+    """X_r = Σ_t g_tᵀ ε_t (what the estimate squares) is d/dδ Σ_t log p(y_t) with ε scaled by δ added to the
+    linear's output, for the sampled labels: checked by central differences on the whole model, per probe row,
+    for a Mamba, an MLP or routed expert and a shared expert linear (the token → row bookkeeping of experts)."""
+    src = tiny_dir(kind, trained_like=True)
+    ck, names, ids, calib = _setup(src)
+    drawn = []
+    real = fisher._draw_labels
+    monkeypatch.setattr(fisher, "_draw_labels", lambda p, s, g: drawn.append(real(p, s, g)) or drawn[-1])
+    probe = ids[:3]
+    est = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=1)
+    labels = torch.cat(drawn)[:, 0].view(probe.shape)
+    model = nemoconv.load_model(src)
+    picks = [n for n in names if n.endswith("in_proj")][:1] + [n for n in names if "experts.0." in n or
+                                                                "up_proj" in n][:1]
+    picks += [n for n in names if "shared_experts.down_proj" in n][:1]
+    assert len(picks) >= 2
+    for name in picks:
+        lin = model.get_submodule(name)
+        q, weight_scale, _ = fp8.quantize_weight(lin.weight.detach(), name)
+        input_scale = fp8.scale_from_amax(calib.amax[name])
+
+        def loglik(delta):
+            def hook(module, args, out):
+                eps = fisher.fp8_linear(args[0], q, weight_scale, input_scale, module.bias) - out
+                return out + delta * eps
+            handle = lin.register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(probe).double(), -1)
+            finally:
+                handle.remove()
+            return logp.gather(-1, labels[..., None])[..., 0].sum(-1)       # per row
+        delta = 0.05
+        numeric = (loglik(delta) - loglik(-delta)) / (2 * delta)
+        got = est.row_sums[name].float()
+        assert numeric.abs().max() > 0, name
+        assert torch.allclose(got, numeric.float(), rtol=0.05, atol=0.02 * float(numeric.abs().max())), \
+            (name, got, numeric)
+
+
+def test_label_sets_are_independent_copies_in_any_chunking(tiny_dir, monkeypatch):
+    """S label sets run as S copies of the probe rows (ε computed once on the first copy's inputs, experts
+    included): with every copy given the same labels, each copy's row sums equal the one-copy run's, also when
+    the rows are cut into chunks of one probe row."""
+    ck, names, ids, calib = _setup(tiny_dir("moe", trained_like=True))
+    probe = ids[:3]
+    real = fisher._draw_labels
+    monkeypatch.setattr(fisher, "_draw_labels", lambda p, s, g: real(p, 1, g).expand(-1, s))
+    one = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=1)
+    monkeypatch.setattr(fisher, "TOKENS_PER_BATCH", {"cpu": 2 * ids.shape[1]})
+    three = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=3)
+    for n in names:
+        want = one.row_sums[n]
+        assert three.row_sums[n].shape == (9,)
+        for copy in three.row_sums[n].view(3, 3):
+            assert torch.allclose(copy, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), n
+        assert three.kl[n] == pytest.approx(one.kl[n], rel=1e-3)
+
+
+def test_estimate_tracks_the_exact_kl(tiny_dir):
+    """On a trained-like model the estimate ranks the linears as the exact sweep does (rank correlation) and
+    stays within a small factor of it in total."""
+    ck, names, ids, calib = _setup(tiny_dir("dense", trained_like=True))
+    probe = ids[:4]
+    est = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=16)
+    exact = compare_variants(ck, probe, [Variant(n, frozenset([n])) for n in names], calib.amax, CPU, torch.float32)
+    exact_kl = [exact[n].summary()["kl_mean"] for n in names]
+    rho = fisher.spearman([est.kl[n] for n in names], exact_kl)
+    assert rho > 0.6, rho
+    ratio = sum(est.kl.values()) / sum(exact_kl)
+    assert 0.4 < ratio < 2.5, ratio
+
+
+def test_spearman():
+    assert fisher.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert fisher.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert fisher.spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
+
+
+def test_outlier_channel_is_ranked_first_by_the_estimate_and_measured(tmp_path, capsys):
+    src = _damaged(tmp_path)
+    report = tmp_path / "analysis.json"
+    code, out, err = run_cli(["quantize", src, "--analyze", "--calib-samples", "8", "--calib-seq-len", "32",
+                              "--analyze-samples", "2", "--analyze-top", "3", "--device", "cpu", "--report", report],
+                             capsys)
+    assert code == 0, err
+    result = json.loads(report.read_text())
+    assert result["analysis"]["method"] == "fisher" and result["analysis"]["exact_top_k"] == 3
+    rows = result["modules"]
+    by_estimate = max(rows, key=lambda r: r["est_kl"] or -1)
+    assert by_estimate["module"] == DAMAGED
+    assert rows[0]["module"] == DAMAGED and rows[0]["measured"] and rows[0]["kl"] > 1.2 * rows[1]["kl"]
+    assert sum(r["measured"] for r in rows) == 3
+    assert all(r["kl"] is None for r in rows if not r["measured"])
+    assert all(r["est_kl"] is not None for r in rows)
+    assert "est. KL" in out
+
+
+def test_fisher_analysis_is_deterministic_and_exact_method_still_measures_all(tiny_dir):
+    src = tiny_dir("moe", trained_like=True)
+    kw = dict(calib_samples=4, calib_seq_len=16, probe_samples=2, device="cpu", calibrator="builtin")
+    a, b = nemoconv.analyze_fp8(src, top_k=2, **kw), nemoconv.analyze_fp8(src, top_k=2, **kw)
+    assert [(r["module"], r["est_kl"], r["kl"]) for r in a["modules"]] == \
+        [(r["module"], r["est_kl"], r["kl"]) for r in b["modules"]]
+    assert [g["est_kl"] for g in a["groups"]] == [g["est_kl"] for g in b["groups"]]
+    exact = nemoconv.analyze_fp8(src, method="exact", **kw)
+    assert exact["analysis"] == {"method": "exact"}
+    assert all(r["measured"] and r["est_kl"] is None for r in exact["modules"] if r["sqnr_db"] is not None)
+    # the measured rows of the fisher run carry the exact method's numbers
+    exact_kl = {r["module"]: r["kl"] for r in exact["modules"]}
+    for r in a["modules"]:
+        if r["measured"]:
+            assert r["kl"] == pytest.approx(exact_kl[r["module"]], rel=1e-6)
+
+
+def test_saved_hidden_states_are_what_the_docstring_says(tiny_dir):
+    """(n_layers + 1) probe hidden states, the same whether the forward runs here or calibration kept them."""
+    src = tiny_dir("dense", trained_like=True)
+    ck, names, ids, calib = _setup(src, keep_rows=2)
+    spec = ck.spec
+    probe = ids[:2]
+    assert len(calib.kept) == len(spec.layer_codes) + 1
+    assert all(h.shape == (2, ids.shape[1], spec.hidden_size) for h in calib.kept)
+    alone = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=2)
+    reused = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=2, kept=calib.kept)
+    assert alone.saved_bytes == reused.saved_bytes == (len(spec.layer_codes) + 1) * probe.numel() * spec.hidden_size * 4
+    for n in names:
+        assert reused.kl[n] == pytest.approx(alone.kl[n], rel=1e-4)
+
+
+def test_exact_sweep_from_the_estimate_states_equals_the_sweep_alone(tiny_dir):
+    """compare_variants(reference=estimate.hidden) skips the reference stream and starts at the first FP8 layer,
+    with the numbers the full sweep gives (shortcut variants, in_proj variants, late-layer variants)."""
+    ck, names, ids, calib = _setup(tiny_dir("dense", trained_like=True), keep_rows=3)
+    probe = ids[:3]
+    est = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=1, kept=calib.kept)
+    assert len(est.hidden) == len(ck.spec.layer_codes) + 1
+    picks = [n for n in names if n.startswith(("backbone.layers.2.", "backbone.layers.5.", "backbone.layers.6."))]
+    for chosen in (picks, picks[-2:]):
+        variants = [Variant(n, frozenset([n])) for n in chosen]
+        alone = compare_variants(ck, probe, variants, calib.amax, CPU, torch.float32)
+        reused = compare_variants(ck, probe, variants, calib.amax, CPU, torch.float32, reference=est.hidden)
+        for v in variants:
+            a, b = alone[v.name].summary(), reused[v.name].summary()
+            assert a["kl_mean"] > 0
+            assert b["kl_mean"] == pytest.approx(a["kl_mean"], rel=1e-4), v.name
+            assert b["top1_agreement"] == a["top1_agreement"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--analyze-method", "guess"], "--analyze-method"),
+    (["--analyze-top", "-1"], "--analyze-top"),
+    (["--analyze-top", "many"], "--analyze-top"),
+    (["--analyze-top", "2", "--analyze-method", "exact"], "--analyze-top goes with --analyze-method fisher"),
+])
+def test_garbage_analysis_options_are_one_line_exit_2(tiny_dir, capsys, args, message):
+    code, _, err = run_cli(["quantize", tiny_dir("dense"), "--analyze", *args], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_analysis_options_need_analyze(tiny_dir, tmp_path, capsys):
+    code, _, err = run_cli(["quantize", tiny_dir("dense"), tmp_path / "out", "--analyze-method", "fisher"], capsys)
+    assert code == 2 and "go with --analyze" in err
+
+
+@pytest.mark.parametrize("kw", [{"method": "fast"}, {"top_k": -1}, {"top_k": True}, {"top_k": 1.5},
+                                {"label_samples": 0}, {"label_samples": "4"}])
+def test_garbage_api_values_are_nemoconv_errors(tiny_dir, kw):
+    with pytest.raises(nemoconv.NemoconvError):
+        nemoconv.analyze_fp8(tiny_dir("dense"), calib_samples=2, calib_seq_len=8, device="cpu", **kw)
+
+
+def test_a_top_k_beyond_the_linears_measures_them_all(tiny_dir):
+    """--analyze-top larger than the number of linears (a lie about how many there are) measures every one."""
+    kw = dict(calib_samples=4, calib_seq_len=16, probe_samples=1, device="cpu", calibrator="builtin")
+    result = nemoconv.analyze_fp8(tiny_dir("dense", trained_like=True), top_k=10_000, **kw)
+    rows = [r for r in result["modules"] if r["sqnr_db"] is not None]
+    assert rows and all(r["measured"] and r["kl"] is not None and r["est_kl"] is not None for r in rows)
+    assert [r["kl"] for r in rows] == sorted((r["kl"] for r in rows), reverse=True)
