@@ -58,12 +58,18 @@ def test_a_pipe_gets_lines_that_never_wrap_and_a_terminal_gets_its_width():
     assert stdout_console(CliOptions(stdout_is_terminal=True)).width < 10_000
 
 
-def _analysis(n_modules: int) -> dict:
+def _analysis(n_modules: int, method: str = "exact") -> dict:
     rows = [{"rank": i + 1, "module": f"backbone.layers.{i}.mixer.in_proj", "kind": "mamba in_proj",
              "in_preset": i % 2 == 0, "sqnr_db": None if i == 0 else 30.0 + i, "kl": 1e-3 / (i + 1),
-             "top1_change": 0.01} for i in range(n_modules)]
+             "top1_change": 0.01, "est_kl": 2e-3 / (i + 1)} for i in range(n_modules)]
+    analysis = {"method": method}
+    if method == "fisher":   # only the worst is measured exactly; the others carry the estimate alone
+        analysis.update(label_samples=4, exact_top_k=1)
+        for row in rows[1:]:
+            row["kl"] = row["top1_change"] = None
     return {"calibration": {"tokens": 4096}, "probe": {"tokens": 256, "sweeps": 1, "streams_per_sweep": 8},
-            "device": "cpu", "modules": rows, "timings_s": {"calibrate": 1.0, "analyze": 2.0}, "preset": "default"}
+            "device": "cpu", "modules": rows, "timings_s": {"calibrate": 1.0, "analyze": 2.0}, "preset": "default",
+            "analysis": analysis}
 
 
 def test_the_analysis_table_shows_the_worst_first_and_says_how_many_more():
@@ -74,6 +80,15 @@ def test_the_analysis_table_shows_the_worst_first_and_says_how_many_more():
     assert "layers.2.mixer.in_proj" not in text and "… and 1 more" in text
     assert "—" in text  # a measurement that could not be made is a dash, not a number
     assert "backbone." not in text and "--preset default" in text
+
+
+def test_the_fisher_table_shows_the_estimate_and_dashes_where_nothing_was_measured():
+    console = Console(file=io.StringIO(), width=200)
+    render_analysis(_analysis(3, "fisher"), console)
+    text = console.file.getvalue()
+    assert "est. KL" in text and "2.00e-03" in text and "1.00e-03" in text   # the worst: estimate and exact KL
+    assert "6.67e-04" in text and "3.33e-04" not in text                      # the others: estimate only
+    assert "measured exactly for the 1 worst" in text
 
 
 def test_each_demo_step_has_its_line():

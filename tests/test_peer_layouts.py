@@ -10,6 +10,7 @@ tests compare against the peers' own code instead:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,21 +27,35 @@ from cases import CASES, build_case, fingerprint  # noqa: E402
 GOLDEN = json.loads((Path(__file__).parent / "peers" / "max_golden.json").read_text())
 
 
+def _same_tensor(source_name: str, output_name: str) -> bool:
+    """Whether `output_name` may hold the data of `source_name`: the same last component and layer index (MAX
+    names layers `blocks.N`)."""
+    layer = re.search(r"\.(\d+)\.", source_name)
+    return source_name.rsplit(".", 1)[-1] == output_name.rsplit(".", 1)[-1] and (
+        layer is None or f".{layer.group(1)}." in output_name)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_max_output_equals_max_weight_adapter(case, tmp_path):
     src = build_case(case, tmp_path / "src")
     golden = GOLDEN[case]
-    same_source = fingerprint(load_file(str(src / "model.safetensors"))) == golden["source"]
+    source = fingerprint(load_file(str(src / "model.safetensors")))
+    # a stale golden file (the cases changed) must be regenerated, not silently weakened
+    assert {k: v[:2] for k, v in source.items()} == {k: v[:2] for k, v in golden["source"].items()}, \
+        "regenerate tests/peers/max_golden.json"
     nemoconv.convert(src, tmp_path / "max", to="max")
     ours = fingerprint(load_all(tmp_path / "max"))
-    # a stale golden file (the cases changed) must be regenerated, not silently weakened
-    assert same_source or torch.__version__ != GOLDEN["torch_version"], "regenerate tests/peers/max_golden.json"
-    if not same_source:  # another torch drew other random numbers: compare the layout only
-        ours = {k: v[:2] for k, v in ours.items()}
-        golden = {"max": {k: v[:2] for k, v in golden["max"].items()}}
     assert sorted(ours) == sorted(golden["max"]), sorted(set(ours) ^ set(golden["max"]))
+    # Tensors drawn with other bits here (another torch, or this CPU's vector exp/log: dt_bias is made with
+    # exp, log and expm1) are compared by layout; every other tensor bit for bit.
+    redrawn = [k for k in source if source[k] != golden["source"][k]]
+    if torch.__version__ != GOLDEN["torch_version"]:
+        redrawn = list(source)
     for name, want in golden["max"].items():
-        assert ours[name] == want, name
+        if any(_same_tensor(r, name) for r in redrawn):
+            assert ours[name][:2] == want[:2], name
+        else:
+            assert ours[name] == want, name
 
 
 def _nemo_adapter(src: Path, dtype: torch.dtype):
