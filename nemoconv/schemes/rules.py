@@ -201,13 +201,17 @@ class Scheme:
             self.__dict__["_answers"] = slot  # not a field: equality, hashing and repr ignore it
         return slot[1]
 
+    def _remembered(self, answer, name: str, spec):
+        """answer(name[, spec]) through the memo of `spec` (_ANY_SPEC: an answer that ignores the spec)."""
+        memo = self._memo(spec)
+        key = (answer.__name__, name)
+        if key not in memo:
+            memo[key] = answer(name) if spec is _ANY_SPEC else answer(name, spec)
+        return memo[key]
+
     def normalize(self, name: str) -> str:
         """Apply read aliases (e.g. `model.` → `backbone.`) to a name in this scheme."""
-        memo = self._memo(_ANY_SPEC)  # its answer does not depend on the spec
-        key = ("normalize", name)
-        if key not in memo:
-            memo[key] = self._normalize(name)
-        return memo[key]
+        return self._remembered(self._normalize, name, _ANY_SPEC)  # its answer does not depend on the spec
 
     def _normalize(self, name: str) -> str:
         for alias in self.aliases:  # applied in order, each at most once
@@ -217,11 +221,7 @@ class Scheme:
         return name
 
     def to_scheme(self, hf_name: str, spec=None) -> str | None:
-        memo = self._memo(spec)
-        key = ("to_scheme", hf_name)
-        if key not in memo:
-            memo[key] = self._to_scheme(hf_name, spec)
-        return memo[key]
+        return self._remembered(self._to_scheme, hf_name, spec)
 
     def _to_scheme(self, hf_name: str, spec) -> str | None:
         for r in self.renames:
@@ -235,11 +235,7 @@ class Scheme:
         return None
 
     def to_hf(self, name: str, spec=None) -> str | None:
-        memo = self._memo(spec)
-        key = ("to_hf", name)
-        if key not in memo:
-            memo[key] = self._to_hf(name, spec)
-        return memo[key]
+        return self._remembered(self._to_hf, name, spec)
 
     def _to_hf(self, name: str, spec) -> str | None:
         for r in self.renames:
