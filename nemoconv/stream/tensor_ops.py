@@ -5,6 +5,7 @@ torch tensor (model loading, quantize)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from nemoconv.storage.safetensors_io import (
@@ -152,11 +153,20 @@ def _reshaped_entry(entry: TensorEntry, shape: tuple) -> TensorEntry:
 def _stacked_on_disk(name: str, parts: list[Item]) -> Item:
     """Experts stacked without a transpose are their bytes in sequence: an entry over the parts' byte ranges,
     copied file to file by the writer (or read when a transform needs the values)."""
+    entries = [_reshaped_entry(p.entry, (1, *p.entry.shape)) for p in parts]
+    return _rows_in_sequence(name, parts, entries, [1] * len(parts))
+
+
+def _rows_in_sequence(name: str, parts: list[Item], entries: list[TensorEntry], rows: list[int]) -> Item:
+    """The parts' byte runs one after the other, as one tensor whose leading axis has sum(rows) rows (entries[j],
+    rows[j] of them, holds part j's bytes): an entry copied file to file by the writer, never read unless a
+    transform needs the values."""
     first = parts[0]
-    shape = (len(parts), *first.tensor.shape)
-    zeros = (0,) * len(first.tensor.shape)
-    pieces = tuple(((j, *zeros), _reshaped_entry(p.entry, (1, *p.entry.shape))) for j, p in enumerate(parts))
-    nbytes = sum(p.entry.nbytes for p in parts)
+    rest = tuple(entries[0].shape[1:])
+    shape = (sum(rows), *rest)
+    zeros = (0,) * len(rest)
+    pieces = tuple(((r, *zeros), e) for r, e in zip(itertools.accumulate(rows, initial=0), entries))
+    nbytes = sum(e.nbytes for e in entries)
     entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, pieces, True)
     return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
                 entry=entry, reader=first.reader)
@@ -189,18 +199,8 @@ def _split_on_disk(item: Item, names: list[str], sizes: list[int]) -> list[Item]
 
 
 def _joined_on_disk(name: str, parts: list[Item]) -> Item:
-    """Parts along axis 0 still on disk, joined: an entry over their byte runs in sequence (as `_stacked_on_disk`)."""
-    first = parts[0]
-    rest = tuple(first.tensor.shape[1:])
-    shape = (sum(p.tensor.shape[0] for p in parts), *rest)
-    pieces, row = [], 0
-    for p in parts:
-        pieces.append(((row, *[0] * len(rest)), p.entry))
-        row += p.tensor.shape[0]
-    nbytes = sum(p.entry.nbytes for p in parts)
-    entry = ChunkedEntry(name, first.entry.file, first.entry.dtype_name, shape, 0, nbytes, shape, tuple(pieces), True)
-    return Item(name, _meta_like(first.tensor, shape), tuple(s for p in parts for s in p.sources),
-                entry=entry, reader=first.reader)
+    """Parts along axis 0 still on disk, joined: their byte runs in sequence."""
+    return _rows_in_sequence(name, parts, [p.entry for p in parts], [p.tensor.shape[0] for p in parts])
 
 
 def _unstack_all(item: Item, count: int, transpose: bool) -> list:
