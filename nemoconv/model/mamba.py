@@ -94,19 +94,20 @@ class MambaMixer(nn.Module):
             # a biased in_proj; after the conv it must give x = B = 0 so the scan state stays untouched.
             xbc = xbc.masked_fill(~pad, 0.0)
         conv_state, ssm_state = ctx.cache.layer_mamba(self.layer_idx) if ctx.cache is not None else (None, None)
-        context = conv_state.clone() if ctx.lengths is not None and conv_state is not None else None
-        conv_in = xbc
+        # Right padding (a bucketed prefill tail): the conv context must end at the last real input, not at the
+        # pads the conv kernel sees last; taken from the old context and these inputs before the conv replaces it.
+        context = last_inputs(conv_state, xbc, ctx.lengths) if ctx.lengths is not None and conv_state is not None \
+            else None
         xbc = kernels.causal_conv1d_silu(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
         step = self._step_size(dt)                                             # [b, s, h] float32
         if ctx.lengths is not None:
-            # Right padding (a bucketed prefill tail): dt = 0 and x = B = 0 there, so the scan state passes
-            # through unchanged (decay exp(0·A) = 1, nothing added); the conv context must end at the last
-            # real input, not at the pads the conv kernel saw last.
+            # dt = 0 and x = B = 0 at the pads, so the scan state passes through them unchanged (decay
+            # exp(0·A) = 1, nothing added)
             real = (torch.arange(s, device=hidden.device)[None] < ctx.lengths[:, None])[..., None]   # [b, s, 1]
             xbc = xbc.masked_fill(~real, 0.0)
             step = step.masked_fill(~real, 0.0)
             if context is not None:
-                conv_state.copy_(last_inputs(context, conv_in, ctx.lengths))
+                conv_state.copy_(context)
         if pad is not None:
             xbc = xbc.masked_fill(~pad, 0.0)
         x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
