@@ -54,9 +54,8 @@ from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cuda import kernels
 from nemoconv.model.fp8 import fp8_linear
-from nemoconv.quant import fp8
 from nemoconv.quant.calibrate import _EXPERT, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
-from nemoconv.quant.sweep import COMPARE_ELEMENTS, _final_weights, layer_of, weight_sqnr_db
+from nemoconv.quant.sweep import COMPARE_ELEMENTS, _final_weights, _fp8_weights, layer_of
 from nemoconv.storage.safetensors_io import TensorReader
 
 LABEL_SAMPLES = 4          # label sets drawn per probe row (the estimate's noise falls as 1/√(rows × samples))
@@ -107,7 +106,7 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
                 progress(n_layers + 1, steps)
             for i in range(n_layers - 1, min(by_layer, default=n_layers) - 1, -1):   # none below the first target
                 tensors = _read_hf(ck, index.get(i, []), reader)
-                weights = _fp8_weights(tensors, by_layer.get(i, set()), input_amax, device, sqnr)
+                weights = _fp8_weights(tensors, by_layer.get(i, set()), input_amax, device, sqnr, widen=True)
                 block = _build_block(spec, i, tensors, device, dtype)
                 del tensors
                 grad = _backward_layer(block, i, saved[i], grad, weights, rows, sums)
@@ -128,23 +127,6 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
                 members[g] = members[g] + sums[m] if g in members else sums[m].clone()
         group_kl = {g: float(x.pow(2).sum()) * scale for g, x in members.items()}
     return FisherEstimate(kl, group_kl, label_samples, positions, saved_bytes, sums, saved)
-
-
-def _fp8_weights(tensors, modules: set[str], input_amax: dict[str, float], device, sqnr: dict | None) -> dict:
-    """HF module → (fp8 weight, weight_scale, input_scale) on the device, as sweep's; off CUDA the weight comes
-    widened to float32 (its exact values: the emulated FP8 product widens it anyway, so once per weight here
-    instead of once per call; it also gives the SQNR)."""
-    weights = dict(tensors)
-    out = {}
-    for m in modules:
-        w = weights[f"{m}.weight"]
-        q, weight_scale, _ = fp8.quantize_weight(w, f"weight {m}")
-        if device.type != "cuda":
-            q = q.float()
-        if sqnr is not None:
-            sqnr[m] = weight_sqnr_db(w, q, weight_scale)
-        out[m] = (q.to(device), weight_scale.to(device), fp8.scale_from_amax(input_amax[m]).to(device))
-    return out
 
 
 def _forward(ck: Checkpoint, ids: torch.Tensor, index: dict, reader: TensorReader, device, dtype,

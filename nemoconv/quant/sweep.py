@@ -203,13 +203,19 @@ def _batched(block: nn.Module, ctx, groups: list[list[torch.Tensor]], rows: int)
         j += take
 
 
-def _fp8_weights(tensors, modules: set[str], input_amax: dict[str, float], device, sqnr: dict | None) -> dict:
-    """HF module → (fp8 weight, weight_scale, input_scale) on the device, from the stored weight."""
+def _fp8_weights(tensors, modules: set[str], input_amax: dict[str, float], device, sqnr: dict | None,
+                 widen: bool = False) -> dict:
+    """HF module → (fp8 weight, weight_scale, input_scale) on the device, from the stored weight. `widen`: off
+    CUDA the weight comes widened to float32 (its exact values: the emulated FP8 product widens it anyway, so
+    once per weight instead of once per call; it also gives the SQNR), for callers that call fp8_linear on it
+    rather than swap it into a Linear."""
     weights = dict(tensors)
     out = {}
     for m in modules:
         w = weights[f"{m}.weight"]
         q, weight_scale, _ = fp8.quantize_weight(w, f"weight {m}")
+        if widen and device.type != "cuda":
+            q = q.float()
         input_scale = fp8.scale_from_amax(input_amax[m])
         if sqnr is not None:
             sqnr[m] = weight_sqnr_db(w, q, weight_scale)
