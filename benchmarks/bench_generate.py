@@ -186,14 +186,6 @@ def bytes_per_decode_step(model) -> int:
     return total
 
 
-def decode_state_bytes(model, batch: int) -> int:
-    """Cache bytes a decode step must read and write besides the weights: every Mamba layer's SSM state
-    (its dtype, float32 by the config's mamba_ssm_cache_dtype) and conv window, read and written once."""
-    cache = model.new_cache(batch, 1)
-    mem = cache.memory_bytes()
-    return 2 * (mem.get("ssm", 0) + mem.get("conv", 0))
-
-
 def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: bool = False) -> dict:
     """The decode step no implementation can beat on this device: every weight matrix of the model (each
     Linear, lm_head included; FP8 ones as FP8 GEMMs on an activation already quantized) multiplied once by
@@ -212,7 +204,7 @@ def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: b
         else:
             inputs.append((lin, x))
     cache = model.new_cache(batch, 1) if with_state else None
-    states = [cache.ssm, cache.conv] if cache is not None else []
+    states = [cache.ssm, cache.conv] if cache is not None else []   # SSM state (float32 by the config), conv window
 
     def step():
         for lin, x in inputs:
@@ -238,7 +230,7 @@ def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: b
     step_s = t / per
     return {"step_ms": round(step_s * 1e3, 3), "tok_s": round(batch / step_s, 1),
             "weight_bytes": bytes_per_decode_step(model),
-            "state_bytes": decode_state_bytes(model, batch) if with_state else 0}
+            "state_bytes": 2 * sum(t.numel() * t.element_size() for t in states)}   # each read and written once
 
 
 def percent_of_floor(ours: dict, floors: dict) -> dict:
@@ -354,6 +346,15 @@ def quantize_default_preset(model, calib_ids) -> int:
     return len(targets)
 
 
+def kernel_events(prof, path: Path, title: str) -> list:
+    """Append the profile's table (by device time) to `path` under `title`; → its CUDA kernel events, longest first."""
+    avg = prof.key_averages()
+    with open(path, "a") as f:
+        f.write(f"==== {title} ====\n{avg.table(sort_by='self_device_time_total', row_limit=40)}\n")
+    events = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(events, key=lambda e: -e.self_device_time_total)
+
+
 def profile_prefill(model, ids, device, path: Path | None) -> dict:
     """torch.profiler over one prefill, eager (one row per kernel launch; the host's own time shows as Self
     CPU) and replayed from its CUDA graph: where the time of a long prompt goes, by kernel, and how much of
@@ -379,17 +380,13 @@ def profile_prefill(model, ids, device, path: Path | None) -> dict:
                 model.prefill(ids, cache, last_only=True)
                 sync(device)
                 wall_us = (time.perf_counter() - t0) * 1e6
-            avg = prof.key_averages()
-            with open(path / "profile_prefill.txt", "a") as f:
-                f.write(f"==== prefill of {ids.shape[1]} tokens, b{ids.shape[0]}, {mode} ====\n"
-                        f"{avg.table(sort_by='self_device_time_total', row_limit=40)}\n")
-            events = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+            events = kernel_events(prof, path / "profile_prefill.txt",
+                                   f"prefill of {ids.shape[1]} tokens, b{ids.shape[0]}, {mode}")
             total = sum(e.self_device_time_total for e in events)
             out[mode] = {"device_us": round(total, 1), "wall_us": round(wall_us, 1),
                          "idle_us": round(wall_us - total, 1), "kernels": sum(e.count for e in events),
-                         "host_cpu_us": round(sum(e.self_cpu_time_total for e in avg), 1),
-                         "top": [(e.key[:60], round(e.self_device_time_total, 1), e.count)
-                                 for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]}
+                         "host_cpu_us": round(sum(e.self_cpu_time_total for e in prof.key_averages()), 1),
+                         "top": [(e.key[:60], round(e.self_device_time_total, 1), e.count) for e in events[:15]]}
     finally:
         model.cuda_graphs = saved
     return out
@@ -414,14 +411,11 @@ def profile_decode(model, ids, device, path: Path | None, modes=("eager", "graph
             for _ in range(3):
                 model.decode_step(token, cache)
             sync(device)
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
-        with open(path / "profile_decode.txt", "a") as f:
-            f.write(f"==== {model.backbone.layers[0].mixer.in_proj!r} decode b{ids.shape[0]}, {mode}, 3 steps ====\n{table}\n")
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = kernel_events(prof, path / "profile_decode.txt",
+                               f"{model.backbone.layers[0].mixer.in_proj!r} decode b{ids.shape[0]}, {mode}, 3 steps")
         total = sum(e.self_device_time_total for e in events) / 3
         out[mode] = {"device_us_per_step": round(total, 1), "kernels_per_step": sum(e.count for e in events) / 3,
-                     "top": [(e.key[:60], round(e.self_device_time_total / 3, 1), e.count // 3)
-                             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]]}
+                     "top": [(e.key[:60], round(e.self_device_time_total / 3, 1), e.count // 3) for e in events[:12]]}
     model.cuda_graphs = True
     return out
 
