@@ -135,7 +135,7 @@ def test_fisher_analysis_is_deterministic_and_exact_method_still_measures_all(ti
         [(r["module"], r["est_kl"], r["kl"]) for r in b["modules"]]
     assert [g["est_kl"] for g in a["groups"]] == [g["est_kl"] for g in b["groups"]]
     exact = nemoconv.analyze_fp8(src, method="exact", **kw)
-    assert exact["analysis"] == {"method": "exact"}
+    assert exact["analysis"] == {"method": "exact", "bytes_kept_on_device": 0}
     assert all(r["measured"] and r["est_kl"] is None for r in exact["modules"] if r["sqnr_db"] is not None)
     # the measured rows of the fisher run carry the exact method's numbers
     exact_kl = {r["module"]: r["kl"] for r in exact["modules"]}
@@ -209,3 +209,45 @@ def test_a_top_k_beyond_the_linears_measures_them_all(tiny_dir):
     rows = [r for r in result["modules"] if r["sqnr_db"] is not None]
     assert rows and all(r["measured"] and r["kl"] is not None and r["est_kl"] is not None for r in rows)
     assert [r["kl"] for r in rows] == sorted((r["kl"] for r in rows), reverse=True)
+
+
+def test_layers_kept_on_the_device_are_not_read_again_and_change_nothing(tiny_dir, monkeypatch):
+    """KeptLayers (the GPU keeps what fits of the layers between the analysis's passes; on CUDA only, so forced
+    on here): calibration reads every layer once, the estimate and the exact sweep read none of them again, and
+    the report's numbers are those of the analysis that re-reads every layer."""
+    from nemoconv.quant import calibrate
+
+    src = tiny_dir("moe", trained_like=True)
+    kw = dict(calib_samples=8, calib_seq_len=32, device="cpu", calibrator="builtin", top_k=3)
+    plain = nemoconv.analyze_fp8(src, **kw)
+    reads = []
+    real_read, real_init = calibrate._read_hf, calibrate.KeptLayers.__init__
+
+    def init(self, device):
+        real_init(self, device)
+        self.enabled = True
+    monkeypatch.setattr(calibrate.KeptLayers, "__init__", init)
+    monkeypatch.setattr(calibrate, "_read_hf", lambda ck, names, reader: reads.append(tuple(names)) or
+                        real_read(ck, names, reader))
+    kept = nemoconv.analyze_fp8(src, **kw)
+    layer_reads = [r for r in reads if any(".layers." in n for n in r)]
+    assert len(layer_reads) == len(open_checkpoint(src).spec.layer_codes) == len(set(layer_reads))
+    assert kept["analysis"]["bytes_kept_on_device"] > 0 == plain["analysis"]["bytes_kept_on_device"]
+    assert [(r["module"], r["est_kl"], r["kl"], r["sqnr_db"]) for r in kept["modules"]] == \
+        [(r["module"], r["est_kl"], r["kl"], r["sqnr_db"]) for r in plain["modules"]]
+
+
+def test_kept_layers_leave_the_reserve_free(monkeypatch):
+    """On a GPU a layer is kept only if KEEP_RESERVE_FRACTION of the memory stays free after it."""
+    from nemoconv.quant import calibrate
+
+    kept = calibrate.KeptLayers(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 << 20, 100 << 20))
+    layer = [("w", torch.zeros(1 << 20, dtype=torch.uint8))]          # 1 MiB: 29 of 100 MiB left free
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(a) or self)
+    assert kept.keep(0, layer) is kept.layers[0] and kept.bytes == 1 << 20 and moved == [(torch.device("cuda"),)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (25 << 20, 100 << 20))
+    assert kept.keep(1, layer) is layer and kept.get(1) is None and kept.bytes == 1 << 20
+    kept.clear()
+    assert kept.get(0) is None and kept.bytes == 0

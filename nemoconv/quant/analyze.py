@@ -54,7 +54,7 @@ from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.model.device import resolve_device
 from nemoconv.quant import fp8
-from nemoconv.quant.calibrate import calibration_tokens, run_calibration
+from nemoconv.quant.calibrate import KeptLayers, calibration_tokens, run_calibration
 from nemoconv.quant.fisher import LABEL_SAMPLES, estimate_kl
 from nemoconv.quant.sizes import check_calibration_sizes
 from nemoconv.quant.sweep import Variant, compare_variants
@@ -80,7 +80,6 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
                 label_samples: int = LABEL_SAMPLES) -> dict:
     """Per-linear FP8 sensitivity of SRC (see the module docstring). Returns a JSON-ready dict whose
     "modules" list is sorted by harm: measured rows by exact KL, then the others by estimate."""
-    from nemoconv.progress import Progress
 
     t0 = time.perf_counter()
     probe_samples = _check_arguments(preset, calib_samples, calib_seq_len, probe_samples, method, top_k,
@@ -92,9 +91,21 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     targets = [m.name for m in modules]
 
     data = calibration_tokens(ck, calib_file, calib_samples, calib_seq_len)
+    kept_layers = KeptLayers(dev)   # what fits of the layers stays on the GPU for the passes after calibration
+    try:
+        return _analysis(src, ck, preset, data, modules, targets, probe_samples, dev, act_dtype, quiet, calibrator,
+                         method, top_k, label_samples, kept_layers, t0)
+    finally:
+        kept_layers.clear()
+
+
+def _analysis(src, ck, preset, data, modules, targets, probe_samples, dev, act_dtype, quiet, calibrator, method,
+              top_k, label_samples, kept_layers, t0) -> dict:
+    from nemoconv.progress import Progress
+
     with Progress("calibrate (layers)", quiet=quiet) as progress:
         calib = run_calibration(ck, targets, data.ids, dev, act_dtype, calibrator, progress,
-                                keep_rows=probe_samples if method == "fisher" else 0)
+                                keep_rows=probe_samples if method == "fisher" else 0, kept_layers=kept_layers)
     t_calib = time.perf_counter()
 
     probe = data.ids[:probe_samples]
@@ -103,14 +114,15 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     sqnr: dict[str, float] = {}
     estimate, info = None, {"method": method}
     if method == "fisher":
-        estimate, live = _estimate(ck, probe, modules, live, calib, dev, act_dtype, label_samples, top_k, sqnr, quiet)
+        estimate, live = _estimate(ck, probe, modules, live, calib, dev, act_dtype, label_samples, top_k, sqnr, quiet,
+                                   kept_layers)
         info.update(_estimate_info(estimate, top_k))
     t_estimate = time.perf_counter()
     variants = [Variant(m, frozenset([m])) for m in live]
     streams = max_streams(data.ids.numel(), probe.numel())
     with Progress("analyse (layers × sweeps)", quiet=quiet) as progress:
         stats = compare_variants(ck, probe, variants, calib.amax, dev, act_dtype, streams, progress, sqnr,
-                                 estimate.hidden if estimate is not None else None) if variants else {}
+                                 estimate.hidden if estimate is not None else None, kept_layers) if variants else {}
     if estimate is not None:
         estimate.hidden = []   # the probe's states: no longer needed
     t_end = time.perf_counter()
@@ -126,7 +138,7 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
         "probe": {"samples": probe_samples, "tokens": int(probe.numel()), "streams_per_sweep": streams,
                   "sweeps": -(-len(variants) // streams) if variants else 0,
                   "what": "the first --analyze-samples calibration sequences"},
-        "analysis": info,
+        "analysis": {**info, "bytes_kept_on_device": kept_layers.bytes},
         "modules": rows,
         "groups": _groups(rows, estimate),
         "timings_s": {"calibrate": round(calib_s, 3), "analyze": round(analyze_s, 3),
@@ -136,13 +148,13 @@ def analyze_fp8(src, preset: str = "default", calib_file=None, calib_samples: in
     }
 
 
-def _estimate(ck, probe, modules, live, calib, dev, act_dtype, label_samples, top_k, sqnr, quiet):
+def _estimate(ck, probe, modules, live, calib, dev, act_dtype, label_samples, top_k, sqnr, quiet, kept_layers):
     """The Fisher estimate for every live linear and the top_k of them by it (to measure exactly)."""
     from nemoconv.progress import Progress
 
     with Progress("estimate (layers up and down)", quiet=quiet) as progress:
         estimate = estimate_kl(ck, probe, live, calib.amax, dev, act_dtype, {m.name: m.group for m in modules},
-                               label_samples, progress=progress, sqnr=sqnr, kept=calib.kept)
+                               label_samples, progress=progress, sqnr=sqnr, kept=calib.kept, kept_layers=kept_layers)
     calib.kept = []   # the probe's hidden states: no longer needed
     return estimate, sorted(live, key=lambda m: estimate.kl[m], reverse=True)[:top_k]
 

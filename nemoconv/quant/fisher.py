@@ -37,8 +37,11 @@ Cost: one probe pass (the layers calibration did not run) + S × probe_tokens th
 backward: about (1 + 3·S) × probe_tokens token-layer passes, independent of the number of linears.
 Devices: the backward needs autograd through every op; the Triton kernels used on CUDA have none, so the
 recompute runs with the torch reference ops (settings.override(kernels="reference")) on every device, and
-ε with the device's own FP8 product (torch._scaled_mm on CUDA where the shapes allow). The saved states
-calibration kept were computed with the device's kernels (equal to the reference up to rounding).
+ε with the device's own FP8 product (torch._scaled_mm on CUDA where the shapes allow), the FP8 weights
+quantized on the device. (mamba-ssm's chunk scan has a Triton backward, 4.4 against 27.5 ms per 8B layer for
+16 × 512 tokens on an H200, but autotuning it took ~60 s in every new process: more than the whole analysis.)
+The saved states calibration kept were computed with the device's kernels (equal to the reference up to
+rounding).
 """
 
 from __future__ import annotations
@@ -54,7 +57,16 @@ from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cuda import kernels
 from nemoconv.model.fp8 import fp8_linear
-from nemoconv.quant.calibrate import _EXPERT, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
+from nemoconv.quant.calibrate import (
+    _EXPERT,
+    TOKENS_PER_BATCH,
+    _build_block,
+    _layer_context,
+    _read_hf,
+    _source_index,
+    layer_reader,
+    read_ahead,
+)
 from nemoconv.quant.sweep import COMPARE_ELEMENTS, _final_weights, _fp8_weights, layer_of
 from nemoconv.storage.safetensors_io import TensorReader
 
@@ -77,11 +89,13 @@ class FisherEstimate:
 def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_amax: dict[str, float],
                 device: torch.device, dtype: torch.dtype, groups: dict[str, str] | None = None,
                 label_samples: int = LABEL_SAMPLES, seed: int = SEED, progress=None,
-                sqnr: dict[str, float] | None = None, kept: list[torch.Tensor] | None = None) -> FisherEstimate:
+                sqnr: dict[str, float] | None = None, kept: list[torch.Tensor] | None = None,
+                kept_layers=None) -> FisherEstimate:
     """The estimate for every linear in `linears` (HF names; each needs an input amax) on `ids` [n, s];
     `groups` (linear → group name) also gives each group's estimate; `sqnr`, when given, receives every FP8
     weight's SQNR in dB. `kept` (run_calibration's, with keep_rows = n) spares the forward pass up to the last
-    layer calibration ran: the forward continues from there."""
+    layer calibration ran: the forward continues from there. `kept_layers` (calibrate.KeptLayers): layers
+    already on the GPU."""
     if isinstance(label_samples, bool) or not isinstance(label_samples, int) or label_samples < 1:
         raise NemoconvError(f"label samples must be a positive integer, got {label_samples!r}")
     spec = ck.spec
@@ -94,18 +108,18 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
     copies = label_samples * ids.shape[0]
     sums = {m: torch.zeros(copies, dtype=torch.float64, device=device) for m in linears}
     steps = 2 * n_layers + 1
-    with TensorReader() as reader:
+    with layer_reader(device) as reader:
         # the forward with the device's kernels (as calibration and the exact sweep, which reuses the states);
-        # the backward with the reference ops, which autograd can differentiate
+        # the backward with ops autograd can differentiate
         saved = _forward(ck, ids, index, reader, device, dtype, list(kept or []),
-                         lambda d: progress and progress(d, steps))
+                         lambda d: progress and progress(d, steps), kept_layers)
         saved_bytes = sum(h.numel() * h.element_size() for h in saved)
         with settings.override(kernels="reference"):
-            grad = _head_gradient(ck, reader, saved[-1], label_samples, seed, device, dtype)
+            grad = _head_gradient(ck, reader, saved[-1], label_samples, seed, device, dtype, kept_layers)
             if progress:
                 progress(n_layers + 1, steps)
-            for i in range(n_layers - 1, min(by_layer, default=n_layers) - 1, -1):   # none below the first target
-                tensors = _read_hf(ck, index.get(i, []), reader)
+            first = min(by_layer, default=n_layers)                                  # none below the first target
+            for i, tensors in read_ahead(ck, index, reader, range(n_layers - 1, first - 1, -1), kept_layers):
                 weights = _fp8_weights(tensors, by_layer.get(i, set()), input_amax, device, sqnr, widen=True)
                 block = _build_block(spec, i, tensors, device, dtype)
                 del tensors
@@ -130,7 +144,7 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
 
 
 def _forward(ck: Checkpoint, ids: torch.Tensor, index: dict, reader: TensorReader, device, dtype,
-             saved: list[torch.Tensor], progress) -> list[torch.Tensor]:
+             saved: list[torch.Tensor], progress, kept_layers=None) -> list[torch.Tensor]:
     """Every layer's input hidden state on the probe, and the last layer's output: n_layers + 1 tensors
     (continuing after those already `saved`)."""
     spec = ck.spec
@@ -142,8 +156,7 @@ def _forward(ck: Checkpoint, ids: torch.Tensor, index: dict, reader: TensorReade
             embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
             saved.append(F.embedding(ids.to(device), embed.to(device=device, dtype=dtype)))
             del embed
-        for i in range(len(saved) - 1, len(spec.layer_codes)):
-            tensors = _read_hf(ck, index.get(i, []), reader)
+        for i, tensors in read_ahead(ck, index, reader, range(len(saved) - 1, len(spec.layer_codes)), kept_layers):
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
             rows = max(1, TOKENS_PER_BATCH.get(device.type, 2048) // ids.shape[1])
@@ -155,10 +168,10 @@ def _forward(ck: Checkpoint, ids: torch.Tensor, index: dict, reader: TensorReade
 
 
 def _head_gradient(ck: Checkpoint, reader: TensorReader, hidden: torch.Tensor, samples: int, seed: int,
-                   device, dtype) -> torch.Tensor:
+                   device, dtype, kept_layers=None) -> torch.Tensor:
     """∂ Σ_t log p(y_t) / ∂ hidden for S label sets y ~ p drawn per position: [S·n, s, width], copy k at rows
     k·n … (k+1)·n − 1. Through the logits z = head(norm_f(h)): ∂/∂normed = W[y] − pᵀW, then norm_f's VJP."""
-    norm_w, head_w = _final_weights(ck, reader, device, dtype)
+    norm_w, head_w = _final_weights(ck, reader, device, dtype, kept_layers)
     eps = ck.spec.layer_norm_epsilon
     n, s, width = hidden.shape
     flat = hidden.reshape(-1, width)

@@ -77,20 +77,36 @@ def check_scale(scale: torch.Tensor, what: str) -> torch.Tensor:
 
 def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """W → (fp8 weight on CPU, float32 0-d weight_scale, amax). Meta tensors give meta results."""
+    """W → (fp8 weight on CPU, float32 0-d weight_scale, amax), computed on `device` when given (the same
+    bits: IEEE division and round-to-nearest-even casts on both). Meta tensors give meta results."""
     if w.is_meta:
         return (torch.empty(w.shape, dtype=FP8_DTYPE, device="meta"),
                 torch.empty((), dtype=torch.float32, device="meta"), 0.0)
-    if not w.is_floating_point() or w.dtype in (FP8_DTYPE, torch.float8_e5m2):
-        raise NemoconvError(f"{what} is {w.dtype}; quantize needs a bf16/fp16/fp32 weight")
     if device is not None and device.type != "cpu":
         w = w.to(device, non_blocking=True)
+    q, scale, amax = quantize_weight_here(w, what)
+    return q.cpu(), scale, amax
+
+
+def quantize_weight_here(w: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """quantize_weight on w's own device, the FP8 weight left there (the analysis quantizes on the GPU it
+    runs on: a CPU quantization of an 8B's projections costs more than the whole estimate)."""
+    if not w.is_floating_point() or w.dtype in (FP8_DTYPE, torch.float8_e5m2):
+        raise NemoconvError(f"{what} is {w.dtype}; quantize needs a bf16/fp16/fp32 weight")
     amax = float(w.abs().amax())            # exact in w's dtype; NaN/Inf propagate
     check_amax(amax, what)
     scale = check_scale(scale_from_amax(amax), what)
+    # The quotient is the float32 one rounded to W's dtype: what torch's CPU `w / scale` computes (a 0-d CPU
+    # divisor stays float32). On CUDA that expression would first round the divisor to W's dtype (and a
+    # Python-number divisor becomes a multiplication by its reciprocal): other bits. So a GPU spells it out,
+    # and both devices write ModelOpt's (CPU) export bit for bit.
+    if w.device.type == "cpu":
+        q = w / scale
+    else:
+        q = (w.float() / scale.to(w.device)).to(w.dtype)
     # finite W and a normal scale give a finite quotient or ±inf, which the clamp makes ±448: no NaN in q
-    q = (w / scale.to(w.device)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.cpu(), scale, amax
+    q = q.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale, amax
 
 
 def producer() -> dict:

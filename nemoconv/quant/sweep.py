@@ -42,7 +42,16 @@ from torch import nn
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.quant import fp8
-from nemoconv.quant.calibrate import _LAYER, TOKENS_PER_BATCH, _build_block, _layer_context, _read_hf, _source_index
+from nemoconv.quant.calibrate import (
+    _LAYER,
+    TOKENS_PER_BATCH,
+    _build_block,
+    _layer_context,
+    _read_hf,
+    _source_index,
+    layer_reader,
+    read_ahead,
+)
 from nemoconv.storage.config import MAMBA, MLP
 from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.verification.metrics import LogitStats
@@ -78,11 +87,12 @@ def weight_sqnr_db(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> flo
 def compare_variants(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_amax: dict[str, float],
                      device: torch.device, dtype: torch.dtype, max_streams: int = 64, progress=None,
                      sqnr: dict[str, float] | None = None,
-                     reference: list[torch.Tensor] | None = None) -> dict[str, LogitStats]:
+                     reference: list[torch.Tensor] | None = None, kept_layers=None) -> dict[str, LogitStats]:
     """Each variant's logits on `ids` [n, s] against the unquantized network's (name → LogitStats).
     `sqnr`, when given, receives every FP8 weight's SQNR in dB. `reference`, the unquantized network's hidden
     states on `ids` at every layer boundary ([n, s, hidden] × (layers + 1), e.g. the Fisher estimate's), spares
-    running the reference stream: a sweep then starts at its first variant's first FP8 layer."""
+    running the reference stream: a sweep then starts at its first variant's first FP8 layer. `kept_layers`
+    (calibrate.KeptLayers): layers already on the GPU."""
     if any(not v.quantized for v in variants):
         raise ValueError("a variant needs at least one FP8 linear")
     results: dict[str, LogitStats] = {}
@@ -91,13 +101,13 @@ def compare_variants(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant],
     for n, batch in enumerate(passes):
         results.update(_sweep(ck, ids, batch, input_amax, device, dtype, sqnr,
                               (lambda d, t, n=n: progress(n * t + d, len(passes) * t)) if progress else None,
-                              reference))
+                              reference, kept_layers))
     return results
 
 
 def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_amax: dict[str, float],
            device: torch.device, dtype: torch.dtype, sqnr: dict | None, progress,
-           reference: list[torch.Tensor] | None = None) -> dict[str, LogitStats]:
+           reference: list[torch.Tensor] | None = None, kept_layers=None) -> dict[str, LogitStats]:
     spec = ck.spec
     first = {v.name: min(layer_of(m) for m in v.quantized) for v in variants}
     wanted = {m for v in variants for m in v.quantized}
@@ -106,7 +116,7 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
     ctx = _layer_context()
     layers = len(spec.layer_codes)
     start = min(first.values()) if reference is not None else 0
-    with TensorReader() as reader, torch.no_grad():
+    with layer_reader(device) as reader, torch.no_grad():
         if reference is not None:
             ref = list(reference[start].split(rows))
         else:
@@ -115,8 +125,7 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
             ref = [F.embedding(chunk.to(device), embed) for chunk in ids.split(rows)]
             del embed
         streams: dict[str, list[torch.Tensor]] = {}
-        for i in range(start, layers):
-            tensors = _read_hf(ck, index.get(i, []), reader)
+        for i, tensors in read_ahead(ck, index, reader, range(start, layers), kept_layers):
             fp8_here = _fp8_weights(tensors, {m for m in wanted if layer_of(m) == i}, input_amax, device, sqnr)
             block = _build_block(spec, i, tensors, device, dtype)
             del tensors
@@ -128,7 +137,7 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
             del block
             if progress:
                 progress(i + 1, layers + 1)
-        norm_w, head_w = _final_weights(ck, reader, device, dtype)
+        norm_w, head_w = _final_weights(ck, reader, device, dtype, kept_layers)
         results = _compare_logits(ref, streams, [v.name for v in variants], norm_w, head_w, spec.layer_norm_epsilon)
         if progress:
             progress(layers + 1, layers + 1)
@@ -212,14 +221,16 @@ def _fp8_weights(tensors, modules: set[str], input_amax: dict[str, float], devic
     weights = dict(tensors)
     out = {}
     for m in modules:
-        w = weights[f"{m}.weight"]
-        q, weight_scale, _ = fp8.quantize_weight(w, f"weight {m}")
+        # quantized (and its SQNR taken) where it will be used: on a GPU, CPU passes over every projection of
+        # an 8B would cost more than the analysis itself
+        w = weights[f"{m}.weight"].to(device)
+        q, weight_scale, _ = fp8.quantize_weight_here(w, f"weight {m}")
         if widen and device.type != "cuda":
             q = q.float()
         input_scale = fp8.scale_from_amax(input_amax[m])
         if sqnr is not None:
             sqnr[m] = weight_sqnr_db(w, q, weight_scale)
-        out[m] = (q.to(device), weight_scale.to(device), input_scale.to(device))
+        out[m] = (q, weight_scale.to(device), input_scale.to(device))
     return out
 
 
@@ -240,8 +251,20 @@ def _swapped(block: nn.Module, i: int, fp8_weights: dict):
             lin.weight, lin.weight_scale, lin.input_scale = w, ws, xs
 
 
-def _final_weights(ck: Checkpoint, reader: TensorReader, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """backbone.norm_f.weight and lm_head.weight (the embedding when tied), in the compute dtype."""
+def _final_weights(ck: Checkpoint, reader: TensorReader, device, dtype,
+                   kept_layers=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """backbone.norm_f.weight and lm_head.weight (the embedding when tied), in the compute dtype; offered to
+    `kept_layers` (calibrate.KeptLayers, key "final") for the next pass."""
+    held = kept_layers.get("final") if kept_layers is not None else None
+    if held is not None:
+        return held[0][1], held[1][1]
+    norm_w, head_w = _read_final_weights(ck, reader, device, dtype)
+    if kept_layers is not None:
+        kept_layers.keep("final", [("norm", norm_w), ("head", head_w)])
+    return norm_w, head_w
+
+
+def _read_final_weights(ck: Checkpoint, reader: TensorReader, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     scheme = ck.scheme_rules
     want = {"backbone.norm_f.weight", "lm_head.weight", "backbone.embeddings.weight"}
     names = [n for n in ck.tensor_names() if scheme.to_hf(scheme.normalize(n)) in want]
