@@ -2,6 +2,8 @@
 
 Each one replaces a chain of tiny torch ops that costs one launch and one pass over memory per op:
   rmsnorm        [residual += delta;] y = weight · x / rms(x)          (1 launch instead of ~7)
+  gated_rmsnorm  Mamba-2's grouped RMSNorm of y · silu(z), bit for bit mamba-ssm's layer_norm_fwd, optionally
+                 writing only the next linear's FP8 input                (1 launch instead of 2)
   relu2          relu(x)²                                                (1 instead of 2)
   conv_silu      causal depthwise conv + SiLU over a sequence, reading the strided xBC slice of
                  in_proj's output and the cached left context directly, then the context
@@ -9,6 +11,8 @@ Each one replaces a chain of tiny torch ops that costs one launch and one pass o
   conv_step      one decode step of the conv (state shifted in place) + SiLU, and in the same launch
                  the step size softplus(dt + dt_bias) clamped, and A = -exp(A_log)   (1 instead of ~12)
   quantize_fp8   x / scale, saturated, rounded to e4m3, rows zero-padded  (1 instead of 5)
+The FP8 outputs (rmsnorm, gated_rmsnorm, relu2_fp8, quantize_fp8) have rows zero-padded to cuBLASLt's multiple
+of 16: a padding row's program stores zeros and returns, so at batch 1 the 15 padding rows cost next to nothing.
 and, from `triton_decode` (the decode step's own kernels), expert_gemv, decode_attention,
 paged_decode_attention and ssm_step, so that `kernels` finds every fused kernel in this one module.
 All arithmetic is float32, as in `reference`; results are rounded once, to the output dtype. The
