@@ -8,6 +8,11 @@ largest difference from the torch reference (`nemoconv.model.reference`) on the 
   conv_step     the decode conv step at batch 1, 8 and 64
   conv_seq      the prefill conv over 2048 positions at several tiles (the strided xBC slice of in_proj's
                 output, as the model passes it)
+  gated_norm    the Mamba output norm at batch 1, 8 and 64 (z the strided slice of in_proj's output): ours, and
+                ours writing out_proj's FP8 input (rows zero-padded to 16), against what they replace: mamba-ssm's
+                layer_norm_fwd, and it followed by the quantize launch; "bitwise" = equal to the mamba-ssm path
+  norm_fp8      the hidden-size RMSNorm (+ residual add) writing the next linear's FP8 input, and the standalone
+                quantize, at batch 1 padded to 16 rows and unpadded (what the padding rows cost), 8 and 64
 Prints one JSON object.
 
     python benchmarks/bench_kernels.py [--repeat 5]
@@ -152,6 +157,82 @@ def conv_seq_rows(device, repeat: int, seq: int, tiles) -> dict:
     return out
 
 
+def mamba_ssm_gated_norm(y, z, weight, eps, group_size):
+    """mamba-ssm's layer_norm_fwd (RMS, gate before the norm) on [rows, n]: what kernels.gated_rmsnorm ran before."""
+    from nemoconv.model.cuda import kernels
+
+    kernels.triton_kernels()                     # registers mamba_ssm past its CUDA-only root
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
+
+    return _layer_norm_fwd(y, weight, None, eps, z=z, group_size=group_size, norm_before_gate=False,
+                           is_rms_norm=True)[0]
+
+
+def gated_norm_rows(device, repeat: int, batches) -> dict:
+    from nemoconv.model import fp8
+    from nemoconv.model.cuda import triton_ops
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    out = {}
+    eps, group = 1e-5, INNER // G
+    for b in batches:
+        zx = torch.randn(b, IN_PROJ, generator=g).to(device, torch.bfloat16)
+        z = zx[:, :INNER]
+        y = torch.randn(b, INNER, generator=g).to(device, torch.bfloat16)
+        w = (1 + torch.randn(INNER, generator=g) / 5).to(device, torch.bfloat16)
+        ref = reference.gated_rmsnorm(y, z, w, eps, group)
+        scale = (ref.float().abs().max() / 300).reshape(())
+        rows = fp8.padded_rows(b)
+        ours = triton_ops.gated_rmsnorm(y, z, w, eps, group)
+        ours_q = triton_ops.gated_rmsnorm(y, z, w, eps, group, quant=(scale, rows))
+        diff = float((ours.float() - ref.float()).abs().max())
+        nbytes = 3 * b * INNER * 2
+        variants = {"ours": (lambda: triton_ops.gated_rmsnorm(y, z, w, eps, group), nbytes),
+                    "ours_fp8": (lambda: triton_ops.gated_rmsnorm(y, z, w, eps, group, quant=(scale, rows)),
+                                 2 * b * INNER * 2 + rows * INNER)}
+        if device.type == "cuda":
+            theirs = mamba_ssm_gated_norm(y, z, w, eps, group)
+            theirs_q = triton_ops.quantize_fp8(theirs, scale, rows)
+            same = {"ours": torch.equal(ours.view(torch.int16), theirs.view(torch.int16)),
+                    "ours_fp8": torch.equal(ours_q.view(torch.uint8), theirs_q.view(torch.uint8))}
+            variants["mamba_ssm"] = (lambda: mamba_ssm_gated_norm(y, z, w, eps, group), nbytes)
+            variants["mamba_ssm_then_quantize"] = (
+                lambda: triton_ops.quantize_fp8(mamba_ssm_gated_norm(y, z, w, eps, group), scale, rows),
+                nbytes + b * INNER * 2 + rows * INNER)
+        for name, (fn, moved) in variants.items():
+            out[f"b{b}_{name}"] = row(graph_time_us(fn, device, repeat), moved, diff)
+            if device.type == "cuda" and name in same:
+                out[f"b{b}_{name}"]["bitwise"] = same[name]
+    return out
+
+
+def norm_fp8_rows(device, repeat: int, batches) -> dict:
+    from nemoconv.model.cuda import triton_ops
+
+    g = torch.Generator(device="cpu").manual_seed(4)
+    out = {}
+    for b in batches:
+        x = torch.randn(b, HIDDEN, generator=g).to(device, torch.bfloat16)
+        d = torch.randn(b, HIDDEN, generator=g).to(device, torch.bfloat16)
+        w = (1 + torch.randn(HIDDEN, generator=g) / 10).to(device, torch.bfloat16)
+        scale = torch.tensor(0.01, device=device)
+        ref = reference.rmsnorm(x + d, w, 1e-5)
+        for rows in sorted({b, b + (-b) % 16}):
+            tag = f"b{b}" if rows == b else f"b{b}_padded{rows}"
+            _, y, _ = triton_ops.rmsnorm(x, w, 1e-5, delta=d, quant=(scale, rows))
+            diff = float((y.float() - ref.float()).abs().max())
+            out[f"{tag}_add_rmsnorm_fp8"] = row(
+                graph_time_us(lambda: triton_ops.rmsnorm(x, w, 1e-5, delta=d, quant=(scale, rows)), device, repeat),
+                b * HIDDEN * 2 * 4 + rows * HIDDEN, diff)
+            out[f"{tag}_quantize_fp8"] = row(
+                graph_time_us(lambda: triton_ops.quantize_fp8(x, scale, rows), device, repeat),
+                b * HIDDEN * 2 + rows * HIDDEN, 0.0)
+        out[f"b{b}_add_rmsnorm"] = row(
+            graph_time_us(lambda: triton_ops.rmsnorm(x, w, 1e-5, delta=d), device, repeat), b * HIDDEN * 2 * 4,
+            float((triton_ops.rmsnorm(x, w, 1e-5, delta=d)[1].float() - ref.float()).abs().max()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -165,7 +246,9 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
            "ssm_step": ssm_step_rows(device, args.repeat, batches, ssm_tiles),
            "conv_step": conv_step_rows(device, args.repeat, batches),
-           "conv_seq": conv_seq_rows(device, args.repeat, 64 if args.small else 2048, conv_tiles)}
+           "conv_seq": conv_seq_rows(device, args.repeat, 64 if args.small else 2048, conv_tiles),
+           "gated_norm": gated_norm_rows(device, args.repeat, batches),
+           "norm_fp8": norm_fp8_rows(device, args.repeat, batches)}
     print(json.dumps(res, indent=1))
 
 

@@ -2,8 +2,8 @@
 
 The model calls only these, so it never branches on the device itself. CUDA uses
   - mamba-ssm's `mamba_chunk_scan_combined` (chunked SSD scan) for whole sequences and prefill,
-  - mamba-ssm's `rmsnorm_fn` (layernorm_gated) for the grouped gated RMSNorm,
-  - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), relu², the
+  - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), the grouped gated
+    RMSNorm (bit for bit what mamba-ssm's layernorm_gated computes, optionally with out_proj's FP8 input), relu², the
     causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A), the
     single-token SSM state update (`triton_decode.ssm_step`),
   - torch's scaled_dot_product_attention (flash / memory-efficient kernels) for prefill attention,
@@ -49,14 +49,11 @@ _warned = False
 def _load_submodules():
     ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
-    norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
     fused = importlib.import_module(__package__ + ".triton_ops")
     # The forward functions under the autograd wrappers, where this mamba-ssm has them: inference needs no
     # autograd bookkeeping, and in a long prefill the host's launch overhead is what the GPU waits for.
     return SimpleNamespace(chunk_scan=ssd.mamba_chunk_scan_combined, state_update=ssu.selective_state_update,
-                           rmsnorm=norm.rmsnorm_fn, fused=fused,
-                           chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None),
-                           layer_norm_fwd=getattr(norm, "_layer_norm_fwd", None))
+                           fused=fused, chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None))
 
 
 # Autotune choices of mamba-ssm's SSD forward kernels recorded on sm90 (see the file's "_about"): a data file
@@ -234,18 +231,14 @@ def relu2(x):
 def gated_rmsnorm(y, z, weight, eps, group_size):
     """RMSNorm(y · silu(z)) per group of `group_size` channels, times weight → y's dtype."""
     if _use_triton(y):
-        # The kernel reads rows at any stride (z is a column slice of in_proj's output): no copies.
-        tk = triton_kernels()
-        if tk.layer_norm_fwd is None:
-            return tk.rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
-        shape = y.shape
-        y2, z2 = y.reshape(-1, shape[-1]), z.reshape(-1, shape[-1])
-        y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
-        z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
-        out, _, _ = tk.layer_norm_fwd(y2, weight.contiguous(), None, eps, z=z2, group_size=group_size,
-                                      norm_before_gate=False, is_rms_norm=True)
-        return out.reshape(shape)
+        return _fused().gated_rmsnorm(y, z, weight, eps, group_size)   # z may be a strided column slice: no copy
     return reference.gated_rmsnorm(y, z, weight, eps, group_size)
+
+
+def gated_rmsnorm_fp8(y2, z2, weight, eps, group_size, input_scale, rows):
+    """CUDA only: gated_rmsnorm of y2, z2 [m, n] quantized to FP8 for the next linear ([rows, n], zero-padded)
+    in one launch; the normed rows themselves are not kept."""
+    return _fused().gated_rmsnorm(y2, z2, weight, eps, group_size, quant=(input_scale, rows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 Each one replaces a chain of tiny torch ops that costs one launch and one pass over memory per op:
   rmsnorm        [residual += delta;] y = weight · x / rms(x)          (1 launch instead of ~7)
+  gated_rmsnorm  Mamba-2's grouped RMSNorm of y · silu(z), bit for bit mamba-ssm's layer_norm_fwd, optionally
+                 writing only the next linear's FP8 input                (1 launch instead of 2)
   relu2          relu(x)²                                                (1 instead of 2)
   conv_silu      causal depthwise conv + SiLU over a sequence, reading the strided xBC slice of
                  in_proj's output and the cached left context directly, then the context
@@ -9,6 +11,8 @@ Each one replaces a chain of tiny torch ops that costs one launch and one pass o
   conv_step      one decode step of the conv (state shifted in place) + SiLU, and in the same launch
                  the step size softplus(dt + dt_bias) clamped, and A = -exp(A_log)   (1 instead of ~12)
   quantize_fp8   x / scale, saturated, rounded to e4m3, rows zero-padded  (1 instead of 5)
+The FP8 outputs (rmsnorm, gated_rmsnorm, relu2_fp8, quantize_fp8) have rows zero-padded to cuBLASLt's multiple
+of 16: a padding row's program stores zeros and returns, so at batch 1 the 15 padding rows cost next to nothing.
 and, from `triton_decode` (the decode step's own kernels), expert_gemv, decode_attention,
 paged_decode_attention and ssm_step, so that `kernels` finds every fused kernel in this one module.
 All arithmetic is float32, as in `reference`; results are rounded once, to the output dtype. The
@@ -42,8 +46,12 @@ def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, st
                     HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    real = row < M                                    # rows ≥ M exist only as zero padding of Q
-    mask = (cols < N) & real
+    mask = cols < N
+    if HAS_Q:
+        if row >= M:                                  # rows ≥ M exist only as zero padding of Q: nothing to compute
+            tl.store(Q + row * stride_q + cols, tl.zeros([BLOCK], dtype=Q.dtype.element_ty), mask=mask)
+            return
+        scale = tl.load(Q_SCALE).to(tl.float32)       # loaded first: its latency hides behind the row's
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(DELTA + row * stride_d + cols, mask=mask, other=0.0)
@@ -56,9 +64,15 @@ def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, st
     y = (w * (xf * tl.rsqrt(var + eps))).to(Y.dtype.element_ty)
     tl.store(Y + row * stride_y + cols, y, mask=mask)
     if HAS_Q:                                         # the FP8 input of the next linear, as fp8.quantize_fp8
-        q = tl.math.div_rn(y.to(tl.float32), tl.load(Q_SCALE).to(tl.float32))
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cols < N)
+        tl.store(Q + row * stride_q + cols, _fp8_of(y, scale, Q), mask=mask)
+
+
+@triton.jit
+def _fp8_of(v, scale, Q):
+    """fp8.quantize_fp8 of v (already rounded to the model dtype): IEEE v / scale, saturated, e4m3 nearest-even."""
+    q = tl.math.div_rn(v.to(tl.float32), scale)                # IEEE division, as torch's x / scale
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
@@ -95,6 +109,68 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
     if quant is not None:
         out = out + (q,)
     return out[0] if len(out) == 1 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-2's gated grouped RMSNorm, optionally straight to out_proj's FP8 input
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _gated_rmsnorm_kernel(Y, Z, W, OUT, Q, Q_SCALE, M, stride_y, stride_z, stride_o, stride_q, group_size, eps,
+                          HAS_OUT: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (row, group). The float32 steps are those of mamba-ssm's layer_norm_fwd (RMS, gate
+    before the norm), in its order and with its operators — a fused multiply-add the compiler forms, the
+    approximate sqrt and divisions all depend on that — so that the outputs match it bit for bit."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * group_size + tl.arange(0, BLOCK)
+    inside = tl.arange(0, BLOCK) < group_size
+    if HAS_Q:
+        if row >= M:                                  # rows ≥ M exist only as zero padding of Q
+            tl.store(Q + row * stride_q + cols, tl.zeros([BLOCK], dtype=Q.dtype.element_ty), mask=inside)
+            return
+        scale = tl.load(Q_SCALE).to(tl.float32)       # loaded first: its latency hides behind the row's
+    gated = tl.load(Y + row * stride_y + cols, mask=inside, other=0.0).to(tl.float32)
+    z = tl.load(Z + row * stride_z + cols, mask=inside, other=0.0).to(tl.float32)
+    weight = tl.load(W + cols, mask=inside).to(tl.float32)
+    gated *= z * tl.sigmoid(z)                                        # y · silu(z)
+    kept = tl.where(inside, gated, 0.0)
+    mean_square = tl.sum(kept * kept, axis=0) / group_size
+    inv_rms = 1 / tl.sqrt(mean_square + eps)
+    normed = (gated * inv_rms * weight).to(Y.dtype.element_ty)        # rounded to y's dtype, as returned
+    if HAS_OUT:
+        tl.store(OUT + row * stride_o + cols, normed, mask=inside)
+    if HAS_Q:
+        tl.store(Q + row * stride_q + cols, _fp8_of(normed, scale, Q), mask=inside)
+
+
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
+                  quant: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """RMSNorm(y · silu(z)) over each group of `group_size` channels, times weight → y's dtype and shape.
+
+    y, z [..., n]: rows at any stride, channels contiguous (z may be a column slice of in_proj's output).
+    With quant = (input_scale, rows_padded), returns instead only that result quantized to FP8 for the next
+    linear, [rows_padded, n] with zero rows past the real ones (the normed rows themselves are not written).
+    """
+    shape = y.shape
+    n = shape[-1]
+    y2, z2 = y.reshape(-1, n), z.reshape(-1, n)
+    y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+    z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+    weight = weight.contiguous()
+    rows = y2.shape[0]
+    if n % group_size:
+        raise ValueError(f"{n} channels do not split into groups of {group_size}")
+    block = triton.next_power_of_2(group_size)
+    if quant is not None:
+        scale, grid = quant
+        out = q = torch.empty(grid, n, dtype=torch.float8_e4m3fn, device=y.device)
+    else:
+        scale, grid = y2, rows
+        out = q = torch.empty(rows, n, dtype=y.dtype, device=y.device)
+    _gated_rmsnorm_kernel[(grid, n // group_size)](
+        y2, z2, weight, out, q, scale, rows, y2.stride(0), z2.stride(0), out.stride(0), q.stride(0), group_size, eps,
+        HAS_OUT=quant is None, HAS_Q=quant is not None, BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8))         # layer_norm_fwd's warps: the same summation tree
+    return q if quant is not None else out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,13 +363,15 @@ def _quantize_fp8_kernel(X, SCALE, Y, M, N, stride_x, stride_y, RELU2: tl.conste
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=cmask & (row < M), other=0.0).to(tl.float32)
+    if row >= M:                                                  # a padding row: zeros, nothing to compute
+        tl.store(Y + row * stride_y + cols, tl.zeros([BLOCK], dtype=Y.dtype.element_ty), mask=cmask)
+        return
+    scale = tl.load(SCALE).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
     if RELU2:
         x = tl.maximum(x, 0.0)
         x = (x * x).to(X.dtype.element_ty).to(tl.float32)      # relu² rounded as relu2() returns it
-    q = tl.math.div_rn(x, tl.load(SCALE).to(tl.float32))         # IEEE division, as torch's x / scale
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    tl.store(Y + row * stride_y + cols, q.to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cmask)
+    tl.store(Y + row * stride_y + cols, _fp8_of(x, scale, Y), mask=cmask)
 
 
 def quantize_fp8(x2: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
