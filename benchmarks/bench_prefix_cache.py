@@ -126,7 +126,6 @@ def main() -> None:
     # shorter prefixes but prefill in more segments.
     res["prefill_chunk_sweep"] = {}
     for chunk in args.chunks:
-        kw_c = {**kw, "prefill_chunk": chunk}
         runs_c = {m: timed(m, prefill_chunk=chunk)[1] for m in ("off", "state")}
         res["prefill_chunk_sweep"][chunk] = {
             "ttft_off_ms": [round(t * 1e3, 2) for t in runs_c["off"].ttft_s],
