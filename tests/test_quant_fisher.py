@@ -215,19 +215,19 @@ def test_layers_kept_on_the_device_are_not_read_again_and_change_nothing(tiny_di
     """KeptLayers (the GPU keeps what fits of the layers between the analysis's passes; on CUDA only, so forced
     on here): calibration reads every layer once, the estimate and the exact sweep read none of them again, and
     the report's numbers are those of the analysis that re-reads every layer."""
-    from nemoconv.quant import calibrate
+    from nemoconv.quant import layer_reads
 
     src = tiny_dir("moe", trained_like=True)
     kw = dict(calib_samples=8, calib_seq_len=32, device="cpu", calibrator="builtin", top_k=3)
     plain = nemoconv.analyze_fp8(src, **kw)
     reads = []
-    real_read, real_init = calibrate._read_hf, calibrate.KeptLayers.__init__
+    real_read, real_init = layer_reads.read_hf, layer_reads.KeptLayers.__init__
 
     def init(self, device):
         real_init(self, device)
         self.enabled = True
-    monkeypatch.setattr(calibrate.KeptLayers, "__init__", init)
-    monkeypatch.setattr(calibrate, "_read_hf", lambda ck, names, reader: reads.append(tuple(names)) or
+    monkeypatch.setattr(layer_reads.KeptLayers, "__init__", init)
+    monkeypatch.setattr(layer_reads, "read_hf", lambda ck, names, reader: reads.append(tuple(names)) or
                         real_read(ck, names, reader))
     kept = nemoconv.analyze_fp8(src, **kw)
     layer_reads = [r for r in reads if any(".layers." in n for n in r)]
@@ -239,9 +239,9 @@ def test_layers_kept_on_the_device_are_not_read_again_and_change_nothing(tiny_di
 
 def test_kept_layers_leave_the_reserve_free(monkeypatch):
     """On a GPU a layer is kept only if KEEP_RESERVE_FRACTION of the memory stays free after it."""
-    from nemoconv.quant import calibrate
+    from nemoconv.quant import layer_reads
 
-    kept = calibrate.KeptLayers(torch.device("cuda"))
+    kept = layer_reads.KeptLayers(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 << 20, 100 << 20))
     layer = [("w", torch.zeros(1 << 20, dtype=torch.uint8))]          # 1 MiB: 29 of 100 MiB left free
     moved = []

@@ -71,14 +71,15 @@ def test_output_linear_variant_reuses_the_reference_pass_exactly(tiny_dir, layer
     """A variant whose only FP8 linear is the mixer's output linear gets, from the reference's own pass,
     the output the whole block computes with that linear swapped in (Mamba out_proj, MLP down_proj)."""
     from nemoconv.checkpoint.local import open_checkpoint
-    from nemoconv.quant.calibrate import _build_block, _layer_context, _read_hf, _source_index
+    from nemoconv.quant.calibrate import _build_block, _layer_context, _source_index
+    from nemoconv.quant.layer_reads import read_hf
     from nemoconv.quant.sweep import Variant, _advance, _fp8_weights, _swapped
     from nemoconv.storage.safetensors_io import TensorReader
 
     ck = open_checkpoint(tiny_dir("dense", trained_like=True))
     name = f"backbone.layers.{layer}.mixer.{linear}"
     with TensorReader() as reader, torch.no_grad():
-        tensors = _read_hf(ck, _source_index(ck)[layer], reader)
+        tensors = read_hf(ck, _source_index(ck)[layer], reader)
         weights = _fp8_weights(tensors, {name}, {name: 3.0}, torch.device("cpu"), None)
         block = _build_block(ck.spec, layer, tensors, torch.device("cpu"), torch.float32)
         x = torch.randn(3, 16, ck.spec.hidden_size, generator=torch.Generator().manual_seed(0))

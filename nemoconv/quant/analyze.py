@@ -54,8 +54,9 @@ from nemoconv.checkpoint.local import open_checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.model.device import resolve_device
 from nemoconv.quant import fp8
-from nemoconv.quant.calibrate import KeptLayers, calibration_tokens, run_calibration
+from nemoconv.quant.calibrate import calibration_tokens, run_calibration
 from nemoconv.quant.fisher import LABEL_SAMPLES, estimate_kl
+from nemoconv.quant.layer_reads import KeptLayers
 from nemoconv.quant.sizes import check_calibration_sizes
 from nemoconv.quant.sweep import Variant, compare_variants
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, network_modules

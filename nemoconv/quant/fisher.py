@@ -57,16 +57,8 @@ from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.model.cuda import kernels
 from nemoconv.model.fp8 import fp8_linear
-from nemoconv.quant.calibrate import (
-    _EXPERT,
-    TOKENS_PER_BATCH,
-    _build_block,
-    _layer_context,
-    _read_hf,
-    _source_index,
-    layer_reader,
-    read_ahead,
-)
+from nemoconv.quant.calibrate import _EXPERT, TOKENS_PER_BATCH, _build_block, _layer_context, _source_index
+from nemoconv.quant.layer_reads import layer_reader, read_ahead, read_hf
 from nemoconv.quant.sweep import COMPARE_ELEMENTS, _final_weights, _fp8_weights, layer_of
 from nemoconv.storage.safetensors_io import TensorReader
 
@@ -94,7 +86,7 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
     """The estimate for every linear in `linears` (HF names; each needs an input amax) on `ids` [n, s];
     `groups` (linear → group name) also gives each group's estimate; `sqnr`, when given, receives every FP8
     weight's SQNR in dB. `kept` (run_calibration's, with keep_rows = n) spares the forward pass up to the last
-    layer calibration ran: the forward continues from there. `kept_layers` (calibrate.KeptLayers): layers
+    layer calibration ran: the forward continues from there. `kept_layers` (layer_reads.KeptLayers): layers
     already on the GPU."""
     if isinstance(label_samples, bool) or not isinstance(label_samples, int) or label_samples < 1:
         raise NemoconvError(f"label samples must be a positive integer, got {label_samples!r}")
@@ -153,7 +145,7 @@ def _forward(ck: Checkpoint, ids: torch.Tensor, index: dict, reader: TensorReade
         raise NemoconvError("internal error: the kept calibration states do not match the probe")
     with torch.no_grad():
         if not saved:
-            embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
+            embed = dict(read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
             saved.append(F.embedding(ids.to(device), embed.to(device=device, dtype=dtype)))
             del embed
         for i, tensors in read_ahead(ck, index, reader, range(len(saved) - 1, len(spec.layer_codes)), kept_layers):

@@ -42,16 +42,8 @@ from torch import nn
 from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.errors import NemoconvError
 from nemoconv.quant import fp8
-from nemoconv.quant.calibrate import (
-    _LAYER,
-    TOKENS_PER_BATCH,
-    _build_block,
-    _layer_context,
-    _read_hf,
-    _source_index,
-    layer_reader,
-    read_ahead,
-)
+from nemoconv.quant.calibrate import _LAYER, TOKENS_PER_BATCH, _build_block, _layer_context, _source_index
+from nemoconv.quant.layer_reads import layer_reader, read_ahead, read_hf
 from nemoconv.storage.config import MAMBA, MLP
 from nemoconv.storage.safetensors_io import TensorReader
 from nemoconv.verification.metrics import LogitStats
@@ -92,7 +84,7 @@ def compare_variants(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant],
     `sqnr`, when given, receives every FP8 weight's SQNR in dB. `reference`, the unquantized network's hidden
     states on `ids` at every layer boundary ([n, s, hidden] × (layers + 1), e.g. the Fisher estimate's), spares
     running the reference stream: a sweep then starts at its first variant's first FP8 layer. `kept_layers`
-    (calibrate.KeptLayers): layers already on the GPU."""
+    (layer_reads.KeptLayers): layers already on the GPU."""
     if any(not v.quantized for v in variants):
         raise ValueError("a variant needs at least one FP8 linear")
     results: dict[str, LogitStats] = {}
@@ -120,7 +112,7 @@ def _sweep(ck: Checkpoint, ids: torch.Tensor, variants: list[Variant], input_ama
         if reference is not None:
             ref = list(reference[start].split(rows))
         else:
-            embed = dict(_read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
+            embed = dict(read_hf(ck, index.get("embed", []), reader))["backbone.embeddings.weight"]
             embed = embed.to(device=device, dtype=dtype)
             ref = [F.embedding(chunk.to(device), embed) for chunk in ids.split(rows)]
             del embed
@@ -254,7 +246,7 @@ def _swapped(block: nn.Module, i: int, fp8_weights: dict):
 def _final_weights(ck: Checkpoint, reader: TensorReader, device, dtype,
                    kept_layers=None) -> tuple[torch.Tensor, torch.Tensor]:
     """backbone.norm_f.weight and lm_head.weight (the embedding when tied), in the compute dtype; offered to
-    `kept_layers` (calibrate.KeptLayers, key "final") for the next pass."""
+    `kept_layers` (layer_reads.KeptLayers, key "final") for the next pass."""
     held = kept_layers.get("final") if kept_layers is not None else None
     if held is not None:
         return held[0][1], held[1][1]
@@ -268,7 +260,7 @@ def _read_final_weights(ck: Checkpoint, reader: TensorReader, device, dtype) -> 
     scheme = ck.scheme_rules
     want = {"backbone.norm_f.weight", "lm_head.weight", "backbone.embeddings.weight"}
     names = [n for n in ck.tensor_names() if scheme.to_hf(scheme.normalize(n)) in want]
-    found = dict(_read_hf(ck, names, reader))
+    found = dict(read_hf(ck, names, reader))
     head = found["backbone.embeddings.weight"] if ck.spec.tie_word_embeddings or "lm_head.weight" not in found \
         else found["lm_head.weight"]
     return found["backbone.norm_f.weight"].to(device, dtype), head.to(device, dtype)

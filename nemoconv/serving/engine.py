@@ -38,14 +38,8 @@ from nemoconv.model.common import Pass, causal_mask
 from nemoconv.model.cuda.graphs import GraphCache
 from nemoconv.model.modeling import NemotronHLM
 from nemoconv.serving.paged import BlockPool, PagedBatch, PagedStep, SlotPool, to_device
-from nemoconv.serving.prefix_cache import (
-    MODES,
-    PrefixStats,
-    StateStore,
-    chain_hashes,
-    resolve_prefill_chunk,
-    tail_bucket,
-)
+from nemoconv.serving.prefix_cache import (MODES, PrefixStats, StateStore, chain_hashes, resolve_prefill_chunk,
+                                           tail_bucket)
 
 GRAPHS_PER_SLOT = 16            # prefill chunk graphs per state slot (one memory pool; later chunks run eagerly)
 
