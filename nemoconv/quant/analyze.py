@@ -40,7 +40,10 @@ Two methods (`method`, --analyze-method):
           (dense, 28 linears) and 0.89 (MoE, 144); the exact worst linear is first in the table at top_k ≥ 4
           (the estimate alone ranked it 3rd and 2nd: on dense it gives Mamba in_proj 0.25–0.5× the exact
           KL, out_proj/down_proj within ~1.3×; in_proj's error passes the conv, SiLU, dt softplus and gated
-          norm, where a first-order propagation is least accurate).
+          norm, where a first-order propagation is least accurate). On a GPU (an 8B-shaped random bf16 model,
+          64 × 512 calibration, H200, warm): plain calibration 3.04 s; analysis 5.69 s = 1.87× (estimate 2.2 s,
+          exact top 4 0.8 s), with the layers kept on the GPU between passes (quant/layer_reads.py) and the
+          FP8 weights quantized there.
 """
 
 from __future__ import annotations
