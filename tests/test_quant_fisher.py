@@ -211,14 +211,18 @@ def test_a_top_k_beyond_the_linears_measures_them_all(tiny_dir):
     assert [r["kl"] for r in rows] == sorted((r["kl"] for r in rows), reverse=True)
 
 
-def test_layers_kept_on_the_device_are_not_read_again_and_change_nothing(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("calibrator", ["builtin", "modelopt"])
+def test_layers_kept_on_the_device_are_not_read_again_and_change_nothing(tiny_dir, monkeypatch, calibrator):
     """KeptLayers (the GPU keeps what fits of the layers between the analysis's passes; on CUDA only, so forced
     on here): calibration reads every layer once, the estimate and the exact sweep read none of them again, and
-    the report's numbers are those of the analysis that re-reads every layer."""
+    the report's numbers are those of the analysis that re-reads every layer. With ModelOpt's calibrator too,
+    which swaps the block's linears for its own modules around the kept weights."""
     from nemoconv.quant import layer_reads
 
+    if calibrator == "modelopt":
+        pytest.importorskip("modelopt.torch.quantization")
     src = tiny_dir("moe", trained_like=True)
-    kw = dict(calib_samples=8, calib_seq_len=32, device="cpu", calibrator="builtin", top_k=3)
+    kw = dict(calib_samples=8, calib_seq_len=32, device="cpu", calibrator=calibrator, top_k=3)
     plain = nemoconv.analyze_fp8(src, **kw)
     reads = []
     real_read, real_init = layer_reads.read_hf, layer_reads.KeptLayers.__init__
@@ -230,8 +234,8 @@ def test_layers_kept_on_the_device_are_not_read_again_and_change_nothing(tiny_di
     monkeypatch.setattr(layer_reads, "read_hf", lambda ck, names, reader: reads.append(tuple(names)) or
                         real_read(ck, names, reader))
     kept = nemoconv.analyze_fp8(src, **kw)
-    layer_reads = [r for r in reads if any(".layers." in n for n in r)]
-    assert len(layer_reads) == len(open_checkpoint(src).spec.layer_codes) == len(set(layer_reads))
+    per_layer = [r for r in reads if any(".layers." in n for n in r)]
+    assert len(per_layer) == len(open_checkpoint(src).spec.layer_codes) == len(set(per_layer))
     assert kept["analysis"]["bytes_kept_on_device"] > 0 == plain["analysis"]["bytes_kept_on_device"]
     assert [(r["module"], r["est_kl"], r["kl"], r["sqnr_db"]) for r in kept["modules"]] == \
         [(r["module"], r["est_kl"], r["kl"], r["sqnr_db"]) for r in plain["modules"]]
