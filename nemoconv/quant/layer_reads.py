@@ -38,7 +38,7 @@ class KeptLayers:
     passes of one analysis (calibration, the Fisher estimate, the exact sweep) as long as KEEP_RESERVE_FRACTION
     of the GPU's memory stays free: a later pass then builds those layers without reading or copying anything.
     A layer that does not fit is read again by each pass, so the analysis still runs in what calibration
-    needs; it only uses memory that is free (an 8B on an H200: 14 GB kept, 3 GB read instead of 48). On a
+    needs; it only uses memory that is free (an 8B on an H200: 14 GB kept, ~16 GB read instead of ~45). On a
     CPU nothing is kept (a read there is a copy from the page cache, no dearer than keeping it)."""
 
     def __init__(self, device: torch.device):
