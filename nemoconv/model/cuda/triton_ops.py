@@ -43,7 +43,7 @@ def _warps(block: int) -> int:
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, stride_r, stride_y, stride_q, N, eps,
-                    HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr, QVEC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -64,7 +64,10 @@ def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, st
     y = (w * (xf * tl.rsqrt(var + eps))).to(Y.dtype.element_ty)
     tl.store(Y + row * stride_y + cols, y, mask=mask)
     if HAS_Q:                                         # the FP8 input of the next linear, as fp8.quantize_fp8
-        tl.store(Q + row * stride_q + cols, _fp8_of(y, scale, Q), mask=mask)
+        # stored QVEC bytes per thread, the width of the other accesses: a 16-byte store would have the compiler
+        # lay the whole row out 16 per thread, and the sum of squares would then add in another order than
+        # without HAS_Q (y would differ from the unquantized kernel's in the last bit)
+        tl.store(Q + row * stride_q + tl.max_contiguous(cols, QVEC), _fp8_of(y, scale, Q), mask=mask)
 
 
 @triton.jit
@@ -104,7 +107,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
         scale, grid, q = x2, rows, x2
     _rmsnorm_kernel[(grid,)](x2, d2, r, y, weight, q, scale, rows, x2.stride(0), d2.stride(0), r.stride(0),
                              y.stride(0), q.stride(0), n, eps, HAS_DELTA=delta is not None, HAS_Q=quant is not None,
-                             BLOCK=block, num_warps=_warps(block))
+                             BLOCK=block, QVEC=16 // y.element_size(), num_warps=_warps(block))
     out = (y.reshape(shape),) if delta is None else (r.reshape(shape), y.reshape(shape))
     if quant is not None:
         out = out + (q,)
