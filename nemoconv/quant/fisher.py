@@ -24,17 +24,19 @@ Passes and memory (layer by layer, one layer's weights at a time, as calibration
              keep_rows) and this pass only runs the layers calibration did not;
   head       logits per slice of positions, S labels per position from a seeded generator (the same probe
              gives the same estimate), and the gradient at the last hidden state: S × probe_tokens × hidden;
-  backward   from the last layer down to the first targeted one: rebuild it, rerun its forward from the saved
-             input with autograd on S copies of the probe rows (copy k carries label set k), a few probe rows
-             (× S) at a time within calibration's batch size, and take the gradient at its input (the previous
-             layer's output gradient) and at every target linear's output (forward hooks give x and L(x)).
+  backward   from the last layer down to the first targeted one: rebuild it, rerun its forward once from the
+             saved input with autograd (calibration's batch size of probe rows at a time), then one backward
+             pass per label set through that graph (the S sets differ only in the output gradient), taking the
+             gradient at its input (the previous layer's output gradient for set k) and at every target
+             linear's output (forward hooks give x and L(x); ε is computed once and serves the S passes).
              The saved states stay (`hidden`): the exact sweep of the worst linears takes its reference from
              them instead of running it again.
   So at most (n_layers + 1 + 2·S) × probe_tokens hidden states plus one chunk's autograd graph; the probe
   size caps it (with the default probe, 1/16 of the calibration tokens, that is below calibration's 2 ×
   calibration tokens for up to ~22 layers at S = 4; a deeper model holds more, e.g. 52 layers: ~3.8 ×).
-Cost: one probe pass (the layers calibration did not run) + S × probe_tokens through every layer forward and
-backward: about (1 + 3·S) × probe_tokens token-layer passes, independent of the number of linears.
+Cost: one probe pass (the layers calibration did not run) + for every layer one forward and S backward passes
+of the probe: about (2 + 2·S) × probe_tokens token-layer passes (a backward ≈ 2 forwards), independent of the
+number of linears. (Running S copies of the probe forward instead, as this once did, cost (1 + 3·S).)
 Devices: the backward needs autograd through every op; the Triton kernels used on CUDA have none, so the
 recompute runs with the torch reference ops (settings.override(kernels="reference")) on every device, and
 ε with the device's own FP8 product (torch._scaled_mm on CUDA where the shapes allow), the FP8 weights
@@ -195,56 +197,50 @@ def _backward_layer(block, i: int, h_in: torch.Tensor, grad: torch.Tensor, weigh
                     sums: dict[str, torch.Tensor]) -> torch.Tensor:
     """The gradient at layer i's input (same layout as `grad`, the gradient at its output: row k·n + j is probe
     row j under label set k), adding each target linear's per-row gᵀε to `sums`. The forward is rerun from
-    the saved input `h_in` [n, s, width] with autograd, a few probe rows at a time, each with its S copies."""
+    the saved input `h_in` [n, s, width] with autograd, `rows` probe rows at a time, once: the S label sets
+    differ only in the output gradient, so each is one backward pass through the same graph (S copies of
+    the rows, as before, cost S forwards and S times the graph's memory). ε, each target linear's FP8 error
+    on its input, is computed once per chunk and shared by the S passes."""
     ctx = _layer_context()
     n = h_in.shape[0]
     copies = grad.shape[0] // n
-    step = max(1, rows // copies)
     taps = _Taps(block, i, set(weights))
     out_grad = torch.empty_like(grad)
     try:
-        for j0 in range(0, n, step):
-            j1 = min(n, j0 + step)
-            idx = (torch.arange(copies, device=grad.device)[:, None] * n
-                   + torch.arange(j0, j1, device=grad.device)[None]).reshape(-1)    # copy-major
-            x = h_in[j0:j1].repeat(copies, 1, 1).requires_grad_(True)
+        for j0 in range(0, n, rows):
+            j1 = min(n, j0 + rows)
+            x = h_in[j0:j1].detach().requires_grad_(True)
             taps.clear()
             with torch.enable_grad():
                 y = block(x, ctx)
-                outs = [r.output for r in taps.records]
-                # a scalar's gradient: no grad_outputs, whose shape check imports sympy (~1 s of CPU) once
-                grads = torch.autograd.grad((y * grad[idx].to(y.dtype)).sum(), [x] + outs, allow_unused=True)
-            out_grad[idx] = grads[0]
+            records = list(taps.records)
+            outs = [r.output for r in records]
             with torch.no_grad():
-                for record, g in zip(taps.records, grads[1:]):
-                    if g is not None:
-                        _add_row_sums(record, g, weights[record.module], taps, copies, j1 - j0, x.shape[1],
-                                      idx.view(copies, -1), sums[record.module])
+                errors = [_fp8_error(r, weights[r.module]) for r in records]
+                probe_rows = [taps.token_rows(r, x.shape[1]) + j0 for r in records]   # of each input position
+            for k in range(copies):
+                with torch.enable_grad():
+                    # a scalar's gradient: no grad_outputs, whose shape check imports sympy (~1 s of CPU) once
+                    grads = torch.autograd.grad((y * grad[k * n + j0:k * n + j1].to(y.dtype)).sum(), [x] + outs,
+                                                retain_graph=k < copies - 1, allow_unused=True)
+                out_grad[k * n + j0:k * n + j1] = grads[0]
+                with torch.no_grad():
+                    for record, eps, at, g in zip(records, errors, probe_rows, grads[1:]):
+                        if g is not None:
+                            dots = (g.reshape(-1, g.shape[-1]).float() * eps).sum(-1)
+                            sums[record.module].index_add_(0, at + k * n, dots.double())
     finally:
         taps.remove()
     return out_grad
 
 
-def _add_row_sums(record, g: torch.Tensor, fp8_weight: tuple, taps, copies: int, m: int, seq: int,
-                  idx: torch.Tensor, into: torch.Tensor) -> None:
-    """Σ over each row's positions of gᵀε for one linear call, added to `into` at the rows' global index.
-    The chunk is S identical copies of m probe rows (copy-major), and so is every linear's input, a routed
-    expert's too when the copies chose alike: then ε is computed once, on the first copy's inputs."""
+def _fp8_error(record, fp8_weight: tuple) -> torch.Tensor:
+    """ε = L_fp8(x) − L(x) [positions, out] in float32 for one linear call, x the input it saw."""
     q, weight_scale, input_scale = fp8_weight
-    width = record.input.shape[-1]
-    x, out = record.input.reshape(-1, width), record.output.detach().reshape(-1, g.shape[-1])
-    g = g.reshape(-1, g.shape[-1]).float()
-    local = taps.token_rows(record, seq)                     # chunk row of each input position
-    per_copy = x.shape[0] // copies
-    if x.shape[0] == per_copy * copies and bool((local.view(copies, -1) == local[:per_copy] + m * torch.arange(
-            copies, device=local.device)[:, None]).all()):
-        x, out = x[:per_copy], out[:per_copy]
-        eps = fp8_linear(x, q, weight_scale, input_scale, record.linear.bias).float() - out.float()
-        dots = (g.view(copies, per_copy, -1) * eps).sum(-1)                          # [S, per_copy]
-        into.index_add_(0, idx.gather(1, local[:per_copy].expand(copies, -1)).reshape(-1), dots.reshape(-1).double())
-        return
-    eps = fp8_linear(x, q, weight_scale, input_scale, record.linear.bias).float() - out.float()
-    into.index_add_(0, idx.reshape(-1)[local], (g * eps).sum(-1).double())
+    x = record.input.reshape(-1, record.input.shape[-1])
+    out = record.output.detach()
+    out = out.reshape(-1, out.shape[-1])
+    return fp8_linear(x, q, weight_scale, input_scale, record.linear.bias).float() - out.float()
 
 
 @dataclass

@@ -93,7 +93,8 @@ def quantize_weight_here(w: torch.Tensor, what: str) -> tuple[torch.Tensor, torc
     runs on: a CPU quantization of an 8B's projections costs more than the whole estimate)."""
     if not w.is_floating_point() or w.dtype in (FP8_DTYPE, torch.float8_e5m2):
         raise NemoconvError(f"{what} is {w.dtype}; quantize needs a bf16/fp16/fp32 weight")
-    amax = float(w.abs().amax())            # exact in w's dtype; NaN/Inf propagate
+    low, high = torch.aminmax(w)            # max |w|, exact; one pass without |w|'s copy (5× faster on CPU)
+    amax = abs(float(torch.maximum(-low, high)))   # NaN/Inf propagate
     check_amax(amax, what)
     scale = check_scale(scale_from_amax(amax), what)
     # The quotient is the float32 one rounded to W's dtype: what torch's CPU `w / scale` computes (a 0-d CPU
