@@ -38,8 +38,8 @@ def test_row_sums_are_the_derivative_of_the_sampled_log_likelihood(tiny_dir, mon
     real = fisher._draw_labels
     monkeypatch.setattr(fisher, "_draw_labels", lambda p, s, g: drawn.append(real(p, s, g)) or drawn[-1])
     probe = ids[:3]
-    est = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=1)
-    labels = torch.cat(drawn)[:, 0].view(probe.shape)
+    est = fisher.estimate_kl(ck, probe, names, calib.amax, CPU, torch.float32, label_samples=2)
+    label_sets = torch.cat(drawn)                                        # [positions, 2]
     model = nemoconv.load_model(src)
     picks = [n for n in names if n.endswith("in_proj")][:1] + [n for n in names if "experts.0." in n or
                                                                 "up_proj" in n][:1]
@@ -50,7 +50,7 @@ def test_row_sums_are_the_derivative_of_the_sampled_log_likelihood(tiny_dir, mon
         q, weight_scale, _ = fp8.quantize_weight(lin.weight.detach(), name)
         input_scale = fp8.scale_from_amax(calib.amax[name])
 
-        def loglik(delta):
+        def loglik(delta, labels):
             def hook(module, args, out):
                 eps = fisher.fp8_linear(args[0], q, weight_scale, input_scale, module.bias) - out
                 return out + delta * eps
@@ -62,17 +62,19 @@ def test_row_sums_are_the_derivative_of_the_sampled_log_likelihood(tiny_dir, mon
                 handle.remove()
             return logp.gather(-1, labels[..., None])[..., 0].sum(-1)       # per row
         delta = 0.05
-        numeric = (loglik(delta) - loglik(-delta)) / (2 * delta)
-        got = est.row_sums[name].float()
-        assert numeric.abs().max() > 0, name
-        assert torch.allclose(got, numeric.float(), rtol=0.05, atol=0.02 * float(numeric.abs().max())), \
-            (name, got, numeric)
+        for k in range(2):   # label set k: its own backward pass through the layer's one forward
+            labels = label_sets[:, k].reshape(probe.shape)
+            numeric = (loglik(delta, labels) - loglik(-delta, labels)) / (2 * delta)
+            got = est.row_sums[name][k * probe.shape[0]:(k + 1) * probe.shape[0]].float()
+            assert numeric.abs().max() > 0, name
+            assert torch.allclose(got, numeric.float(), rtol=0.05, atol=0.02 * float(numeric.abs().max())), \
+                (name, k, got, numeric)
 
 
 def test_label_sets_are_independent_copies_in_any_chunking(tiny_dir, monkeypatch):
-    """S label sets run as S copies of the probe rows (ε computed once on the first copy's inputs, experts
-    included): with every copy given the same labels, each copy's row sums equal the one-copy run's, also when
-    the rows are cut into chunks of one probe row."""
+    """S label sets are S backward passes through one forward of the probe rows (ε computed once, experts
+    included): with every set given the same labels, each set's row sums equal the one-set run's, also when
+    the rows are cut into chunks."""
     ck, names, ids, calib = _setup(tiny_dir("moe", trained_like=True))
     probe = ids[:3]
     real = fisher._draw_labels
