@@ -29,6 +29,7 @@ from nemoconv.checkpoint.local import Checkpoint
 from nemoconv.data.calib_data import CALIBRATION_TEXTS
 from nemoconv.errors import NemoconvError
 from nemoconv.model.layers import build_layer
+from nemoconv.quant.fp8 import abs_max
 from nemoconv.quant.layer_reads import KeptLayers, layer_reader, read_ahead, read_hf
 from nemoconv.quant.observers import modelopt_status, pick_observer  # noqa: F401 - modelopt_status: public here too
 from nemoconv.storage.config import ATTENTION, LAYER_KIND_NAMES
@@ -293,7 +294,7 @@ def _kv_observers(block: nn.Module, i: int, kv_amax: dict) -> list:
 
     def observe(name):
         def hook(module, args, output):
-            a = output.detach().abs().amax()
+            a = abs_max(output.detach())
             kv_amax[name] = a if name not in kv_amax else torch.maximum(kv_amax[name], a)
         return hook
     return [getattr(block.mixer, p).register_forward_hook(observe(f"backbone.layers.{i}.mixer.{p}"))

@@ -88,13 +88,19 @@ def quantize_weight(w: torch.Tensor, what: str, device: torch.device | None = No
     return q.cpu(), scale, amax
 
 
+def abs_max(t: torch.Tensor) -> torch.Tensor:
+    """max |t| (0-d, on t's device) in one pass without |t|'s copy: aminmax, ~5× faster than abs().amax() on a
+    CPU. Exact; NaN and ±inf propagate."""
+    low, high = torch.aminmax(t)
+    return torch.maximum(-low, high).abs()
+
+
 def quantize_weight_here(w: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """quantize_weight on w's own device, the FP8 weight left there (the analysis quantizes on the GPU it
     runs on: a CPU quantization of an 8B's projections costs more than the whole estimate)."""
     if not w.is_floating_point() or w.dtype in (FP8_DTYPE, torch.float8_e5m2):
         raise NemoconvError(f"{what} is {w.dtype}; quantize needs a bf16/fp16/fp32 weight")
-    low, high = torch.aminmax(w)            # max |w|, exact; one pass without |w|'s copy (5× faster on CPU)
-    amax = abs(float(torch.maximum(-low, high)))   # NaN/Inf propagate
+    amax = float(abs_max(w))                # exact in w's dtype; NaN/Inf propagate
     check_amax(amax, what)
     scale = check_scale(scale_from_amax(amax), what)
     # The quotient is the float32 one rounded to W's dtype: what torch's CPU `w / scale` computes (a 0-d CPU

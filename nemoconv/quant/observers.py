@@ -14,6 +14,7 @@ from torch import nn
 
 from nemoconv import settings
 from nemoconv.errors import NemoconvError
+from nemoconv.quant.fp8 import abs_max
 
 
 def modelopt_status() -> tuple[object | None, str]:
@@ -49,7 +50,7 @@ class _Observer:
         def hook(module, args):
             x = args[0]
             if x.numel():
-                a = x.detach().abs().amax()
+                a = abs_max(x.detach())
                 prev = self.amax.get(hf)
                 self.amax[hf] = a if prev is None else torch.maximum(prev, a)
         return hook
