@@ -48,7 +48,7 @@ def quantize(
                                  "only it is FP8; a table sorted by harm."),
     analyze_samples: Optional[int] = typer.Option(None, "--analyze-samples", min=1, max=MAX_CALIB_SAMPLES,
                                                   help="Calibration sequences the --analyze probe runs "
-                                                       "(default: 1/16 of --calib-samples)."),
+                                                       "(default: 1/32 of --calib-samples)."),
     analyze_method: Optional[AnalyzeMethod] = typer.Option(None, "--analyze-method", help=ANALYZE_METHOD_HELP),
     analyze_top: Optional[int] = typer.Option(None, "--analyze-top", min=0, max=10_000, help=ANALYZE_TOP_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="With --analyze: write the analysis as JSON here."),

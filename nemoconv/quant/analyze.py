@@ -65,7 +65,7 @@ from nemoconv.quant.sweep import Variant, compare_variants
 from nemoconv.quant.targets import KIND_LABELS, PRESETS, network_modules
 from nemoconv.stream.pipeline import stream_converted
 
-PROBE_FRACTION = 16   # default probe: 1/16 of the calibration sequences (at least one)
+PROBE_FRACTION = 32   # default probe: 1/32 of the calibration sequences (at least one); see the docstring
 METHODS = ("fisher", "exact")
 TOP_K = 4             # fisher: linears measured exactly after the estimate (each costs a stream)
 MAX_TOP_K = 10_000

@@ -32,8 +32,8 @@ Passes and memory (layer by layer, one layer's weights at a time, as calibration
              The saved states stay (`hidden`): the exact sweep of the worst linears takes its reference from
              them instead of running it again.
   So at most (n_layers + 1 + 2·S) × probe_tokens hidden states plus one chunk's autograd graph; the probe
-  size caps it (with the default probe, 1/16 of the calibration tokens, that is below calibration's 2 ×
-  calibration tokens for up to ~22 layers at S = 4; a deeper model holds more, e.g. 52 layers: ~3.8 ×).
+  size caps it (with the default probe, 1/32 of the calibration tokens, that is below calibration's 2 ×
+  calibration tokens for up to ~55 layers at S = 4: 52 layers hold 1.9 ×).
 Cost: one probe pass (the layers calibration did not run) + for every layer one forward and S backward passes
 of the probe: about (2 + 2·S) × probe_tokens token-layer passes (a backward ≈ 2 forwards), independent of the
 number of linears. (Running S copies of the probe forward instead, as this once did, cost (1 + 3·S).)
