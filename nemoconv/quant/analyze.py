@@ -26,23 +26,26 @@ fades through the rest of the network, which is what decides the logits.
 
 Two methods (`method`, --analyze-method):
   exact   the sweep above for every linear (the cost just described);
-  fisher  (the default) a second-order estimate for every linear from one forward and one backward pass on
+  fisher  (the default) a second-order estimate for every linear from one forward and S backward passes on
           the probe with S label samples, whatever the number of linears (quant/fisher.py: its theory,
           memory and cost), then the exact sweep for the `top_k` linears it ranks worst (--analyze-top).
           The rows say which numbers are measured: est_kl is the estimate (every linear), kl / kl_max /
           top1_change / cosine_mean are exact where "measured" is true and null elsewhere. The estimate's
           forward comes from calibration (it keeps the probe's hidden states) and the exact sweep takes its
-          reference stream from the estimate's saved states, so the cost is about 1 calibration + (1 + 3·S)
-          probe passes + top_k propagated streams. Measured (benchmarks/bench_quant_analysis.py, 16 × 128,
-          one thread, least CPU s of 3 on a shared 2-core box, ±15 % run to run), S = 4, top_k = 4:
-          trained-tiny/dense 1.96× its plain calibration (exact: 2.8×), MoE 2.3–2.8× (exact: 10–12×);
-          estimates only (top_k = 0): 1.8× and 2.0–2.3×. Rank agreement with the exact sweep: Spearman 0.84
-          (dense, 28 linears) and 0.89 (MoE, 144); the exact worst linear is first in the table at top_k ≥ 4
-          (the estimate alone ranked it 3rd and 2nd: on dense it gives Mamba in_proj 0.25–0.5× the exact
-          KL, out_proj/down_proj within ~1.3×; in_proj's error passes the conv, SiLU, dt softplus and gated
-          norm, where a first-order propagation is least accurate). On a GPU (an 8B-shaped random bf16 model,
-          64 × 512 calibration, H200, warm): plain calibration 3.04 s; analysis 5.69 s = 1.87× (estimate 2.2 s,
-          exact top 4 0.8 s), with the layers kept on the GPU between passes (quant/layer_reads.py) and the
+          reference stream from the estimate's saved states, so the cost is about 1 calibration + (2 + 2·S)
+          probe passes + top_k propagated streams. The default probe is 1/32 of the calibration sequences.
+          Measured (benchmarks/bench_quant_analysis.py, one thread, CPU s, least of 2, shared 2-core box), S = 4,
+          top_k = 4, the CLI's default 128 × 512 calibration (probe 4 × 512): trained-tiny/dense 1.15× its
+          plain calibration, MoE 1.85× (estimates only: 1.05× and 1.54×). Rank agreement with the exact sweep
+          there: Spearman 0.92 (dense, 28 linears) and 0.89 (MoE, 144 linears), 3 and 4 of the exact top 5 in
+          the estimate's top 5, the exact worst linear first in the table. At a small 16 × 128 calibration
+          (probe 1 × 128) fixed costs weigh more: dense 1.90×, MoE 2.63× (a plain calibration of the default
+          preset runs 8 of that MoE's 10 layers and observes 8 linears; the analysis runs all 10 and observes
+          144). The estimate gives Mamba in_proj 0.25–0.5× its exact KL, out_proj/down_proj within ~1.3×
+          (in_proj's error passes the conv, SiLU, dt softplus and gated norm, where a first-order propagation is
+          least accurate); the exact top_k puts the worst first. On a GPU (an 8B-shaped random bf16 model,
+          64 × 512 calibration, H200, warm): plain calibration 3.44 s; analysis 5.31 s = 1.54× (estimate 1.7 s,
+          exact top 4 0.23 s), with the layers kept on the GPU between passes (quant/layer_reads.py) and the
           FP8 weights quantized there.
 """
 
