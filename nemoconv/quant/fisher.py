@@ -48,6 +48,7 @@ rounding).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -99,8 +100,8 @@ def estimate_kl(ck: Checkpoint, ids: torch.Tensor, linears: list[str], input_ama
         by_layer.setdefault(layer_of(m), set()).add(m)
     index = _source_index(ck)
     rows = max(1, TOKENS_PER_BATCH.get(device.type, 2048) // ids.shape[1])
-    copies = label_samples * ids.shape[0]
-    sums = {m: torch.zeros(copies, dtype=torch.float64, device=device) for m in linears}
+    slots = label_samples * ids.shape[0]                 # row k·n + j: probe row j under label set k
+    sums = {m: torch.zeros(slots, dtype=torch.float64, device=device) for m in linears}
     steps = 2 * n_layers + 1
     with layer_reader(device) as reader:
         # the forward with the device's kernels (as calibration and the exact sweep, which reuses the states);
@@ -203,7 +204,7 @@ def _backward_layer(block, i: int, h_in: torch.Tensor, grad: torch.Tensor, weigh
     on its input, is computed once per chunk and shared by the S passes."""
     ctx = _layer_context()
     n = h_in.shape[0]
-    copies = grad.shape[0] // n
+    label_sets = grad.shape[0] // n
     taps = _Taps(block, i, set(weights))
     out_grad = torch.empty_like(grad)
     try:
@@ -218,11 +219,11 @@ def _backward_layer(block, i: int, h_in: torch.Tensor, grad: torch.Tensor, weigh
             with torch.no_grad():
                 errors = [_fp8_error(r, weights[r.module]) for r in records]
                 probe_rows = [taps.token_rows(r, x.shape[1]) + j0 for r in records]   # of each input position
-            for k in range(copies):
+            for k in range(label_sets):
                 with torch.enable_grad():
                     # a scalar's gradient: no grad_outputs, whose shape check imports sympy (~1 s of CPU) once
                     grads = torch.autograd.grad((y * grad[k * n + j0:k * n + j1].to(y.dtype)).sum(), [x] + outs,
-                                                retain_graph=k < copies - 1, allow_unused=True)
+                                                retain_graph=k < label_sets - 1, allow_unused=True)
                 out_grad[k * n + j0:k * n + j1] = grads[0]
                 with torch.no_grad():
                     for record, eps, at, g in zip(records, errors, probe_rows, grads[1:]):
@@ -259,6 +260,7 @@ class _Taps:
     def __init__(self, block, i: int, modules: set[str]):
         self.records: list[_Record] = []
         self.routes: torch.Tensor | None = None
+        self._by_expert: tuple[torch.Tensor, list[int]] | None = None   # token order by expert, expert starts
         self.handles = []
         prefix = f"backbone.layers.{i}."
         for m in sorted(modules):
@@ -277,10 +279,12 @@ class _Taps:
 
     def _route(self, gate, args, output):
         self.routes = output[1].detach()
+        self._by_expert = None
 
     def clear(self) -> None:
         self.records.clear()
         self.routes = None
+        self._by_expert = None
 
     def remove(self) -> None:
         for h in self.handles:
@@ -293,15 +297,15 @@ class _Taps:
         device = record.input.device
         if record.expert is None:
             return torch.arange(count, device=device) // seq
-        ids = self.routes
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.experts)
-        start = int(counts[:record.expert].sum())
-        if int(counts[record.expert]) != count:
-            raise NemoconvError(f"internal error: {record.module} saw {count} tokens, its router chose "
-                                f"{int(counts[record.expert])}")
-        return order[start:start + count] // ids.shape[1] // seq
+        if self._by_expert is None:   # once per routing, for all of the layer's expert linears
+            flat = self.routes.reshape(-1)
+            counts = torch.bincount(flat, minlength=self.experts).tolist()
+            self._by_expert = (torch.argsort(flat, stable=True), [0, *itertools.accumulate(counts)])
+        order, starts = self._by_expert
+        start, chose = starts[record.expert], starts[record.expert + 1] - starts[record.expert]
+        if chose != count:
+            raise NemoconvError(f"internal error: {record.module} saw {count} tokens, its router chose {chose}")
+        return order[start:start + count] // self.routes.shape[1] // seq
 
 
 def spearman(a: list[float], b: list[float]) -> float:
