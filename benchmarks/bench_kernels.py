@@ -7,7 +7,7 @@ largest difference from the torch reference (`nemoconv.model.reference`) on the 
                 batch 1, 8 and 64: the fp32 state is read and written once
   conv_step     the decode conv step at batch 1, 8 and 64
   conv_seq      the prefill conv over 2048 positions at several tiles (the strided xBC slice of in_proj's
-                output, as the model passes it)
+                output, as the model passes it), and the model's call: with the cached context and the step sizes
   gated_norm    the Mamba output norm at batch 1, 8 and 64 (z the strided slice of in_proj's output): ours, and
                 ours writing out_proj's FP8 input (rows zero-padded to 16), against what they replace: mamba-ssm's
                 layer_norm_fwd, and it followed by the quantize launch; "bitwise" = equal to the mamba-ssm path
@@ -154,6 +154,17 @@ def conv_seq_rows(device, repeat: int, seq: int, tiles) -> dict:
             out["x".join(map(str, tile))] = row(us, 2 * seq * CONV_DIM * 2, diff)
     finally:
         triton_ops.CONV_TILE = saved
+    # the model's prefill call: the cached context read and refreshed, the step sizes and A in the same launches
+    dt = zx[..., INNER + CONV_DIM:]
+    dt_bias, A_log = torch.full((H,), -3.0, device=device), torch.zeros(H, device=device)
+    state = torch.randn(1, CONV_DIM, CONV_K - 1, generator=g).to(device, torch.bfloat16)
+    ref_state = state.clone()
+    ref = reference.causal_conv1d_silu(xbc, w, bias, ref_state)
+    step = (dt, dt_bias, (0.0, float("inf")), A_log)
+    y, _, _ = triton_ops.conv_silu(xbc, w, bias, state.clone(), step=step)
+    diff = float((y.float() - ref.float()).abs().max())
+    us = graph_time_us(lambda: triton_ops.conv_silu(xbc, w, bias, state, step=step), device, repeat)
+    out["model_call"] = row(us, 2 * seq * CONV_DIM * 2 + seq * H * 6, diff)
     return out
 
 

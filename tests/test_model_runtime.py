@@ -93,3 +93,39 @@ def test_a_model_is_freed_as_soon_as_its_last_reference_goes(kind):
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_the_graph_signature_follows_every_way_a_tensor_or_module_is_swapped():
+    """The runner lists the model's modules once (host time per pass), yet a graph must never replay over
+    changed weights: the signature has to change for a parameter set anew, a parameter's storage swapped in
+    place, a buffer set through the module's table, and a submodule replaced; and `hooked` sees a hook added
+    after the list was made."""
+    model = tiny_model("dense")
+    runner = model.runner
+    mixer = model.backbone.layers[0].mixer
+    seen = [runner.decode_signature(fused=True)]
+    assert seen[0] is not None and runner.decode_signature(fused=True) == seen[0]      # stable when nothing changed
+
+    def changed() -> bool:
+        now = runner.decode_signature(fused=True)
+        fresh = now not in seen
+        seen.append(now)
+        return fresh
+
+    mixer.in_proj.weight = torch.nn.Parameter(mixer.in_proj.weight.detach().clone(), requires_grad=False)
+    assert changed()
+    mixer.out_proj.weight.data = mixer.out_proj.weight.detach().clone()
+    assert changed()
+    mixer.register_buffer("scratch", torch.zeros(4))           # this model has no buffers of its own
+    assert changed()
+    mixer._buffers["scratch"] = torch.zeros(4)
+    assert changed()
+    old = mixer.norm
+    mixer.norm = type(old)(old.weight.numel(), old.group_size, old.eps)
+    assert mixer.norm in runner.modules() and old not in runner.modules()
+    assert changed()
+    assert not runner.hooked()
+    handle = mixer.norm.register_forward_hook(lambda *a: None)
+    assert runner.hooked()
+    handle.remove()
+    assert not runner.hooked()

@@ -6,7 +6,6 @@ cache's conv and SSM state, and a single-token decode step from that state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nemoconv.model import fp8
@@ -74,10 +73,6 @@ class MambaMixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, self.inner // self.groups, spec.layer_norm_epsilon)
         self.out_proj = Linear(self.inner, spec.hidden_size, bias=spec.mamba_proj_bias)
 
-    def _step_size(self, dt: torch.Tensor) -> torch.Tensor:
-        """Raw dt [..., h] → softplus(dt + dt_bias), clamped, in float32."""
-        return F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-
     def forward(self, hidden: torch.Tensor, ctx: Pass) -> torch.Tensor:
         return self._step(hidden, ctx) if ctx.decode else self._sequence(hidden, ctx)
 
@@ -99,8 +94,9 @@ class MambaMixer(nn.Module):
         # pads the conv kernel sees last; taken from the old context and these inputs before the conv replaces it.
         context = last_inputs(conv_state, xbc, ctx.lengths) if ctx.lengths is not None and conv_state is not None \
             else None
-        xbc = kernels.causal_conv1d_silu(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        step = self._step_size(dt)                                             # [b, s, h] float32
+        # conv (its context read and refreshed), step size softplus(dt + dt_bias) clamped, A = -exp(A_log)
+        xbc, step, A = kernels.mamba_sequence_inputs(xbc, dt, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state,
+                                                     self.dt_bias, self.dt_limit, self.A_log)
         if ctx.lengths is not None:
             # dt = 0 and x = B = 0 at the pads, so the scan state passes through them unchanged (decay
             # exp(0·A) = 1, nothing added)
@@ -112,7 +108,6 @@ class MambaMixer(nn.Module):
         if pad is not None:
             xbc = xbc.masked_fill(~pad, 0.0)
         x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
-        A = -torch.exp(self.A_log.float())                                     # [h], negative
         result = kernels.ssd_chunk_scan(
             x.reshape(b, s, h, p), step, A, B.reshape(b, s, g, n), C.reshape(b, s, g, n), self.D,
             self.chunk_size, initial_state=ssm_state, return_final_state=ssm_state is not None)

@@ -251,6 +251,19 @@ def causal_conv1d_silu(x, weight, bias, conv_state=None):
     return reference.causal_conv1d_silu(x, weight, bias, conv_state)
 
 
+def mamba_sequence_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
+    """The element-wise front of a Mamba prefill, in one launch on CUDA (plus the context refresh).
+
+    xbc [b, s, c], dt [b, s, h] raw → (silu(causal conv) [b, s, c], softplus(dt + dt_bias) clamped to
+    dt_limit [b, s, h] float32, A = -exp(A_log) [h] float32); conv_state [b, c, k-1], if given, is the left
+    context and is then replaced by the last k-1 inputs.
+    """
+    if _use_triton(xbc):
+        return _fused().conv_silu(xbc, weight, bias, conv_state, step=(dt, dt_bias, dt_limit, A_log))
+    out = reference.causal_conv1d_silu(xbc, weight, bias, conv_state)
+    return out, F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+
+
 def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
     """The element-wise front of a Mamba decode step, in one launch on CUDA.
 

@@ -38,6 +38,18 @@ from nemoconv.storage.config import ATTENTION, MOE
 # activations' memory).
 PREFILL_GRAPH_MAX_TOKENS = 8192
 
+# Bumped whenever any module anywhere gains or replaces a submodule (torch's global registration hook), so a
+# runner's list of its model's modules is rebuilt only then: walking the module tree for every pass cost ~2 ms
+# of host time per prefill of the 8B layout, time in which the GPU waited.
+_module_trees = [0]
+
+
+def _tree_changed(module, name, submodule) -> None:
+    _module_trees[0] += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_tree_changed)
+
 
 class Runner:
     """The device side of one model (see the module docstring). State it keeps, all CUDA-only:
@@ -52,6 +64,7 @@ class Runner:
         self._model = weakref.ref(model)
         self.pool = None
         self.generation_caches: dict[int, HybridCache] = {}
+        self._tree: tuple[int, list[nn.Module]] | None = None      # (_module_trees when listed, the modules)
 
     @property
     def model(self):
@@ -62,11 +75,17 @@ class Runner:
         model = self.model
         return model.device.type == "cuda" and kernels.backend(model.backbone.embeddings.weight) == "triton"
 
+    def modules(self) -> list[nn.Module]:
+        """The model's modules, listed again only after a submodule was registered somewhere."""
+        if self._tree is None or self._tree[0] != _module_trees[0]:
+            self._tree = (_module_trees[0], list(self.model.modules()))
+        return self._tree[1]
+
     def hooked(self) -> bool:
         """Any forward hook, global or on a module: then modules must run one by one, as written."""
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def fused_ok(self) -> bool:
         return self.triton() and not self.hooked()
@@ -86,7 +105,10 @@ class Runner:
         probe = model.backbone.embeddings.weight
         if any(isinstance(layer.mixer, MoE) and not layer.mixer.grouped_ok(probe) for layer in model.backbone.layers):
             return None
-        return tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+        # read from each module's own tables at every call: a tensor swapped in place (`.data =`, `.to()`, a buffer
+        # set through the dict) changes the signature as well
+        return tuple(t.data_ptr() for m in self.modules() for table in (m._parameters, m._buffers)
+                     for t in table.values() if t is not None)
 
     def prefill_signature(self, input_ids: torch.Tensor, fused: bool) -> tuple | None:
         """The model state a prefill's CUDA graph depends on (`decode_signature`), or None where prefills
