@@ -14,8 +14,11 @@ load them). Then, each after a warm-up, timed with CUDA synchronisation, median 
                generate(1 new)) / 127 steps (transformers: generate(do_sample=False), batch 1 and 8)
   floors       measured in the same run: the weight-streaming floor of a decode step for the model's own
                shapes (every weight matrix multiplied once per step by a [b, in] activation, in one CUDA
-               graph; FP8 as FP8 GEMMs), per batch size and for FP8 b1; prefill at the bf16 matmul rate;
+               graph; FP8 as FP8 GEMMs), per batch size and for FP8 b1; for prefill, the prompt's matrix
+               products alone (every Linear on [2048, in], one graph), and the bf16 matmul rate of `ceilings`;
                `percent_of_floor` gives every row as % of its floor
+  gpu          the SM clock and board power over each section (nvidia-smi, sampled every 50 ms): at its
+               power limit the card slows its clock under long runs of large matrix products
   fp8 decode   batch 1, after quantizing the built-in model's Mamba in/out_proj and MLP up/down_proj
                in place (per-tensor static FP8: weight_scale = amax/448, input_scale = amax/448 of one
                calibration forward); transformers is freed first
@@ -51,7 +54,7 @@ from nemoconv.model.fp8 import FP8_MAX, Linear, quantize_fp8
 from nemoconv.storage.config import parse_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, random_tensor, sync, timed  # noqa: E402
+from common import PATTERN_8B, SHAPE_8B, SHAPE_SMALL, GpuMonitor, random_tensor, sync, timed  # noqa: E402
 
 # issue 18's targets on an H200
 TARGETS = {"prefill_tok_s": 45_000, "prefill_eager_tok_s": 42_000, "decode_b1_tok_s": 235, "decode_b8_tok_s": 1_800,
@@ -233,12 +236,48 @@ def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: b
             "state_bytes": 2 * sum(t.numel() * t.element_size() for t in states)}   # each read and written once
 
 
+def prefill_gemm_floor(model, tokens: int, device, repeat: int) -> dict:
+    """What the prefill's matrix products alone take on this device: every Linear of the model multiplied by a
+    [tokens, in] activation (lm_head by one row, as a prefill that keeps the last logits), in one CUDA graph,
+    timed as the median over `repeat` runs of 3 replays. The card's clock under this load (GpuMonitor) is
+    what the prefill itself runs at; a matrix-product rate measured cold is not. → {ms, tok_s, tflop_s}."""
+    head = model.lm_head
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m is not head]
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    flops = 0
+    work = []
+    for lin in linears + [head]:
+        rows = 1 if lin is head else tokens
+        key = (rows, lin.weight.shape[1])
+        if key not in inputs:
+            inputs[key] = torch.randn(*key, device=device, dtype=model.dtype)
+        work.append((lin, inputs[key]))
+        flops += 2 * rows * lin.weight.shape[0] * lin.weight.shape[1]
+
+    def step():
+        for lin, x in work:
+            lin(x)
+
+    with torch.no_grad():
+        step()
+        run, per = step, 1
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                step()
+            run, per = (lambda: [graph.replay() for _ in range(3)]), 3
+            run()
+        t, _ = timed(run, device, repeat)
+    s = t / per
+    return {"ms": round(s * 1e3, 3), "tok_s": round(tokens / s, 1), "tflop_s": round(flops / s / 1e12, 1)}
+
+
 def percent_of_floor(ours: dict, floors: dict) -> dict:
     """Every measured row as a share of its floor (100 = the floor itself)."""
     pairs = {"decode_b1_tok_s": "decode_b1_tok_s", "decode_b8_tok_s": "decode_b8_tok_s",
              "decode_b64_tok_s": "decode_b64_tok_s", "fp8_decode_b1_tok_s": "fp8_decode_b1_tok_s",
-             "prefill_tok_s": "prefill_tok_s_at_matmul_ceiling",
-             "prefill_eager_tok_s": "prefill_tok_s_at_matmul_ceiling"}
+             "prefill_tok_s": "prefill_tok_s_gemms_only", "prefill_eager_tok_s": "prefill_tok_s_gemms_only"}
     return {key: round(100 * ours[key] / floors[f], 1) for key, f in pairs.items()
             if ours.get(key) and floors.get(f)}
 
@@ -450,8 +489,11 @@ def main() -> None:
     def section(name, fn):
         try:
             t0 = time.perf_counter()
-            value = fn()
+            with GpuMonitor() as gpu:
+                value = fn()
             res.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 1)
+            if gpu.summary:
+                res.setdefault("gpu_clock_power", {})[name] = gpu.summary
             return value
         except Exception:  # one failing section must not hide the others' numbers
             res["errors"][name] = traceback.format_exc()[-2500:]
@@ -487,6 +529,10 @@ def main() -> None:
                                                                                      args.repeat, graphs=False))
     outs_ours = {}
     floors: dict = {}
+    floor = section("floor_prefill_gemms", lambda: prefill_gemm_floor(model, args.prefill, device, args.repeat))
+    if floor:
+        floors["prefill_tok_s_gemms_only"], floors["prefill_gemms_ms"] = floor["tok_s"], floor["ms"]
+        floors["prefill_gemms_tflop_s"] = floor["tflop_s"]
     floors_state: dict = {}   # the same floors plus the SSM state and conv window read and written once per step
     for b in DECODE_BATCHES:
         floor = section(f"floor_b{b}", lambda b=b: weight_streaming_floor(model, b, device, args.repeat))

@@ -58,3 +58,44 @@ def random_tensor(name: str, shape, g, device):
     if name.endswith("embeddings.weight"):
         return noise
     return noise / math.sqrt(shape[-1]) * (4.0 if name == "lm_head.weight" else 1.0)
+
+
+class GpuMonitor:
+    """The GPU's SM clock and board power, sampled by nvidia-smi every `period_ms` while a block runs: an H200
+    at its power limit lowers its clock under long runs of large matrix products, so a rate read without them
+    cannot tell a slower kernel from a hotter card. `summary` afterwards: {sm_mhz_mean, sm_mhz_min,
+    power_w_mean, power_w_max, samples}, or None where there is no nvidia-smi or no sample."""
+
+    def __init__(self, period_ms: int = 50):
+        self.period_ms, self.proc, self.summary = period_ms, None, None
+
+    def __enter__(self):
+        import os
+        import shutil
+        import subprocess
+
+        exe = shutil.which("nvidia-smi")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        if exe is not None and visible.isdigit():
+            self.proc = subprocess.Popen([exe, "-i", visible, "--query-gpu=clocks.sm,power.draw",
+                                          "--format=csv,noheader,nounits", "-lms", str(self.period_ms)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        rows = []
+        for line in out.splitlines():
+            try:
+                mhz, watts = (float(v) for v in line.split(","))
+            except ValueError:                 # "[N/A]" or a partial last line
+                continue
+            rows.append((mhz, watts))
+        if rows:
+            self.summary = {"sm_mhz_mean": round(sum(r[0] for r in rows) / len(rows)),
+                            "sm_mhz_min": round(min(r[0] for r in rows)),
+                            "power_w_mean": round(sum(r[1] for r in rows) / len(rows)),
+                            "power_w_max": round(max(r[1] for r in rows)), "samples": len(rows)}
