@@ -110,7 +110,7 @@ def mamba_ssm_row(state0, x, dt, A, Bm, Cm, D, ref_state, ref_y, nbytes, repeat)
 
 
 def conv_step_rows(device, repeat: int, batches) -> dict:
-    from nemoconv.model.cuda import triton_ops
+    from nemoconv.model.cuda import triton_conv
 
     g = torch.Generator(device="cpu").manual_seed(1)
     out = {}
@@ -124,10 +124,10 @@ def conv_step_rows(device, repeat: int, batches) -> dict:
         ref_state = state0.clone()
         ref = reference.causal_conv1d_silu_step(xbc, w, bias, ref_state)
         state = state0.clone()
-        y, _, _ = triton_ops.conv_step(xbc, dt, w, bias, state, dt_bias, (0.0, float("inf")), A_log)
+        y, _, _ = triton_conv.conv_step(xbc, dt, w, bias, state, dt_bias, (0.0, float("inf")), A_log)
         diff = max(float((y.float() - ref.float()).abs().max()), float((state.float() - ref_state.float()).abs().max()))
         work = state0.clone()
-        us = graph_time_us(lambda: triton_ops.conv_step(xbc, dt, w, bias, work, dt_bias, (0.0, float("inf")), A_log),
+        us = graph_time_us(lambda: triton_conv.conv_step(xbc, dt, w, bias, work, dt_bias, (0.0, float("inf")), A_log),
                            device, repeat)
         nbytes = 2 * state0.numel() * 2 + 2 * b * CONV_DIM * 2
         out[f"b{b}"] = row(us, nbytes, diff)
@@ -135,7 +135,7 @@ def conv_step_rows(device, repeat: int, batches) -> dict:
 
 
 def conv_seq_rows(device, repeat: int, seq: int, tiles) -> dict:
-    from nemoconv.model.cuda import triton_ops
+    from nemoconv.model.cuda import triton_conv
 
     g = torch.Generator(device="cpu").manual_seed(2)
     zx = torch.randn(1, seq, IN_PROJ, generator=g).to(device, torch.bfloat16)
@@ -144,16 +144,16 @@ def conv_seq_rows(device, repeat: int, seq: int, tiles) -> dict:
     bias = torch.randn(CONV_DIM, generator=g).to(device, torch.bfloat16)
     ref = reference.causal_conv1d_silu(xbc, w, bias, None)
     out = {}
-    saved = triton_ops.CONV_TILE
+    saved = triton_conv.CONV_TILE
     try:
         for tile in tiles:
-            triton_ops.CONV_TILE = tile
-            y = triton_ops.conv_silu(xbc, w, bias, None)
+            triton_conv.CONV_TILE = tile
+            y = triton_conv.conv_silu(xbc, w, bias, None)
             diff = float((y.float() - ref.float()).abs().max())
-            us = graph_time_us(lambda: triton_ops.conv_silu(xbc, w, bias, None), device, repeat)
+            us = graph_time_us(lambda: triton_conv.conv_silu(xbc, w, bias, None), device, repeat)
             out["x".join(map(str, tile))] = row(us, 2 * seq * CONV_DIM * 2, diff)
     finally:
-        triton_ops.CONV_TILE = saved
+        triton_conv.CONV_TILE = saved
     # the model's prefill call: the cached context read and refreshed, the step sizes and A in the same launches
     dt = zx[..., INNER + CONV_DIM:]
     dt_bias, A_log = torch.full((H,), -3.0, device=device), torch.zeros(H, device=device)
@@ -161,9 +161,9 @@ def conv_seq_rows(device, repeat: int, seq: int, tiles) -> dict:
     ref_state = state.clone()
     ref = reference.causal_conv1d_silu(xbc, w, bias, ref_state)
     step = (dt, dt_bias, (0.0, float("inf")), A_log)
-    y, _, _ = triton_ops.conv_silu(xbc, w, bias, state.clone(), step=step)
+    y, _, _ = triton_conv.conv_silu(xbc, w, bias, state.clone(), step=step)
     diff = float((y.float() - ref.float()).abs().max())
-    us = graph_time_us(lambda: triton_ops.conv_silu(xbc, w, bias, state, step=step), device, repeat)
+    us = graph_time_us(lambda: triton_conv.conv_silu(xbc, w, bias, state, step=step), device, repeat)
     out["model_call"] = row(us, 2 * seq * CONV_DIM * 2 + seq * H * 6, diff)
     return out
 
