@@ -189,6 +189,23 @@ def bytes_per_decode_step(model) -> int:
     return total
 
 
+def graph_seconds(step, device, repeat: int, replays: int) -> float:
+    """Seconds of one `step()`: on CUDA captured once as a graph and timed as the median over `repeat` runs of
+    `replays` back-to-back replays (no launch overhead); eagerly elsewhere."""
+    with torch.no_grad():
+        step()
+        run, per = step, 1
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                step()
+            run, per = (lambda: [graph.replay() for _ in range(replays)]), replays
+            run()
+        t, _ = timed(run, device, repeat)
+    return t / per
+
+
 def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: bool = False) -> dict:
     """The decode step no implementation can beat on this device: every weight matrix of the model (each
     Linear, lm_head included; FP8 ones as FP8 GEMMs on an activation already quantized) multiplied once by
@@ -219,18 +236,7 @@ def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: b
         for t in states:
             t.mul_(1.0)
 
-    with torch.no_grad():
-        step()
-        run, per = step, 1
-        if device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                step()
-            run, per = (lambda: [graph.replay() for _ in range(10)]), 10
-            run()
-        t, _ = timed(run, device, repeat)
-    step_s = t / per
+    step_s = graph_seconds(step, device, repeat, replays=10)
     return {"step_ms": round(step_s * 1e3, 3), "tok_s": round(batch / step_s, 1),
             "weight_bytes": bytes_per_decode_step(model),
             "state_bytes": 2 * sum(t.numel() * t.element_size() for t in states)}   # each read and written once
@@ -258,18 +264,7 @@ def prefill_gemm_floor(model, tokens: int, device, repeat: int) -> dict:
         for lin, x in work:
             lin(x)
 
-    with torch.no_grad():
-        step()
-        run, per = step, 1
-        if device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                step()
-            run, per = (lambda: [graph.replay() for _ in range(3)]), 3
-            run()
-        t, _ = timed(run, device, repeat)
-    s = t / per
+    s = graph_seconds(step, device, repeat, replays=3)
     return {"ms": round(s * 1e3, 3), "tok_s": round(tokens / s, 1), "tflop_s": round(flops / s / 1e12, 1)}
 
 
