@@ -251,8 +251,15 @@ def causal_conv1d_silu(x, weight, bias, conv_state=None):
     return reference.causal_conv1d_silu(x, weight, bias, conv_state)
 
 
+def _reference_step_size_and_A(dt, dt_bias, dt_limit, A_log):
+    """softplus(dt + dt_bias) clamped to dt_limit, and A = -exp(A_log), both float32 (what the fused kernels
+    compute alongside the conv)."""
+    return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+
+
 def mamba_sequence_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
-    """The element-wise front of a Mamba prefill, in one launch on CUDA (plus the context refresh).
+    """The element-wise front of a Mamba prefill, in two launches on CUDA (the conv, then its edges: the cached
+    context, its refresh, the step sizes and A).
 
     xbc [b, s, c], dt [b, s, h] raw → (silu(causal conv) [b, s, c], softplus(dt + dt_bias) clamped to
     dt_limit [b, s, h] float32, A = -exp(A_log) [h] float32); conv_state [b, c, k-1], if given, is the left
@@ -261,7 +268,7 @@ def mamba_sequence_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, 
     if _use_triton(xbc):
         return _fused().conv_silu(xbc, weight, bias, conv_state, step=(dt, dt_bias, dt_limit, A_log))
     out = reference.causal_conv1d_silu(xbc, weight, bias, conv_state)
-    return out, F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+    return (out, *_reference_step_size_and_A(dt, dt_bias, dt_limit, A_log))
 
 
 def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log):
@@ -273,7 +280,7 @@ def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_lo
     if _use_triton(xbc):
         return _fused().conv_step(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_log)
     out = reference.causal_conv1d_silu_step(xbc, weight, bias, conv_state)
-    return out, F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit), -torch.exp(A_log.float())
+    return (out, *_reference_step_size_and_A(dt, dt_bias, dt_limit, A_log))
 
 
 def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False):
