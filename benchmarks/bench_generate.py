@@ -14,9 +14,10 @@ load them). Then, each after a warm-up, timed with CUDA synchronisation, median 
                generate(1 new)) / 127 steps (transformers: generate(do_sample=False), batch 1 and 8)
   floors       measured in the same run: the weight-streaming floor of a decode step for the model's own
                shapes (every weight matrix multiplied once per step by a [b, in] activation, in one CUDA
-               graph; FP8 as FP8 GEMMs), per batch size and for FP8 b1; for prefill, the prompt's matrix
-               products alone (every Linear on [2048, in], one graph), and the bf16 matmul rate of `ceilings`;
-               `percent_of_floor` gives every row as % of its floor
+               graph, by the kernel the model uses: the skinny Triton product up to 16 rows; FP8 as FP8
+               products), per batch size and for FP8 b1, and with state also on cuBLAS's products; for
+               prefill, the prompt's matrix products alone (every Linear on [2048, in], one graph), and the
+               bf16 matmul rate of `ceilings`; `percent_of_floor` gives every row as % of its floor
   gpu          the SM clock and board power over each section (nvidia-smi, sampled every 50 ms): at its
                power limit the card slows its clock under long runs of large matrix products
   fp8 decode   batch 1, after quantizing the built-in model's Mamba in/out_proj and MLP up/down_proj
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from nemoconv import settings
 from nemoconv.data.demo_checkpoint import tiny_config
 from nemoconv.model import build_model, fp8
 from nemoconv.model.cuda import kernels
@@ -240,6 +242,13 @@ def weight_streaming_floor(model, batch: int, device, repeat: int, with_state: b
     return {"step_ms": round(step_s * 1e3, 3), "tok_s": round(batch / step_s, 1),
             "weight_bytes": bytes_per_decode_step(model),
             "state_bytes": 2 * sum(t.numel() * t.element_size() for t in states)}   # each read and written once
+
+
+def cublas_floor(model, batch: int, device, repeat: int) -> dict:
+    """`weight_streaming_floor` with state, its products on cuBLAS (as before the skinny kernel): what that kernel
+    gains on the same card."""
+    with settings.override(skinny=False):
+        return weight_streaming_floor(model, batch, device, repeat, with_state=True)
 
 
 def prefill_gemm_floor(model, tokens: int, device, repeat: int) -> dict:
@@ -529,6 +538,7 @@ def main() -> None:
         floors["prefill_tok_s_gemms_only"], floors["prefill_gemms_ms"] = floor["tok_s"], floor["ms"]
         floors["prefill_gemms_tflop_s"] = floor["tflop_s"]
     floors_state: dict = {}   # the same floors plus the SSM state and conv window read and written once per step
+    floors_cublas: dict = {}  # floors_state with cuBLAS's products instead of the skinny kernel (NEMOCONV_SKINNY=0)
     for b in DECODE_BATCHES:
         floor = section(f"floor_b{b}", lambda b=b: weight_streaming_floor(model, b, device, args.repeat))
         if floor:
@@ -538,6 +548,9 @@ def main() -> None:
         if floor:
             floors_state[f"decode_b{b}_tok_s"], floors_state[f"decode_b{b}_step_ms"] = floor["tok_s"], floor["step_ms"]
             floors_state[f"decode_b{b}_state_bytes"] = floor["state_bytes"]
+        floor = section(f"floor_state_cublas_b{b}", lambda b=b: cublas_floor(model, b, device, args.repeat))
+        if floor:
+            floors_cublas.update({f"decode_b{b}_tok_s": floor["tok_s"], f"decode_b{b}_step_ms": floor["step_ms"]})
         r = section(f"ours_decode_b{b}", lambda b=b: decode_rate(ours_generate(model), ids[b], args.new, device,
                                                                  args.repeat))
         if r:
@@ -596,6 +609,9 @@ def main() -> None:
         if floor:
             floors_state["fp8_decode_b1_tok_s"] = floor["tok_s"]
             floors_state["fp8_decode_b1_step_ms"] = floor["step_ms"]
+        floor = section("floor_state_cublas_fp8_b1", lambda: cublas_floor(model, 1, device, args.repeat))
+        if floor:
+            floors_cublas.update(fp8_decode_b1_tok_s=floor["tok_s"], fp8_decode_b1_step_ms=floor["step_ms"])
         res["greedy_identity_graph_vs_eager"]["fp8_b1"] = section(
             "identity_fp8", lambda: greedy_identity(model, ids[1], args.new))
         res["profile_fp8"] = section("profile_fp8", lambda: profile_decode(model, ids[1], device, args.profile_dir))
@@ -625,6 +641,7 @@ def main() -> None:
         floors["prefill_tok_s_at_matmul_ceiling"] = round(c["bf16_matmul_8192_TFLOP_s"] * 1e12 / flops_per_token, 1)
     res["floors"] = floors
     res["floors_with_state"] = floors_state
+    res["floors_with_state_cublas_products"] = floors_cublas
     res["percent_of_floor"] = percent_of_floor(ours, floors)
     res["percent_of_floor_with_state"] = percent_of_floor(ours, {**floors, **floors_state})
     res["ratios"], res["targets"], res["targets_met"] = ratios, TARGETS, met

@@ -193,6 +193,42 @@ def _fused():
 
 
 # ---------------------------------------------------------------------------------------------
+# Matrix products of a few rows (decode)
+# ---------------------------------------------------------------------------------------------
+SKINNY_ROWS = 16     # triton_gemv.MAX_ROWS (not imported: that module needs Triton)
+_MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [..., k] · weightᵀ can run as the skinny Triton product: CUDA with Triton, at most 16 rows, k a
+    multiple of 16, contiguous weight rows (NEMOCONV_SKINNY=0 turns it off). The dtypes are the caller's to
+    check: both those of the model, or both FP8."""
+    k = x.shape[-1]
+    return x.numel() <= SKINNY_ROWS * k and skinny_weight_ok(weight, k) and settings.current().skinny and _use_triton(x)
+
+
+def skinny_weight_ok(weight: torch.Tensor, k: int) -> bool:
+    """Whether a weight [n, k] suits the skinny product (its part of `skinny_ok`)."""
+    return k % 16 == 0 and weight.dim() == 2 and weight.stride(-1) == 1 and weight.shape[1] == k
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias); a decode step's few rows through the skinny kernel on CUDA."""
+    if x.dtype == weight.dtype and x.dtype in _MODEL_DTYPES and skinny_ok(x, weight):
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def skinny_linear(x, weight, bias=None, scales=None, relu2=False, quant_scale=None, out_dtype=None):
+    """CUDA only (`skinny_ok`): x [..., k] · weightᵀ (+ bias) → [..., n] (see `triton_gemv.skinny_linear`: FP8
+    operands with scales = (input_scale, weight_scale), relu² of the result, the result quantized to FP8)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _fused().skinny_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, bias, scales=scales,
+                               relu2=relu2, quant_scale=quant_scale, out_dtype=out_dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # Norms and activations
 # ---------------------------------------------------------------------------------------------
 def rmsnorm(x, weight, eps):

@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import nn
 
+from nemoconv import settings
 from nemoconv.model import fp8
 from nemoconv.model.cache import HybridCache
 from nemoconv.model.common import Pass
@@ -106,9 +107,11 @@ class Runner:
         if any(isinstance(layer.mixer, MoE) and not layer.mixer.grouped_ok(probe) for layer in model.backbone.layers):
             return None
         # read from each module's own tables at every call: a tensor swapped in place (`.data =`, `.to()`, a buffer
-        # set through the dict) changes the signature as well
-        return tuple(t.data_ptr() for m in self.modules() for table in (m._parameters, m._buffers)
+        # set through the dict) changes the signature as well; so do the switches that choose kernels
+        now = settings.current()
+        addresses = (t.data_ptr() for m in self.modules() for table in (m._parameters, m._buffers)
                      for t in table.values() if t is not None)
+        return (now.kernels, now.skinny, *addresses)
 
     def prefill_signature(self, input_ids: torch.Tensor, fused: bool) -> tuple | None:
         """The model state a prefill's CUDA graph depends on (`decode_signature`), or None where prefills

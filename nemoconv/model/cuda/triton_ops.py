@@ -10,7 +10,8 @@ The FP8 outputs (rmsnorm, gated_rmsnorm, relu2_fp8, quantize_fp8) have rows zero
 of 16: a padding row's program stores zeros and returns, so at batch 1 the 15 padding rows cost next to nothing.
 It also re-exports, from `triton_conv`, the Mamba conv (conv_silu, conv_step, each with the step sizes and A), and
 from `triton_decode` (the decode step's own kernels), expert_gemv, decode_attention, paged_decode_attention and
-ssm_step, so that `kernels` finds every fused kernel in this one module.
+ssm_step, and from `triton_gemv` skinny_linear (products of ≤ 16 rows), so that `kernels` finds every fused kernel
+in this one module.
 All arithmetic is float32, as in `reference`; results are rounded once, to the output dtype. The
 only other differences from the torch reference are summation order and the exp/log approximations
 (a few ulp of float32).
@@ -29,6 +30,8 @@ from nemoconv.model.cuda.triton_decode import (  # noqa: F401
     paged_decode_attention,
     ssm_step,
 )
+from nemoconv.model.cuda.triton_gemv import fp8_of as _fp8_of
+from nemoconv.model.cuda.triton_gemv import skinny_linear  # noqa: F401
 
 
 def _warps(block: int) -> int:
@@ -65,14 +68,6 @@ def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, st
         # lay the whole row out 16 per thread, and the sum of squares would then add in another order than
         # without HAS_Q (y would differ from the unquantized kernel's in the last bit)
         tl.store(Q + row * stride_q + tl.max_contiguous(cols, QVEC), _fp8_of(y, scale, Q), mask=mask)
-
-
-@triton.jit
-def _fp8_of(v, scale, Q):
-    """fp8.quantize_fp8 of v (already rounded to the model dtype): IEEE v / scale, saturated, e4m3 nearest-even."""
-    q = tl.math.div_rn(v.to(tl.float32), scale)                # IEEE division, as torch's x / scale
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    return q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,

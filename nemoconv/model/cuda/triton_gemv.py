@@ -1,0 +1,133 @@
+"""Skinny matrix products for decode (1 to 16 rows), the weight read once at full bandwidth (imported only where
+Triton is; `triton_ops` re-exports `skinny_linear`).
+
+At a decode step every weight matrix is read once for a handful of rows, so the step's time is the weights'
+bytes over the memory bandwidth. cuBLAS's choice for such shapes leaves part of the H200's bandwidth unused
+(and adds a split-K reduce launch at batch 8); here each program streams a block of weight rows over the whole
+reduction with pipelined loads, so a product is one launch, and a row's result does not depend on the batch.
+  skinny_linear   y = x Wᵀ (+ b) for bf16/fp16/fp32 W, or FP8 W with per-tensor scales on an FP8 activation
+                  (ModelOpt's static format, `fp8.py`); optionally relu² of the result (the MLP's up_proj at
+                  decode), and optionally that relu² written as the next product's FP8 input. The model routes
+                  bf16/fp16/fp32 products here (`kernels.linear`, `MLP`); FP8 ones stay on cuBLASLt for now
+                  (`fp8.fp8_matmul_quantized` says why), the FP8 mode is measured and tested on its own
+Arithmetic: exact products (bf16 and e4m3 values are exact in float32), float32 sums, one rounding to the output
+dtype; FP8 results are scaled as `torch._scaled_mm` scales them (input_scale · weight_scale, then rounded).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16          # up to this many rows take the skinny kernel (tensor-core tiles of 16 rows from 2 on)
+
+
+@triton.jit
+def fp8_of(v, scale, Q):
+    """fp8.quantize_fp8 of v (already rounded to the model dtype): IEEE v / scale, saturated, e4m3 nearest-even."""
+    q = tl.math.div_rn(v.to(tl.float32), scale)                # IEEE division, as torch's x / scale
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _skinny_kernel(X, W, BIAS, X_SCALE, W_SCALE, Q_SCALE, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
+                   FP8: tl.constexpr, HAS_BIAS: tl.constexpr, RELU2: tl.constexpr, QUANT: tl.constexpr,
+                   ROUND: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = tl.arange(0, BM)
+    nmask = n < N
+    mmask = m < M
+    if DOT:
+        w_cols = W + n.to(tl.int64)[None, :] * stride_wn          # the weight tile read as [BK, BN]: Wᵀ's layout
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        w_rows = W + n.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros((BN,), dtype=tl.float32)                 # one row: plain multiply-adds, no tiles
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        if DOT:
+            if EVEN_K:
+                w = tl.load(w_cols + k[:, None], mask=nmask[None, :], other=0.0)
+            else:
+                w = tl.load(w_cols + k[:, None], mask=nmask[None, :] & (k < K)[:, None], other=0.0)
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+            if FP8:                                             # every e4m3 value is exact in fp16: the same products
+                x = x.to(tl.float16)
+                w = w.to(tl.float16)
+            acc += tl.dot(x, w, input_precision="ieee" if X.dtype.element_ty == tl.float32 else None)
+        else:
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None], other=0.0)
+            else:
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if not DOT:
+        acc = acc[None, :]
+    if FP8:
+        acc = acc * (tl.load(X_SCALE).to(tl.float32) * tl.load(W_SCALE).to(tl.float32))
+    if HAS_BIAS:
+        b = tl.load(BIAS + n, mask=nmask, other=0.0).to(tl.float32)
+        if FP8:                                                 # _scaled_mm rounds, then the bias is added
+            acc = acc.to(ROUND).to(tl.float32)
+        acc += b[None, :]
+    out = acc.to(ROUND)
+    if RELU2:                                                   # relu² of the rounded product, rounded again
+        r = tl.maximum(out.to(tl.float32), 0.0)
+        out = (r * r).to(ROUND)
+    if QUANT:
+        out = fp8_of(out, tl.load(Q_SCALE).to(tl.float32), Y)
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], out, mask=mmask[:, None] & nmask[None, :])
+
+
+def skinny_tile(rows: int, out_features: int, in_features: int, fp8: bool) -> tuple[int, int, int, int, bool]:
+    """(BN, BK, warps, stages, tensor-core tiles) for a product of this shape: the best of a sweep of 35 tiles on an
+    H200 over the 8B layout's seven weight shapes (`benchmarks/bench_skinny.py --sweep`). Narrow outputs (few
+    blocks of BN rows) want more bytes in flight per program: longer BK, more warps or deeper pipelines."""
+    n, k = out_features, in_features
+    if rows == 1:
+        if fp8:
+            return (8, 1024, 8, 1, False) if n <= 8192 else (8, 1024, 4, 1, False)
+        return (8, 512, 4, 1, False) if n >= 16384 and k <= 4096 else (8, 1024, 8, 1, False)
+    if n <= 4096 or (fp8 and n <= 8192):
+        return (32, 512, 4, 4, True)
+    if n <= 8192:
+        return (32, 256, 4, 4, True)
+    return (64, 256, 4, 3, True) if fp8 else (64, 128, 4, 3, True)
+
+
+def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  scales: tuple[torch.Tensor, torch.Tensor] | None = None, relu2: bool = False,
+                  quant_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                  tile: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
+    """x2 [m, k] (m ≤ MAX_ROWS, k contiguous) · weight [n, k]ᵀ (+ bias) → [m, n].
+
+    scales = (input_scale, weight_scale): weight and x2 are FP8 and the product is scaled by both (out_dtype
+    is then the model dtype). relu2: relu² of the rounded result. quant_scale: that result written as FP8
+    (quantize_fp8 with this scale) instead of in the model dtype.
+    """
+    m, k = x2.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS or x2.stride(-1) != 1 or weight.stride(-1) != 1 or weight.shape[1] != k:
+        raise ValueError("skinny_linear needs at most 16 rows and contiguous rows of x and weight")
+    fp8 = scales is not None
+    round_dtype = out_dtype or x2.dtype
+    y_dtype = torch.float8_e4m3fn if quant_scale is not None else round_dtype
+    y = torch.empty(m, n, dtype=y_dtype, device=x2.device)
+    bn, bk, warps, stages, dot = tile or skinny_tile(m, n, k, fp8)
+    bk = min(bk, triton.next_power_of_2(k))
+    while dot and stages * (16 + bn) * bk * x2.element_size() > 200 * 1024 and bk > 32:
+        bk //= 2                                                # float32 operands: the pipeline within shared memory
+    dummy = scales[0] if fp8 else y
+    _skinny_kernel[(triton.cdiv(n, bn),)](
+        x2, weight, bias if bias is not None else dummy, *(scales if fp8 else (dummy, dummy)),
+        quant_scale if quant_scale is not None else dummy, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        BM=16, BN=bn, BK=bk, EVEN_K=k % bk == 0, DOT=dot, FP8=fp8, HAS_BIAS=bias is not None, RELU2=relu2,
+        QUANT=quant_scale is not None, ROUND=_TL_DTYPES[round_dtype], num_warps=warps, num_stages=stages)
+    return y
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
