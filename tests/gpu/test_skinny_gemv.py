@@ -95,9 +95,12 @@ def test_bad_operands_are_refused():
         skinny(x[:4], w.t().contiguous().t())                   # weight rows not contiguous
     with pytest.raises(ValueError):
         skinny(x[:4], w[:, :32])                                 # reduction widths differ
-    assert not kernels.skinny_ok(x, w)                          # 17 rows: the model keeps cuBLAS
-    assert kernels.skinny_ok(x[:16], w)
-    assert not kernels.skinny_ok(x[:16].cpu(), w.cpu())
+    with settings.override(skinny=True):
+        assert not kernels.skinny_ok(x, w)                      # 17 rows: the model keeps cuBLAS
+        assert kernels.skinny_ok(x[:16], w)
+        assert not kernels.skinny_ok(x[:16].cpu(), w.cpu())
+    with settings.override(skinny=False):
+        assert not kernels.skinny_ok(x[:16], w)                 # the switch off
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["bf16", "fp8"])

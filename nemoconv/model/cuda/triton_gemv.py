@@ -1,10 +1,10 @@
 """Skinny matrix products for decode (1 to 16 rows), the weight read once at full bandwidth (imported only where
-Triton is; `triton_ops` re-exports `skinny_linear`).
+Triton is; `triton_ops` re-exports `skinny_linear`). Opt-in: NEMOCONV_SKINNY=1.
 
 At a decode step every weight matrix is read once for a handful of rows, so the step's time is the weights'
-bytes over the memory bandwidth. cuBLAS's choice for such shapes leaves part of the H200's bandwidth unused
-(and adds a split-K reduce launch at batch 8); here each program streams a block of weight rows over the whole
-reduction with pipelined loads, so a product is one launch, and a row's result does not depend on the batch.
+bytes over the memory bandwidth. cuBLAS's choices for such shapes leave part of the H200's bandwidth unused and
+add split-K reduce launches; here each program streams a block of weight rows over the whole reduction (one row:
+multiply-adds; more: tensor-core tiles of 16 rows with pipelined loads), so a product is one launch.
   skinny_linear   y = x Wᵀ (+ b) for bf16/fp16/fp32 W, or FP8 W with per-tensor scales on an FP8 activation
                   (ModelOpt's static format, `fp8.py`); optionally relu² of the result (the MLP's up_proj at
                   decode), and optionally that relu² written as the next product's FP8 input. The model routes
