@@ -204,7 +204,7 @@ def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     multiple of 16, contiguous weight rows, and NEMOCONV_SKINNY=1 (opt-in until the GPU suite has passed on it).
     The dtypes are the caller's to check: both those of the model, or both FP8."""
     k = x.shape[-1]
-    return x.numel() <= SKINNY_ROWS * k and skinny_weight_ok(weight, k) and settings.current().skinny and _use_triton(x)
+    return settings.current().skinny and x.numel() <= SKINNY_ROWS * k and skinny_weight_ok(weight, k) and _use_triton(x)
 
 
 def skinny_weight_ok(weight: torch.Tensor, k: int) -> bool:
