@@ -1,7 +1,8 @@
 """The skinny product of decode steps (`triton_gemv.skinny_linear`, `kernels.linear`): at most 16 rows against a
 weight read once, in bf16/fp16/fp32 and in FP8 with per-tensor scales, with relu² and FP8 quantization of the
 result in its epilogue; the model's decode on it against cuBLAS (the model routes bf16/fp16/fp32 weights to it;
-FP8 weights stay on cuBLASLt, see `fp8.fp8_matmul_quantized`); and an FP8 MLP of skinny products against cuBLASLt's.
+FP8 weights stay on cuBLASLt, see `fp8.fp8_matmul_quantized`); an FP8 MLP of skinny products against cuBLASLt's; and
+every FP8 product of a decode step of the FP8 test model, on its own input, against cuBLASLt's.
 
 Covers what the kernel branches on: one row (multiply-adds) and several (tensor-core tiles), a reduction that is
 and is not a multiple of the tile, an output width that is not a multiple of the block, bias. Skips without CUDA
@@ -18,6 +19,7 @@ from cuda_cases import DEVICE, build_case, skip_reason
 from nemoconv import settings
 from nemoconv.model import fp8
 from nemoconv.model.cuda import kernels
+from nemoconv.model.fp8 import Linear
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
@@ -153,3 +155,36 @@ def test_an_fp8_mlp_of_skinny_products_is_the_cublas_mlp(inner, hidden, rows):
     assert flipped < 0.01, flipped                              # at most a rare rounding-boundary flip
     got = skinny(got_h, down_q, scales=(h_s, down_s), out_dtype=torch.bfloat16)
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02 * float(want.float().abs().max()))
+
+
+def test_every_fp8_product_of_a_decode_step_agrees_with_cublaslt():
+    """Each FP8 linear of the FP8 test model, on the very input it gets in a decode step (taken by hooks, so the
+    modules run one by one), multiplied by the skinny kernel and by cuBLASLt: these FP8 sums are exact or nearly
+    so in float32, so the two may differ only by a last-bit rounding of a few outputs. Names the first linear
+    that differs more: where to look for the FP8 decode difference."""
+    model = build_case("dense", torch.bfloat16, True)
+    seen: dict[str, torch.Tensor] = {}
+    quantized = {name: lin for name, lin in model.named_modules() if isinstance(lin, Linear) and lin.quantized}
+    hooks = [lin.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach().clone()))
+             for name, lin in quantized.items()]
+    ids = torch.randint(3, model.spec.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    try:
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + 2)
+        model.prefill(ids, cache, last_only=True)
+        seen.clear()
+        model.decode_step(ids[:, -1], cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(seen) == sorted(quantized)
+    for name, x in seen.items():
+        lin = quantized[name]
+        rows = x.numel() // x.shape[-1]
+        x_q = fp8.quantize_fp8(F.pad(x.reshape(rows, -1), (0, 0, 0, fp8.padded_rows(rows) - rows)), lin.input_scale)
+        want = fp8.fp8_matmul_quantized(x_q, rows, (rows,), lin.weight, lin.weight_scale, lin.input_scale, None,
+                                        x.dtype)
+        got = skinny(x_q[:rows], lin.weight, scales=(lin.input_scale, lin.weight_scale), out_dtype=x.dtype)
+        scale = float(want.float().abs().max())
+        differ = float((got != want).float().mean())
+        assert differ < 0.01, (name, differ)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6 * scale, msg=name)
