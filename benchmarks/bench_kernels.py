@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,33 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nemoconv.model import reference  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import graph_time_us  # noqa: E402
+
 H, P, G, N, HIDDEN, CONV_K = 128, 64, 8, 128, 4096, 4
 INNER = H * P
 CONV_DIM = INNER + 2 * G * N
 IN_PROJ = INNER + CONV_DIM + H
-
-
-def graph_time_us(fn, device, repeat: int, calls: int = 20) -> float:
-    """Median µs per call of `fn` replayed from one CUDA graph of `calls` calls (eager on the CPU)."""
-    if device.type != "cuda":
-        fn()
-        return float("nan")
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def row(us: float, nbytes: int, diff: float) -> dict:

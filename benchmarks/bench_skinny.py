@@ -6,7 +6,7 @@ For bf16 and FP8 weights (per-tensor scales, ModelOpt's format) and 1 and 8 rows
   chosen   the tile `triton_gemv.skinny_tile` picks for that shape
   tiles    every tile of the sweep (`--sweep`), best first: how the choice was made
 Each time is µs per product from one CUDA graph that multiplies enough copies of the weight (≥ 400 MB) that none
-of them is in L2, best of 3 replays; with bytes/µs as TB/s and the largest difference from cuBLAS's result,
+of them is in L2, median of 5 replays; with bytes/µs as TB/s and the largest difference from cuBLAS's result,
 relative to its largest value. `step_us` sums each shape times its count in one decode step of the 8B layout.
 Prints one JSON object.
 
@@ -27,6 +27,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nemoconv.model import fp8  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import graph_time_us  # noqa: E402
+
 try:
     from nemoconv.model.cuda.triton_gemv import skinny_linear, skinny_tile
 except ImportError as exc:              # no Triton: nothing to measure
@@ -45,26 +48,9 @@ def sweep_tiles(rows: int) -> list[tuple]:
     return [(bn, bk, 4, st, True) for bn, bk, st in itertools.product((16, 32, 64), (128, 256, 512), (3, 4))]
 
 
-def graph_us(calls) -> float:
-    """µs per call of `calls` (one product each) replayed from one CUDA graph, best of 3 replays."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / 5 / len(calls))
-    return best
+def graph_us(calls, device) -> float:
+    """µs per call of `calls` (one product each), all of them in one CUDA graph: median of 5 replays."""
+    return graph_time_us(lambda: [c() for c in calls], device, repeat=5, calls=1) / len(calls)
 
 
 def shape_row(name: str, rows: int, quantized: bool, sweep: bool, device) -> dict:
@@ -95,11 +81,12 @@ def shape_row(name: str, rows: int, quantized: bool, sweep: bool, device) -> dic
 
     def timed(tile) -> list:
         diff = ((ours(weights[0], tile).float() - want).abs().max() / want.abs().max()).item()
-        us = graph_us([lambda w=w: ours(w, tile) for w in weights])
+        us = graph_us([lambda w=w: ours(w, tile) for w in weights], device)
         return [round(us, 2), round(nbytes / us / 1e6, 3), round(diff, 5)]
 
     chosen = skinny_tile(rows, n, k, quantized)
-    row = {"cublas_us": round(graph_us([lambda w=w: cublas(w) for w in weights]), 2), "chosen_tile": list(chosen)}
+    row = {"cublas_us": round(graph_us([lambda w=w: cublas(w) for w in weights], device), 2),
+           "chosen_tile": list(chosen)}
     row["cublas_TB_s"] = round(nbytes / row["cublas_us"] / 1e6, 3)
     row["chosen_us"], row["chosen_TB_s"], row["chosen_rel_diff"] = timed(chosen)
     if sweep:

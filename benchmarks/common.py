@@ -32,6 +32,33 @@ def timed(fn, device, repeat: int):
     return statistics.median(times), out
 
 
+def graph_time_us(fn, device, repeat: int, calls: int = 20) -> float:
+    """Median µs per call of `fn` replayed from one CUDA graph of `calls` calls (eager on the CPU)."""
+    import statistics
+
+    import torch
+
+    if device.type != "cuda":
+        fn()
+        return float("nan")
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def random_tensor(name: str, shape, g, device):
     """A stable random network, drawn on `device` in float32: Mamba decay in range (A_log in log[1, 16],
     dt in [1e-3, 1e-1]), D ~ 1, norms near 1, linear weights N(0, 1/fan_in), and a peaked lm_head like a

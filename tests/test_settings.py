@@ -29,7 +29,7 @@ def test_environment_values_are_parsed_into_typed_fields():
 
 
 def test_a_flag_flips_only_on_its_documented_value():
-    env = {"NEMOCONV_CUDA_GRAPHS": "no", "NEMOCONV_NO_WRITEBACK": "0"}
+    env = {"NEMOCONV_CUDA_GRAPHS": "no", "NEMOCONV_NO_WRITEBACK": "0", "NEMOCONV_SKINNY": "true"}
     assert settings.Settings.from_environ(env) == settings.Settings()
 
 
