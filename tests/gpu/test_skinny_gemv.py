@@ -111,6 +111,7 @@ def test_decode_runs_on_the_skinny_kernel_and_is_close_to_cublas(quantize, monke
     ran, with relu² in the bf16 MLPs' up_proj epilogue (FP8 MLPs, Mamba products stay on cuBLASLt: only the FP8
     model's bf16 linears, attention and lm_head, change), and the logits agree."""
     model = build_case("dense", torch.bfloat16, quantize)
+    model.cuda_graphs = False                                   # eager steps: each sees the switch as set
     ids = torch.randint(3, model.spec.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     fused = kernels.triton_kernels().fused
     calls = []
@@ -118,7 +119,7 @@ def test_decode_runs_on_the_skinny_kernel_and_is_close_to_cublas(quantize, monke
     monkeypatch.setattr(fused, "skinny_linear", lambda *a, **kw: calls.append(kw.get("relu2")) or real(*a, **kw))
     runs = {}
     for on in (True, False):
-        with settings.override(skinny=on, cuda_graphs=False):
+        with settings.override(skinny=on):
             cache = model.new_cache(ids.shape[0], ids.shape[1] + 2)
             model.prefill(ids, cache, last_only=True)
             calls.clear()
