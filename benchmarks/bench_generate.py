@@ -14,8 +14,8 @@ load them). Then, each after a warm-up, timed with CUDA synchronisation, median 
                generate(1 new)) / 127 steps (transformers: generate(do_sample=False), batch 1 and 8)
   floors       measured in the same run: the weight-streaming floor of a decode step for the model's own
                shapes (every weight matrix multiplied once per step by a [b, in] activation, in one CUDA
-               graph, by the kernel the model uses: with NEMOCONV_SKINNY=1 the skinny Triton product up to
-               16 rows; FP8 as FP8 products), per batch size and for FP8 b1, and with state also on cuBLAS's
+               graph, by the kernel the model uses: the skinny Triton product up to
+               16 rows unless NEMOCONV_SKINNY=0; FP8 as FP8 products), per batch size and for FP8 b1, and with state also on cuBLAS's
                products; for prefill, the prompt's matrix products alone (every Linear on [2048, in], one
                graph), and the bf16 matmul rate of `ceilings`; `percent_of_floor` gives every row as % of
                its floor
@@ -30,7 +30,7 @@ them before transformers binds them), the two hardware ceilings, a torch.profile
 step (written to --profile-dir), and prints one JSON object.
 
     python benchmarks/bench_generate.py [--out result.json] [--profile-dir DIR] [--skip-hf]
-    NEMOCONV_SKINNY=1 python benchmarks/bench_generate.py --skip-hf    # decode on the skinny products
+    NEMOCONV_SKINNY=0 python benchmarks/bench_generate.py --skip-hf    # decode products on cuBLAS
     python benchmarks/bench_generate.py --small      # tiny shapes on the CPU: a smoke run of every step
 """
 

@@ -23,8 +23,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(inner, in_size, bias=bias)
 
     def forward(self, x: torch.Tensor, ctx: Pass | None = None) -> torch.Tensor:
-        if ctx is not None and ctx.fused and self._skinny_ok(x):
-            return self._skinny(x)
+        if ctx is not None and ctx.fused:
+            out = self._skinny(x, ctx)
+            if out is not None:
+                return out
         h = input_linear(self.up_proj, x, ctx)
         if ctx is not None and ctx.fused and fp8.prequantize_ok(self.down_proj, h):
             # relu² and the FP8 quantization of down_proj's input in one launch
@@ -35,19 +37,28 @@ class MLP(nn.Module):
                                             down.bias, h.dtype)
         return self.down_proj(relu2(h))
 
-    def _skinny_ok(self, x: torch.Tensor) -> bool:
-        """A decode step's few rows on CUDA, both weights in the model dtype (FP8 MLPs stay on cuBLASLt: see
-        `fp8.fp8_matmul_quantized`)."""
+    def _skinny(self, x: torch.Tensor, ctx: Pass) -> torch.Tensor | None:
+        """A decode step's few rows on CUDA as two skinny launches with relu² in up_proj's epilogue (instead of three
+        launches, and no relu² rows in memory) → the MLP's output, or None where they do not apply. Both weights in
+        the model dtype; or both FP8 with up_proj's input already quantized by the norm before it (`ctx.prequant`),
+        where the epilogue also quantizes relu²'s result for down_proj."""
         up, down = self.up_proj, self.down_proj
-        return (kernels.skinny_ok(x, up.weight) and kernels.skinny_weight_ok(down.weight, up.out_features)
-                and up.weight.dtype == down.weight.dtype == x.dtype)
-
-    def _skinny(self, x: torch.Tensor) -> torch.Tensor:
-        """Both products as skinny launches with relu² in up_proj's epilogue: two launches instead of three, and
-        no relu² rows in memory."""
-        up, down = self.up_proj, self.down_proj
-        h = kernels.skinny_linear(x, up.weight, up.bias, relu2=True)
-        return kernels.skinny_linear(h, down.weight, down.bias)
+        if not (kernels.skinny_ok(x, up.weight) and kernels.skinny_weight_ok(down.weight, up.out_features)):
+            return None
+        if any(lin._forward_hooks or lin._forward_pre_hooks for lin in (up, down)):
+            return None                                       # a hook (calibration) must see each linear run
+        if up.weight.dtype == down.weight.dtype == x.dtype:
+            h = kernels.skinny_linear(x, up.weight, up.bias, relu2=True)
+            return kernels.skinny_linear(h, down.weight, down.bias)
+        pre = ctx.prequant
+        if not (up.quantized and down.quantized and pre is not None and pre[0] is x and fp8.prequantize_ok(down, x)):
+            return None
+        rows = x.numel() // x.shape[-1]
+        h_q = kernels.skinny_linear(pre[1][:rows], up.weight, up.bias, scales=(up.input_scale, up.weight_scale),
+                                    relu2=True, quant_scale=down.input_scale, out_dtype=x.dtype)
+        y = kernels.skinny_linear(h_q, down.weight, down.bias, scales=(down.input_scale, down.weight_scale),
+                                  out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], down.out_features)
 
 
 class Router(nn.Module):

@@ -201,7 +201,7 @@ _MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x [..., k] · weightᵀ can run as the skinny Triton product: CUDA with Triton, at most 16 rows, k a
-    multiple of 16, contiguous weight rows, and NEMOCONV_SKINNY=1 (opt-in until the GPU suite has passed on it).
+    multiple of 16, contiguous weight rows, and NEMOCONV_SKINNY not 0.
     The dtypes are the caller's to check: both those of the model, or both FP8."""
     k = x.shape[-1]
     return settings.current().skinny and x.numel() <= SKINNY_ROWS * k and skinny_weight_ok(weight, k) and _use_triton(x)

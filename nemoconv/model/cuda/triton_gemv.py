@@ -1,5 +1,5 @@
 """Skinny matrix products for decode (1 to 16 rows), the weight read once at full bandwidth (imported only where
-Triton is; `triton_ops` re-exports `skinny_linear`). Opt-in: NEMOCONV_SKINNY=1.
+Triton is; `triton_ops` re-exports `skinny_linear`). NEMOCONV_SKINNY=0 turns it off (cuBLAS/cuBLASLt then).
 
 At a decode step every weight matrix is read once for a handful of rows, so the step's time is the weights'
 bytes over the memory bandwidth. cuBLAS's choices for such shapes leave part of the H200's bandwidth unused and
@@ -8,8 +8,7 @@ multiply-adds; more: tensor-core tiles of 16 rows with pipelined loads), so a pr
   skinny_linear   y = x Wᵀ (+ b) for bf16/fp16/fp32 W, or FP8 W with per-tensor scales on an FP8 activation
                   (ModelOpt's static format, `fp8.py`); optionally relu² of the result (the MLP's up_proj at
                   decode), and optionally that relu² written as the next product's FP8 input. The model routes
-                  bf16/fp16/fp32 products here (`kernels.linear`, `MLP`); FP8 ones stay on cuBLASLt for now
-                  (`fp8.fp8_matmul_quantized` says why), the FP8 mode is measured and tested on its own
+                  every product of a decode step here (`kernels.linear`, `fp8.fp8_matmul_quantized`, `MLP`)
 Arithmetic: exact products (bf16 and e4m3 values are exact in float32), float32 sums, one rounding to the output
 dtype; FP8 results are scaled as `torch._scaled_mm` scales them (input_scale · weight_scale, then rounded).
 """

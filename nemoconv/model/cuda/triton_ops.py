@@ -31,7 +31,7 @@ from nemoconv.model.cuda.triton_decode import (  # noqa: F401
     ssm_step,
 )
 from nemoconv.model.cuda.triton_gemv import fp8_of as _fp8_of
-from nemoconv.model.cuda.triton_gemv import skinny_linear  # noqa: F401
+from nemoconv.model.cuda.triton_gemv import skinny_linear, skinny_tile  # noqa: F401
 
 
 def _warps(block: int) -> int:
