@@ -97,7 +97,7 @@ def fp8_matmul_quantized(x_q: torch.Tensor, rows: int, lead, weight: torch.Tenso
     in_proj, tests/gpu/test_skinny_gemv.py). More rows take cuBLASLt."""
     from nemoconv.model.cuda import kernels
 
-    if rows <= kernels.SKINNY_ROWS and kernels.skinny_ok(x_q[:rows], weight):
+    if kernels.skinny_ok(x_q[:rows], weight):
         y = kernels.skinny_linear(x_q[:rows], weight, bias, scales=(input_scale, weight_scale), out_dtype=out_dtype)
         return y.reshape(*lead, weight.shape[0])
     y = torch._scaled_mm(x_q, weight.t(),                           # weight.t(): [in, out], column-major

@@ -119,8 +119,8 @@ def _head_product(spec, device, dtype, batch: int) -> None:
     x = torch.zeros(batch, spec.hidden_size, device=device, dtype=dtype)
     weight = torch.zeros(64 if spec.vocab_size % 16 == 0 else 65, spec.hidden_size, device=device, dtype=dtype)
     if kernels.skinny_ok(x, weight):
-        tile = kernels.triton_kernels().fused.skinny_tile(batch, spec.vocab_size, spec.hidden_size, False)
-        kernels.triton_kernels().fused.skinny_linear(x, weight, tile=tile)
+        fused = kernels.triton_kernels().fused
+        fused.skinny_linear(x, weight, tile=fused.skinny_tile(batch, spec.vocab_size, spec.hidden_size, False))
 
 
 def _run(w: Warmup, spec, device, dtype, batch, prefill, steps, forward, fp8) -> None:
