@@ -14,11 +14,11 @@ load them). Then, each after a warm-up, timed with CUDA synchronisation, median 
                generate(1 new)) / 127 steps (transformers: generate(do_sample=False), batch 1 and 8)
   floors       measured in the same run: the weight-streaming floor of a decode step for the model's own
                shapes (every weight matrix multiplied once per step by a [b, in] activation, in one CUDA
-               graph, by the kernel the model uses: the skinny Triton product up to
-               16 rows unless NEMOCONV_SKINNY=0; FP8 as FP8 products), per batch size and for FP8 b1, and with state also on cuBLAS's
-               products; for prefill, the prompt's matrix products alone (every Linear on [2048, in], one
-               graph), and the bf16 matmul rate of `ceilings`; `percent_of_floor` gives every row as % of
-               its floor
+               graph, by the kernel the model uses: the skinny Triton product up to 16 rows unless
+               NEMOCONV_SKINNY=0; FP8 as FP8 products), per batch size and for FP8 b1, and with state also
+               on cuBLAS's products; for prefill, the prompt's matrix products alone (every Linear on
+               [2048, in], one graph), and the bf16 matmul rate of `ceilings`; `percent_of_floor` gives
+               every row as % of its floor
   gpu          the SM clock and board power over each section (nvidia-smi, sampled every 50 ms): at its
                power limit the card slows its clock under long runs of large matrix products
   fp8 decode   batch 1, after quantizing the built-in model's Mamba in/out_proj and MLP up/down_proj
@@ -484,9 +484,10 @@ def main() -> None:
             min(args.new, 8), 1
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
+    skinny = settings.current().skinny                # off: the floors are cuBLAS's already (not measured twice)
     res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "small": args.small, "errors": {},
-                 "skinny_products": settings.current().skinny}
+                 "skinny_products": skinny}
     try:
         import triton
         res["triton"] = triton.__version__
@@ -551,9 +552,8 @@ def main() -> None:
         if floor:
             floors_state[f"decode_b{b}_tok_s"], floors_state[f"decode_b{b}_step_ms"] = floor["tok_s"], floor["step_ms"]
             floors_state[f"decode_b{b}_state_bytes"] = floor["state_bytes"]
-        # with the switch off the floors above are cuBLAS's already: not measured twice
         floor = section(f"floor_state_cublas_b{b}", lambda b=b: cublas_floor(model, b, device, args.repeat)) \
-            if settings.current().skinny else None
+            if skinny else None
         if floor:
             floors_cublas.update({f"decode_b{b}_tok_s": floor["tok_s"], f"decode_b{b}_step_ms": floor["step_ms"]})
         r = section(f"ours_decode_b{b}", lambda b=b: decode_rate(ours_generate(model), ids[b], args.new, device,
@@ -615,7 +615,7 @@ def main() -> None:
             floors_state["fp8_decode_b1_tok_s"] = floor["tok_s"]
             floors_state["fp8_decode_b1_step_ms"] = floor["step_ms"]
         floor = section("floor_state_cublas_fp8_b1", lambda: cublas_floor(model, 1, device, args.repeat)) \
-            if settings.current().skinny else None
+            if skinny else None
         if floor:
             floors_cublas.update(fp8_decode_b1_tok_s=floor["tok_s"], fp8_decode_b1_step_ms=floor["step_ms"])
         res["greedy_identity_graph_vs_eager"]["fp8_b1"] = section(
@@ -648,7 +648,7 @@ def main() -> None:
     res["floors"] = floors
     res["floors_with_state"] = floors_state
     # NEMOCONV_SKINNY=0: floors_with_state are the cuBLAS floors (the same measurement)
-    res["floors_with_state_cublas_products"] = floors_cublas if settings.current().skinny else {
+    res["floors_with_state_cublas_products"] = floors_cublas if skinny else {
         k: v for k, v in floors_state.items() if k.endswith(("_tok_s", "_step_ms"))}
     res["percent_of_floor"] = percent_of_floor(ours, floors)
     res["percent_of_floor_with_state"] = percent_of_floor(ours, {**floors, **floors_state})

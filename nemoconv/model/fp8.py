@@ -97,8 +97,9 @@ def fp8_matmul_quantized(x_q: torch.Tensor, rows: int, lead, weight: torch.Tenso
     in_proj, tests/gpu/test_skinny_gemv.py). More rows take cuBLASLt."""
     from nemoconv.model.cuda import kernels
 
-    if kernels.skinny_ok(x_q[:rows], weight):
-        y = kernels.skinny_linear(x_q[:rows], weight, bias, scales=(input_scale, weight_scale), out_dtype=out_dtype)
+    real = x_q[:rows]                                                # the padding rows are cuBLASLt's alone
+    if kernels.skinny_ok(real, weight):
+        y = kernels.skinny_linear(real, weight, bias, scales=(input_scale, weight_scale), out_dtype=out_dtype)
         return y.reshape(*lead, weight.shape[0])
     y = torch._scaled_mm(x_q, weight.t(),                           # weight.t(): [in, out], column-major
                          scale_a=input_scale.float().reshape(()), scale_b=weight_scale.float().reshape(()),

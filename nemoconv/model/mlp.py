@@ -50,7 +50,7 @@ class MLP(nn.Module):
             h = kernels.skinny_linear(x, up.weight, up.bias, relu2=True)
             return kernels.skinny_linear(h, down.weight, down.bias)
         pre = ctx.prequant
-        if not (up.quantized and down.quantized and pre is not None and pre[0] is x and fp8.prequantize_ok(down, x)):
+        if not (up.quantized and pre is not None and pre[0] is x and fp8.prequantize_ok(down, x)):   # down FP8 too
             return None
         rows = x.numel() // x.shape[-1]
         h_q = kernels.skinny_linear(pre[1][:rows], up.weight, up.bias, scales=(up.input_scale, up.weight_scale),
