@@ -131,3 +131,26 @@ def test_the_graph_signature_follows_every_way_a_tensor_or_module_is_swapped():
     assert runner.hooked()
     handle.remove()
     assert not runner.hooked()
+
+
+@pytest.mark.parametrize("pos", [1, 5, 11])
+def test_decode_attention_given_the_new_key_stores_it_then_attends_on_the_cpu(pos):
+    """kernels.decode_attention's reference path with new_kv (this token's key and value): the copy into the cache
+    at pos, then the attention over the valid keys up to pos, as the fused CUDA kernel does in one launch."""
+    g = torch.Generator().manual_seed(pos)
+    b, hk, rep, d, length = 2, 2, 3, 16, 12
+    q = torch.randn(b, hk * rep, d, generator=g)
+    keys, values = torch.randn(b, hk, length, d, generator=g), torch.randn(b, hk, length, d, generator=g)
+    k_new, v_new = torch.randn(b, hk, d, generator=g), torch.randn(b, hk, d, generator=g)
+    valid = torch.ones(b, length, dtype=torch.bool)
+    valid[1, 0] = False                                           # a left-padded row
+    where = torch.tensor([pos])
+    want_k, want_v = keys.clone(), values.clone()
+    want_k[:, :, pos], want_v[:, :, pos] = k_new, v_new
+    got = kernels.decode_attention(q, keys, values, valid, where, new_kv=(k_new, v_new))
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    mask = valid[:, None, None, :pos + 1]
+    want = kernels.attention(q[:, :, None], want_k[:, :, :pos + 1], want_v[:, :, :pos + 1], mask, False)[:, :, 0]
+    assert torch.equal(got, want)
+    other = kernels.decode_attention(q, keys, values, valid, torch.tensor([pos - 1]))
+    assert not torch.equal(other[0], got[0])                        # the new key takes part

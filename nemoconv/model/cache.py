@@ -116,9 +116,7 @@ class HybridCache:
         """A static-shape decode step's attention: store the new key/value [b, hk, 1, d] at position
         pos (int64 [1] on the device) and attend q [b, hq, d] over the valid keys up to it → [b, hq, d]."""
         keys, values = self.layer_kv(layer_idx)
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
-        return kernels.decode_attention(q, keys, values, self.valid, pos)
+        return kernels.decode_attention(q, keys, values, self.valid, pos, new_kv=(k[:, :, 0], v[:, :, 0]))
 
     def layer_mamba(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv state [b, conv_dim, k-1] and SSM state [b, h, p, n] of a Mamba layer (views)."""

@@ -369,11 +369,15 @@ def static_decode_ok(q) -> bool:
     return _use_triton(q) and d >= 16 and d & (d - 1) == 0
 
 
-def decode_attention(q, keys, values, valid, pos):
+def decode_attention(q, keys, values, valid, pos, new_kv=None):
     """One query per row over the whole cache: q [b, hq, d]; keys/values [b, hk, max_len, d]; valid
-    [b, max_len] bool; pos int64 [1] on the device → [b, hq, d] (keys 0 … pos that are valid)."""
+    [b, max_len] bool; pos int64 [1] on the device → [b, hq, d] (keys 0 … pos that are valid). new_kv = (k, v)
+    [b, hk, d]: this token's key and value, first stored at pos (in the same launch on CUDA)."""
     if static_decode_ok(q):
-        return _fused().decode_attention(q, keys, values, valid, pos)
+        return _fused().decode_attention(q, keys, values, valid, pos, new_kv)
+    if new_kv is not None:
+        keys.index_copy_(2, pos, new_kv[0][:, :, None])
+        values.index_copy_(2, pos, new_kv[1][:, :, None])
     end = int(pos.reshape(-1)[0]) + 1
     mask = valid[:, None, None, :end]
     out = attention(q[:, :, None], keys[:, :, :end], values[:, :, :end], mask, False)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemoconv.model.cuda.triton_pdl import allow_next, enabled, wait_previous
+
 
 # ---------------------------------------------------------------------------------------------
 # Causal depthwise conv + SiLU over a sequence (prefill / whole sequence)
@@ -171,7 +173,10 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def _conv_step_kernel(XBC, DT, W, BIAS, STATE, Y, DT_BIAS, DT_OUT, A_LOG, A_OUT,
                       C, H, dt_min, dt_max,
                       stride_xb, stride_dtb, stride_wc, stride_sb, stride_sc, stride_sk, stride_yb, stride_db,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
+                      PDL: tl.constexpr):
+    allow_next(PDL)
+    wait_previous(PDL)                  # nothing read early: the weights may be a copy made just before
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     c = pid * BC + tl.arange(0, BC)
@@ -222,10 +227,11 @@ def conv_step(xbc: torch.Tensor, dt: torch.Tensor, weight: torch.Tensor, bias: t
     a_out = torch.empty(h, dtype=torch.float32, device=xbc.device)
     bc = 512
     dt_max = min(float(dt_limit[1]), 3.0e38)
+    pdl = enabled(xbc)
     _conv_step_kernel[(b, triton.cdiv(c, bc))](
         xbc, dt, weight, bias if bias is not None else weight, conv_state, y, dt_bias, dt_out, A_log, a_out,
         c, h, float(dt_limit[0]), dt_max,
         xbc.stride(0), dt.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
         conv_state.stride(2), y.stride(0), dt_out.stride(0),
-        K=k, HAS_BIAS=bias is not None, BC=bc, BH=triton.next_power_of_2(h), num_warps=4)
+        K=k, HAS_BIAS=bias is not None, BC=bc, BH=triton.next_power_of_2(h), PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y, dt_out, a_out

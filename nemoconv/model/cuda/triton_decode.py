@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemoconv.model.cuda.triton_pdl import allow_next, enabled, wait_previous
+
 
 # ---------------------------------------------------------------------------------------------
 # Routed experts without a host sync: one GEMV per (token, chosen expert), weights found through a
@@ -74,11 +76,15 @@ def expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, out_fea
 # + p % BLOCK of the layer's block pool, and each row has its own position.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, HK, scale,
+def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, K_NEW, V_NEW, HK, scale,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
                              stride_vb, stride_vh, stride_vl, stride_valid, stride_tb, stride_ob, stride_oh,
+                             stride_nb, stride_nh,
                              REP: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                             PRECISION: tl.constexpr, PAGED: tl.constexpr, BLOCK: tl.constexpr):
+                             PRECISION: tl.constexpr, PAGED: tl.constexpr, BLOCK: tl.constexpr,
+                             HAS_NEW: tl.constexpr, PDL: tl.constexpr):
+    allow_next(PDL)
+    wait_previous(PDL)
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     g = pid % HK
@@ -96,6 +102,12 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, HK, scale,
     acc = tl.zeros((BR, D), dtype=tl.float32)
     k_base = K + b * stride_kb + g * stride_kh                       # stride_kb = 0 for a pool
     v_base = V + b * stride_vb + g * stride_vh
+    if HAS_NEW:
+        # this token's key/value: stored at pos (this program owns that row), used from registers at pos below
+        k_new = tl.load(K_NEW + b * stride_nb + g * stride_nh + d).to(K.dtype.element_ty)
+        v_new = tl.load(V_NEW + b * stride_nb + g * stride_nh + d).to(V.dtype.element_ty)
+        tl.store(k_base + (n - 1) * stride_kl + d, k_new)
+        tl.store(v_base + (n - 1) * stride_vl + d, v_new)
     for start in range(0, n, BL):
         pos = start + tl.arange(0, BL)
         pmask = pos < n
@@ -107,6 +119,8 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, HK, scale,
             row = pos
             ok = tl.load(VALID + b * stride_valid + pos, mask=pmask, other=0).to(tl.int1) & pmask
         k = tl.load(k_base + row[None, :] * stride_kl + d[:, None], mask=pmask[None, :], other=0.0)   # [D, BL]
+        if HAS_NEW:
+            k = tl.where((pos == n - 1)[None, :], k_new[:, None], k)
         s = tl.dot(q, k, input_precision=PRECISION) * scale                                        # [BR, BL]
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -115,6 +129,8 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, HK, scale,
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + row[:, None] * stride_vl + d[None, :], mask=pmask[:, None], other=0.0)  # [BL, D]
+        if HAS_NEW:
+            v = tl.where((pos == n - 1)[:, None], v_new[None, :], v)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -122,29 +138,38 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, HK, scale,
              mask=rmask[:, None])
 
 
-def _launch_decode_attention(q, keys, values, valid, pos, table, block: int, kv_strides: tuple) -> torch.Tensor:
+def _launch_decode_attention(q, keys, values, valid, pos, table, block: int, kv_strides: tuple,
+                             new_kv: tuple | None = None) -> torch.Tensor:
     b, hq, d = q.shape
     hk = keys.shape[-2] if table is not None else keys.shape[1]
     rep = hq // hk
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else None     # IEEE fp32 products for a float32 model
     (kb, kh, kl), (vb, vh, vl) = kv_strides
+    k_new, v_new = new_kv if new_kv is not None else (q, q)
+    pdl = enabled(q)
     _decode_attention_kernel[(b * hk,)](
-        q, keys, values, valid if valid is not None else pos, pos, table if table is not None else pos, out, hk,
-        d ** -0.5, q.stride(0), q.stride(1), kb, kh, kl, vb, vh, vl,
+        q, keys, values, valid if valid is not None else pos, pos, table if table is not None else pos, out,
+        k_new, v_new, hk, d ** -0.5, q.stride(0), q.stride(1), kb, kh, kl, vb, vh, vl,
         valid.stride(0) if valid is not None else 0, table.stride(0) if table is not None else 0,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1),
         REP=rep, BR=max(16, triton.next_power_of_2(rep)), D=d, BL=64 if q.dtype != torch.float32 else 32,
-        PRECISION=precision, PAGED=table is not None, BLOCK=block, num_warps=4)
+        PRECISION=precision, PAGED=table is not None, BLOCK=block, HAS_NEW=new_kv is not None, PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
     return out
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
+                     pos: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [b, hq, d]; keys/values [b, hk, max_len, d] (the cache); valid [b, max_len] bool; pos int64 [1]
-    (this token's position: keys 0 … pos are attended) → [b, hq, d]."""
+    (this token's position: keys 0 … pos are attended) → [b, hq, d].
+
+    new_kv = (k, v), each [b, hk, d] with d contiguous and the same strides: this token's key and value, stored
+    into the cache at pos by the same launch (instead of a copy before it)."""
+    if new_kv is not None and (new_kv[0].stride() != new_kv[1].stride() or new_kv[0].stride(-1) != 1):
+        new_kv = tuple(t.contiguous() for t in new_kv)
     strides = ((keys.stride(0), keys.stride(1), keys.stride(2)), (values.stride(0), values.stride(1), values.stride(2)))
-    return _launch_decode_attention(q, keys, values, valid, pos, None, 1, strides)
+    return _launch_decode_attention(q, keys, values, valid, pos, None, 1, strides, new_kv)
 
 
 def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
@@ -166,7 +191,9 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 def _ssm_step_kernel(STATE, X, DT, A, B, C, D, Y, HEADS_PER_GROUP,
                      stride_sb, stride_sh, stride_sp, stride_xb, stride_xh, stride_dtb,
                      stride_bb, stride_bg, stride_cb, stride_cg, stride_yb, stride_yh,
-                     P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr):
+                     P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr):
+    allow_next(PDL)
+    wait_previous(PDL)                  # nothing read early: A is the conv step's output, D may be a fresh copy
     pb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2)
@@ -204,11 +231,12 @@ def ssm_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     C = C if C.stride(-1) == 1 else C.contiguous()
     y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
     bp, warps = tile or SSM_STEP_TILE
+    pdl = enabled(x)
     bp = min(bp, triton.next_power_of_2(p))
     _ssm_step_kernel[(triton.cdiv(p, bp), b, h)](
         state, x, dt, A, B, C, D, y, h // g,
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
-        P=p, N=n, BP=bp, num_warps=warps)
+        P=p, N=n, BP=bp, PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return y
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemoconv.model.cuda.triton_pdl import allow_next, enabled, wait_previous
+
 MAX_ROWS = 16          # up to this many rows take the skinny kernel (tensor-core tiles of 16 rows from 2 on)
 
 
@@ -31,39 +33,62 @@ def fp8_of(v, scale, Q):
 
 
 @triton.jit
+def _weight_block(w_base, k0, K, nmask, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):
+    """The weight's block of columns k0 … k0 + BK: [BK, BN] (Wᵀ's layout) for tensor-core tiles, else [BN, BK]."""
+    k = k0 + tl.arange(0, BK)
+    if DOT:
+        if EVEN_K:
+            w = tl.load(w_base + k[:, None], mask=nmask[None, :], other=0.0)
+        else:
+            w = tl.load(w_base + k[:, None], mask=nmask[None, :] & (k < K)[:, None], other=0.0)
+    else:
+        if EVEN_K:
+            w = tl.load(w_base + k[None, :], mask=nmask[:, None], other=0.0)
+        else:
+            w = tl.load(w_base + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _accumulate(acc, w, X, k0, K, m, mmask, stride_xm, BK: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr):
+    """acc + x[:, k0 … k0 + BK] · w (the block from `_weight_block`)."""
+    k = k0 + tl.arange(0, BK)
+    if DOT:
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+        if FP8:                                                 # every e4m3 value is exact in fp16: the same products
+            x = x.to(tl.float16)
+            w = w.to(tl.float16)
+        acc += tl.dot(x, w, input_precision="ieee" if X.dtype.element_ty == tl.float32 else None)
+    else:                                                       # one row: plain multiply-adds, no tiles
+        x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _skinny_kernel(X, W, BIAS, X_SCALE, W_SCALE, Q_SCALE, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
                    FP8: tl.constexpr, HAS_BIAS: tl.constexpr, RELU2: tl.constexpr, QUANT: tl.constexpr,
-                   ROUND: tl.constexpr):
+                   ROUND: tl.constexpr, PDL: tl.constexpr):
+    allow_next(PDL)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     m = tl.arange(0, BM)
     nmask = n < N
     mmask = m < M
     if DOT:
-        w_cols = W + n.to(tl.int64)[None, :] * stride_wn          # the weight tile read as [BK, BN]: Wᵀ's layout
+        w_base = W + n.to(tl.int64)[None, :] * stride_wn         # the weight tile read as [BK, BN]: Wᵀ's layout
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     else:
-        w_rows = W + n.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BN,), dtype=tl.float32)                 # one row: plain multiply-adds, no tiles
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        if DOT:
-            if EVEN_K:
-                w = tl.load(w_cols + k[:, None], mask=nmask[None, :], other=0.0)
-            else:
-                w = tl.load(w_cols + k[:, None], mask=nmask[None, :] & (k < K)[:, None], other=0.0)
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-            if FP8:                                             # every e4m3 value is exact in fp16: the same products
-                x = x.to(tl.float16)
-                w = w.to(tl.float16)
-            acc += tl.dot(x, w, input_precision="ieee" if X.dtype.element_ty == tl.float32 else None)
-        else:
-            if EVEN_K:
-                w = tl.load(w_rows + k[None, :], mask=nmask[:, None], other=0.0)
-            else:
-                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
-            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        w_base = W + n.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros((BN,), dtype=tl.float32)
+    # the first weight block is requested before waiting for the previous kernel (triton_pdl: weights are never
+    # written), so under PDL the weight stream starts while that kernel finishes
+    w = _weight_block(w_base, 0, K, nmask, BK, EVEN_K, DOT)
+    wait_previous(PDL)
+    acc = _accumulate(acc, w, X, 0, K, m, mmask, stride_xm, BK, DOT, FP8)
+    for k0 in range(BK, K, BK):
+        w = _weight_block(w_base, k0, K, nmask, BK, EVEN_K, DOT)
+        acc = _accumulate(acc, w, X, k0, K, m, mmask, stride_xm, BK, DOT, FP8)
     if not DOT:
         acc = acc[None, :]
     if FP8:
@@ -108,7 +133,8 @@ def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     scales = (input_scale, weight_scale): weight and x2 are FP8 and the product is scaled by both (out_dtype
     is then the model dtype). relu2: relu² of the rounded result. quant_scale: that result written as FP8
-    (quantize_fp8 with this scale) instead of in the model dtype.
+    (quantize_fp8 with this scale) instead of in the model dtype. Under graph capture with PDL (`triton_pdl`) the
+    first weight block is read before the previous kernel ends: the weight must not be written in the same graph.
     """
     m, k = x2.shape
     n = weight.shape[0]
@@ -123,11 +149,13 @@ def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     while dot and stages * (16 + bn) * bk * x2.element_size() > 200 * 1024 and bk > 32:
         bk //= 2                                                # float32 operands: the pipeline within shared memory
     dummy = scales[0] if fp8 else y
+    pdl = enabled(x2)
     _skinny_kernel[(triton.cdiv(n, bn),)](
         x2, weight, bias if bias is not None else dummy, *(scales if fp8 else (dummy, dummy)),
         quant_scale if quant_scale is not None else dummy, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         BM=16, BN=bn, BK=bk, EVEN_K=k % bk == 0, DOT=dot, FP8=fp8, HAS_BIAS=bias is not None, RELU2=relu2,
-        QUANT=quant_scale is not None, ROUND=_TL_DTYPES[round_dtype], num_warps=warps, num_stages=stages)
+        QUANT=quant_scale is not None, ROUND=_TL_DTYPES[round_dtype], PDL=pdl, num_warps=warps, num_stages=stages,
+        launch_pdl=pdl)
     return y
 
 

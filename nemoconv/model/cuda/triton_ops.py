@@ -32,6 +32,7 @@ from nemoconv.model.cuda.triton_decode import (  # noqa: F401
 )
 from nemoconv.model.cuda.triton_gemv import fp8_of as _fp8_of
 from nemoconv.model.cuda.triton_gemv import skinny_linear, skinny_tile  # noqa: F401
+from nemoconv.model.cuda.triton_pdl import allow_next, enabled, wait_previous
 
 
 def _warps(block: int) -> int:
@@ -43,15 +44,21 @@ def _warps(block: int) -> int:
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, stride_r, stride_y, stride_q, N, eps,
-                    HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr, QVEC: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr, QVEC: tl.constexpr,
+                    PDL: tl.constexpr):
+    allow_next(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    # the parameters first: their latency hides behind the wait and the row's (triton_pdl: read before the wait)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Q:
+        scale = tl.load(Q_SCALE).to(tl.float32)
+    wait_previous(PDL)
     if HAS_Q:
         if row >= M:                                  # rows ≥ M exist only as zero padding of Q: nothing to compute
             tl.store(Q + row * stride_q + cols, tl.zeros([BLOCK], dtype=Q.dtype.element_ty), mask=mask)
             return
-        scale = tl.load(Q_SCALE).to(tl.float32)       # loaded first: its latency hides behind the row's
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(DELTA + row * stride_d + cols, mask=mask, other=0.0)
@@ -60,7 +67,6 @@ def _rmsnorm_kernel(X, DELTA, R_OUT, Y, W, Q, Q_SCALE, M, stride_x, stride_d, st
         x = r
     xf = x.to(Y.dtype.element_ty).to(tl.float32)          # the norm sees the stream in the model dtype
     var = tl.sum(xf * xf, axis=0) / N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     y = (w * (xf * tl.rsqrt(var + eps))).to(Y.dtype.element_ty)
     tl.store(Y + row * stride_y + cols, y, mask=mask)
     if HAS_Q:                                         # the FP8 input of the next linear, as fp8.quantize_fp8
@@ -97,9 +103,11 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
         q = torch.empty(grid, n, dtype=torch.float8_e4m3fn, device=x.device)
     else:
         scale, grid, q = x2, rows, x2
+    pdl = enabled(x2)
     _rmsnorm_kernel[(grid,)](x2, d2, r, y, weight, q, scale, rows, x2.stride(0), d2.stride(0), r.stride(0),
                              y.stride(0), q.stride(0), n, eps, HAS_DELTA=delta is not None, HAS_Q=quant is not None,
-                             BLOCK=block, QVEC=16 // y.element_size(), num_warps=_warps(block))
+                             BLOCK=block, QVEC=16 // y.element_size(), PDL=pdl, num_warps=_warps(block),
+                             launch_pdl=pdl)
     out = (y.reshape(shape),) if delta is None else (r.reshape(shape), y.reshape(shape))
     if quant is not None:
         out = out + (q,)
@@ -111,21 +119,24 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _gated_rmsnorm_kernel(Y, Z, W, OUT, Q, Q_SCALE, M, stride_y, stride_z, stride_o, stride_q, group_size, eps,
-                          HAS_OUT: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_OUT: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per (row, group). The float32 steps are those of mamba-ssm's layer_norm_fwd (RMS, gate
     before the norm), in its order and with its operators — a fused multiply-add the compiler forms, the
     approximate sqrt and divisions all depend on that — so that the outputs match it bit for bit."""
+    allow_next(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * group_size + tl.arange(0, BLOCK)
     inside = tl.arange(0, BLOCK) < group_size
+    weight = tl.load(W + cols, mask=inside).to(tl.float32)          # parameters: read before the wait (triton_pdl)
+    if HAS_Q:
+        scale = tl.load(Q_SCALE).to(tl.float32)
+    wait_previous(PDL)
     if HAS_Q:
         if row >= M:                                  # rows ≥ M exist only as zero padding of Q
             tl.store(Q + row * stride_q + cols, tl.zeros([BLOCK], dtype=Q.dtype.element_ty), mask=inside)
             return
-        scale = tl.load(Q_SCALE).to(tl.float32)       # loaded first: its latency hides behind the row's
     gated = tl.load(Y + row * stride_y + cols, mask=inside, other=0.0).to(tl.float32)
     z = tl.load(Z + row * stride_z + cols, mask=inside, other=0.0).to(tl.float32)
-    weight = tl.load(W + cols, mask=inside).to(tl.float32)
     gated *= z * tl.sigmoid(z)                                        # y · silu(z)
     kept = tl.where(inside, gated, 0.0)
     mean_square = tl.sum(kept * kept, axis=0) / group_size
@@ -150,6 +161,7 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     y2, z2 = y.reshape(-1, n), z.reshape(-1, n)
     y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
     z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+    pdl = enabled(y2) and weight.is_contiguous()     # else the copy below is the kernel before: no early read
     weight = weight.contiguous()
     rows = y2.shape[0]
     if n % group_size:
@@ -163,7 +175,7 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
         out = q = torch.empty(rows, n, dtype=y.dtype, device=y.device)
     _gated_rmsnorm_kernel[(grid, n // group_size)](
         y2, z2, weight, out, q, scale, rows, y2.stride(0), z2.stride(0), out.stride(0), q.stride(0), group_size, eps,
-        HAS_OUT=quant is None, HAS_Q=quant is not None, BLOCK=block,
+        HAS_OUT=quant is None, HAS_Q=quant is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl,
         num_warps=min(max(block // 256, 1), 8))         # layer_norm_fwd's warps: the same summation tree
     return q if quant is not None else out.reshape(shape)
 
