@@ -195,7 +195,7 @@ def _fused():
 # ---------------------------------------------------------------------------------------------
 # Matrix products of a few rows (decode)
 # ---------------------------------------------------------------------------------------------
-SKINNY_ROWS = 16     # triton_gemv.MAX_ROWS (not imported: that module needs Triton)
+SKINNY_ROWS = 16     # up to this many rows take the skinny kernel (tensor-core tiles of 16 rows from 2 on)
 _MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
