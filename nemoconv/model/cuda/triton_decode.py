@@ -103,7 +103,7 @@ def _decode_attention_kernel(Q, K, V, VALID, POS, TABLE, O, K_NEW, V_NEW, HK, sc
     k_base = K + b * stride_kb + g * stride_kh                       # stride_kb = 0 for a pool
     v_base = V + b * stride_vb + g * stride_vh
     if HAS_NEW:
-        # this token's key/value: stored at pos (this program owns that row), used from registers at pos below
+        # this token's key/value (contiguous cache): stored at pos, a row only this program writes; used from registers
         k_new = tl.load(K_NEW + b * stride_nb + g * stride_nh + d).to(K.dtype.element_ty)
         v_new = tl.load(V_NEW + b * stride_nb + g * stride_nh + d).to(V.dtype.element_ty)
         tl.store(k_base + (n - 1) * stride_kl + d, k_new)
