@@ -18,11 +18,16 @@ Only kernels captured into a CUDA graph launch this way. A graph runs after ever
 parameter written before (loading, quantizing in place) is visible to its early reads; eagerly, a kernel could
 follow the very kernel that writes its weight, whose writes only `wait_previous` makes visible.
 NEMOCONV_PDL=0 turns it off; it is also off on GPUs before sm90 and on Triton without `gdc_wait` (before 3.4).
+`eager_too` is for the kernel warm-up only (`warmup`): it launches eagerly with PDL so that those variants (a
+constexpr and a compile option apart) compile there and not inside the first graph capture; its results are
+thrown away, so an early read there may see anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import triton
@@ -57,8 +62,27 @@ def _device_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def eager_too():
+    """Within this block (on this thread) kernels launch with PDL outside graph capture too. For the warm-up only:
+    eagerly, a kernel's early reads may run before the kernel that wrote them has ended."""
+    before = getattr(_thread, "eager", False)
+    _thread.eager = True
+    try:
+        yield
+    finally:
+        _thread.eager = before
+
+
 def enabled(t: torch.Tensor) -> bool:
-    """Whether a kernel on t's device launches with PDL now: CUDA sm90+ under graph capture, a Triton that has it,
-    and NEMOCONV_PDL not 0."""
-    return (AVAILABLE and t.is_cuda and settings.current().pdl and torch.cuda.is_current_stream_capturing()
-            and _device_ok(t.device.index or 0))
+    """Whether a kernel on t's device launches with PDL now: CUDA sm90+ under graph capture (or in `eager_too`),
+    a Triton that has it, and NEMOCONV_PDL not 0. Asked at every launch of our kernels, so the cheap tests come
+    first (an eager launch pays for the capture query, about half a µs on an H200 host)."""
+    if not (AVAILABLE and settings.current().pdl and t.is_cuda):
+        return False
+    if not (getattr(_thread, "eager", False) or torch.cuda.is_current_stream_capturing()):
+        return False
+    return _device_ok(t.get_device())

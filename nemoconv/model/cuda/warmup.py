@@ -10,9 +10,10 @@ kernels would fail. Triton caches what is compiled (in memory and on disk), so t
 finds it; shapes the stand-in did not run simply compile as before.
 
 The stand-in runs eagerly (no CUDA graphs): a prefill of `prefill` positions of `batch` rows into a
-cache, two decode steps, and a whole-sequence forward of `forward` positions; with fp8=True also a copy
-whose Mamba and MLP linears are FP8 (the quantizing norm, relu² and GEMM paths). NEMOCONV_WARMUP=0
-turns it off.
+cache, two decode steps, and a whole-sequence forward of `forward` positions; then the prefill and decode
+steps again with our kernels launched as a captured graph launches them (`triton_pdl.eager_too`: other
+compiled variants); with fp8=True all that again on a copy whose Mamba and MLP linears are FP8 (the
+quantizing norm, relu² and GEMM paths). NEMOCONV_WARMUP=0 turns it off.
 """
 
 from __future__ import annotations
@@ -101,15 +102,25 @@ def _exercise(spec, device, dtype, batch: int, prefill: int, steps: int, forward
     g = torch.Generator(device=device).manual_seed(1)
     with torch.inference_mode():
         ids = torch.randint(0, 256, (batch, max(prefill, forward) + 2), device=device, generator=g)
-        cache = model.new_cache(batch, prefill + steps + 1)
-        model.prefill(ids[:, :prefill], cache, last_only=True)
-        for j in range(min(steps, 2)):
-            model.decode_step(ids[:, prefill + j], cache)
+        _generate(model, ids, spec, dtype, batch, prefill, steps)
         if forward:
             model(ids[:, :forward])
-        _head_product(spec, device, dtype, batch)
+        if device.type == "cuda":
+            # the real model captures its prefill and decode steps into graphs, where our kernels launch with PDL:
+            # other compiled variants, which would otherwise compile inside the first capture
+            from nemoconv.model.cuda import triton_pdl
+            with triton_pdl.eager_too():
+                _generate(model, ids, spec, dtype, batch, prefill, steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _generate(model, ids, spec, dtype, batch: int, prefill: int, steps: int) -> None:
+    cache = model.new_cache(batch, prefill + steps + 1)
+    model.prefill(ids[:, :prefill], cache, last_only=True)
+    for j in range(min(steps, 2)):
+        model.decode_step(ids[:, prefill + j], cache)
+    _head_product(spec, ids.device, dtype, batch)
 
 
 def _head_product(spec, device, dtype, batch: int) -> None:
