@@ -45,7 +45,7 @@ FP8_SHAPES = ("in_proj", "out_proj", "up", "down")
 def sweep_tiles(rows: int) -> list[tuple]:
     if rows == 1:
         return [(bn, bk, w, 1, False) for bn, bk, w in itertools.product((8, 16, 32), (512, 1024, 2048), (4, 8))]
-    return [(bn, bk, 4, st, True) for bn, bk, st in itertools.product((16, 32, 64), (128, 256, 512), (3, 4))]
+    return [(bn, bk, 4, st, True) for bn, bk, st in itertools.product((64, 128), (64, 128, 256), (3, 4, 5))]
 
 
 def graph_us(calls, device) -> float:

@@ -32,32 +32,29 @@ def fp8_of(v, scale, Q):
 
 
 @triton.jit
-def _weight_block(w_base, k0, K, nmask, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):
-    """The weight's block of columns k0 … k0 + BK: [BK, BN] (Wᵀ's layout) for tensor-core tiles, else [BN, BK]."""
+def _weight_block(w_base, k0, K, nmask, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """The weight's block of columns k0 … k0 + BK: [BN, BK], each row contiguous."""
     k = k0 + tl.arange(0, BK)
-    if DOT:
-        if EVEN_K:
-            w = tl.load(w_base + k[:, None], mask=nmask[None, :], other=0.0)
-        else:
-            w = tl.load(w_base + k[:, None], mask=nmask[None, :] & (k < K)[:, None], other=0.0)
+    if EVEN_K:
+        w = tl.load(w_base + k[None, :], mask=nmask[:, None], other=0.0)
     else:
-        if EVEN_K:
-            w = tl.load(w_base + k[None, :], mask=nmask[:, None], other=0.0)
-        else:
-            w = tl.load(w_base + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+        w = tl.load(w_base + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
     return w
 
 
 @triton.jit
 def _accumulate(acc, w, X, k0, K, m, mmask, stride_xm, BK: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr):
-    """acc + x[:, k0 … k0 + BK] · w (the block from `_weight_block`)."""
+    """acc + w · x[:, k0 … k0 + BK]ᵀ (w the block from `_weight_block`): [BN, BM] for tensor-core tiles, else [BN]."""
     k = k0 + tl.arange(0, BK)
     if DOT:
-        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+        # the weight block is the product's left operand, BN (64 or 128) tall, and the rows' block the right one,
+        # 16 wide: on Hopper a wgmma of both from shared memory (x Wᵀ the other way round, with the rows as the
+        # 16-tall left operand, took mma.sync and streamed the weight 3.3 % slower over a b8 decode step's products)
+        xt = tl.load(X + m[None, :] * stride_xm + k[:, None], mask=mmask[None, :] & (k < K)[:, None], other=0.0)
         if FP8:                                                 # every e4m3 value is exact in fp16: the same products
-            x = x.to(tl.float16)
+            xt = xt.to(tl.float16)
             w = w.to(tl.float16)
-        acc += tl.dot(x, w, input_precision="ieee" if X.dtype.element_ty == tl.float32 else None)
+        acc += tl.dot(w, xt, input_precision="ieee" if X.dtype.element_ty == tl.float32 else None)
     else:                                                       # one row: plain multiply-adds, no tiles
         x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
@@ -74,21 +71,27 @@ def _skinny_kernel(X, W, BIAS, X_SCALE, W_SCALE, Q_SCALE, Y, M, N, K, stride_xm,
     m = tl.arange(0, BM)
     nmask = n < N
     mmask = m < M
+    w_base = W + n.to(tl.int64)[:, None] * stride_wn
     if DOT:
-        w_base = W + n.to(tl.int64)[None, :] * stride_wn         # the weight tile read as [BK, BN]: Wᵀ's layout
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
-        w_base = W + n.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros((BN,), dtype=tl.float32)
-    # the first weight block is requested before waiting for the previous kernel (triton_pdl: weights are never
-    # written), so under PDL the weight stream starts while that kernel finishes
-    w = _weight_block(w_base, 0, K, nmask, BK, EVEN_K, DOT)
-    wait_previous(PDL)
-    acc = _accumulate(acc, w, X, 0, K, m, mmask, stride_xm, BK, DOT, FP8)
-    for k0 in range(BK, K, BK):
-        w = _weight_block(w_base, k0, K, nmask, BK, EVEN_K, DOT)
+    if PDL:
+        # the first weight block is requested before waiting for the previous kernel (triton_pdl: weights are never
+        # written), so the weight stream starts while that kernel finishes. (Not peeled without PDL: the peeled
+        # block of a tensor-core tile would take shared memory of its own, beyond what deep pipelines leave.)
+        w = _weight_block(w_base, 0, K, nmask, BK, EVEN_K)
+        wait_previous(PDL)
+        acc = _accumulate(acc, w, X, 0, K, m, mmask, stride_xm, BK, DOT, FP8)
+        first = BK
+    else:
+        first = 0
+    for k0 in range(first, K, BK):
+        w = _weight_block(w_base, k0, K, nmask, BK, EVEN_K)
         acc = _accumulate(acc, w, X, k0, K, m, mmask, stride_xm, BK, DOT, FP8)
-    if not DOT:
+    if DOT:
+        acc = tl.trans(acc)                                     # [BM, BN], as the rows are stored
+    else:
         acc = acc[None, :]
     if FP8:
         acc = acc * (tl.load(X_SCALE).to(tl.float32) * tl.load(W_SCALE).to(tl.float32))
@@ -117,10 +120,12 @@ def skinny_tile(rows: int, out_features: int, in_features: int, fp8: bool) -> tu
         if fp8:
             return (8, 2048, 8, 1, False)
         return (8, 512, 4, 1, False) if n >= 16384 and k <= 4096 else (8, 1024, 8, 1, False)
-    if n <= 4096 or (fp8 and n <= 8192):
-        return (32, 512, 4, 4, True)
+    # several rows, from a sweep at 8 rows (BN 64/128, BK 64-256, 3-5 stages; bf16): deep pipelines of long blocks
+    # for narrow outputs, BN 128 for the vocabulary's width; FP8 blocks twice as long (the same bytes per load)
     if n <= 8192:
-        return (32, 256, 4, 4, True)
+        return (64, 512, 4, 4, True) if fp8 else (64, 256, 4, 5, True)
+    if n >= 65536 and not fp8:
+        return (128, 128, 4, 3, True)
     return (64, 256, 4, 3, True) if fp8 else (64, 128, 4, 3, True)
 
 
