@@ -116,6 +116,8 @@ def _exercise(spec, device, dtype, batch: int, prefill: int, steps: int, forward
 
 
 def _generate(model, ids, spec, dtype, batch: int, prefill: int, steps: int) -> None:
+    """What generate runs: a prefill into a cache, up to two decode steps, and the head's product at the real
+    vocabulary's tile."""
     cache = model.new_cache(batch, prefill + steps + 1)
     model.prefill(ids[:, :prefill], cache, last_only=True)
     for j in range(min(steps, 2)):
