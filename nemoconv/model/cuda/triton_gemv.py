@@ -154,7 +154,8 @@ def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         bk //= 2                                                # float32 operands: the pipeline within shared memory
     dummy = scales[0] if fp8 else y
     # PDL for one-row products only: the tensor-core tiles' graph of a step's products (bench_generate's floor, 8
-    # rows, with state) replayed in 4.57 ms with PDL and 4.36 without on an H200, while one row went 3.86 → 3.77
+    # rows, with state) replayed in 4.57 ms with PDL and 4.36 without on an H200, while one row went 3.86 → 3.77.
+    # (Measured on the earlier tiles, mma.sync with the rows on the left; not measured again on the wgmma ones.)
     pdl = enabled(x2) and not dot
     _skinny_kernel[(triton.cdiv(n, bn),)](
         x2, weight, bias if bias is not None else dummy, *(scales if fp8 else (dummy, dummy)),
