@@ -153,9 +153,10 @@ def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     while dot and stages * (16 + bn) * bk * x2.element_size() > 200 * 1024 and bk > 32:
         bk //= 2                                                # float32 operands: the pipeline within shared memory
     dummy = scales[0] if fp8 else y
-    # PDL for one-row products only: the tensor-core tiles' graph of a step's products (bench_generate's floor, 8
-    # rows, with state) replayed in 4.57 ms with PDL and 4.36 without on an H200, while one row went 3.86 → 3.77.
-    # (Measured on the earlier tiles, mma.sync with the rows on the left; not measured again on the wgmma ones.)
+    # PDL for one-row products only. On an H200 at 8 rows, the model's decode graph (8B layout) replayed in 4.66 ms
+    # without PDL for the tensor-core tiles, 5.07 with it and 4.99 with it and the first block peeled (a stage
+    # fewer, for shared memory); bench_generate's floor with state 4.21, 5.41, 4.60. One row gains from it: the
+    # floor went 3.86 → 3.77 ms (measured on the earlier mma.sync tiles).
     pdl = enabled(x2) and not dot
     _skinny_kernel[(triton.cdiv(n, bn),)](
         x2, weight, bias if bias is not None else dummy, *(scales if fp8 else (dummy, dummy)),
