@@ -6,9 +6,10 @@ the right shape, with no launch. The model's values are then wrong on purpose: o
 stand-ins are random and not zeros because products of zeros draw less power, and a card at its power limit then
 runs them faster: on an H200, a prefill whose norms returned zeros ran 8 ms faster than one whose norms returned
 random values. With zeros the bound would be a lie.
-  decode    the decode step's CUDA graph at batch 1 and 8, as generate captures it, in ms per replay (the best of
-            `repeat` runs of 50 back-to-back replays). Rows: all kernels; without the conv step, the gated norm or
-            the RMSNorms; without all three. Beside it is bench_generate's weight-streaming floor with state.
+  decode    the decode step's CUDA graph at batch 1 and 8, as generate captures it, in ms per replay (the median of
+            `repeat` runs of 50 back-to-back replays, as bench_generate times its floors). Rows: all kernels;
+            without the conv step, the gated norm or the RMSNorms; without all three. Beside it is
+            bench_generate's weight-streaming floor with state.
   prefill   2048 tokens into a kept cache, with a graph and eagerly (bench_generate's `ours_prefill`). Rows: all
             kernels; without each kind of non-product kernel (conv, SSD scan, RMSNorms, relu², gated norm,
             attention); without all of them. Beside it are the prompt's matrix products alone.
@@ -110,16 +111,8 @@ def decode_ms(model, batch: int, vocab: int, device, repeat: int) -> float:
     graph = model.runner.generation_cache(batch, ids.shape[1] + 8).static_decoder().graph
     if graph is None:
         raise RuntimeError("generate captured no decode graph (NEMOCONV_CUDA_GRAPHS=0?)")
-    best = float("inf")
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 50)
-    return round(best, 4)
+    graph.replay()
+    return timed(lambda: [graph.replay() for _ in range(50)], device, repeat)[0] / 50 * 1e3
 
 
 def decode_rows(model, vocab: int, device, repeat: int) -> dict:

@@ -7,8 +7,8 @@ products: their first weight block) and calls `wait_previous`, which returns onc
 its writes are visible. On an H200 (8B layout, graphs replayed alternately) this took the FP8 decode step at batch
 1 from 2.832 to 2.727 ms, where the FP8 products are short beside the small kernels; bf16 steps at batch 1 and 8
 did not change (4.221 ms without, 4.235 with; 4.880 and 4.879). Products of several rows (tensor-core tiles)
-launch without it: back to back, they were slower with it (`triton_gemv.skinny_linear`; measured before those
-tiles moved to wgmma, not since).
+launch without it: the b8 decode step was slower with it, on the mma.sync tiles and again on the wgmma ones (the
+numbers are beside `pdl` in `triton_gemv.skinny_linear`).
 
 The rule every kernel here keeps: before `wait_previous`, only reads of parameters (weights, norm weights,
 FP8 scales) and no writes. So every write, and every read of an activation, a cache or a state, happens in the
