@@ -11,6 +11,9 @@ largest difference from the torch reference (`nemoconv.model.reference`) on the 
   gated_norm    the Mamba output norm at batch 1, 8 and 64 (z the strided slice of in_proj's output): ours, and
                 ours writing out_proj's FP8 input (rows zero-padded to 16), against what they replace: mamba-ssm's
                 layer_norm_fwd, and it followed by the quantize launch; "bitwise" = equal to the mamba-ssm path
+  ssd_scan      the prefill's SSD scan over `seq` positions (x, B, C strided views of one xBC, as the model
+                passes them): ours (two launches) against mamba-ssm's five-kernel scan it replaced; "bytes" is
+                what any scan must move (x, B, C, dt in; y out), the reference is float64
   norm_fp8      the hidden-size RMSNorm (+ residual add) writing the next linear's FP8 input, and the standalone
                 quantize, at batch 1 padded to 16 rows and unpadded (what the padding rows cost), 8 and 64
 Prints one JSON object.
@@ -223,6 +226,27 @@ def norm_fp8_rows(device, repeat: int, batches) -> dict:
     return out
 
 
+def ssd_scan_rows(device, repeat: int, seq: int) -> dict:
+    from nemoconv.model.cuda import kernels, triton_ssd
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    xbc = torch.randn(1, seq, CONV_DIM, generator=g)
+    xbc[..., INNER:] *= 0.3
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly (tl.dot): float16 there
+    xbc = xbc.to(device, torch.bfloat16 if device.type == "cuda" else torch.float16)
+    x, Bm, Cm = (t.reshape(1, seq, -1, w) for t, w in zip(xbc.split([INNER, G * N, G * N], dim=-1), (P, N, N)))
+    dt = torch.nn.functional.softplus(torch.randn(1, seq, H, generator=g) - 2.0).to(device)
+    A, D = -(torch.rand(H, generator=g) * 4 + 0.5).to(device), torch.randn(H, generator=g).to(device)
+    ref = reference.ssd_chunk_scan(*(t.double() for t in (x, dt, A, Bm, Cm, D)), 128)
+    nbytes = 2 * x.numel() * 2 + 2 * Bm.numel() * 2 + dt.numel() * 4
+    runs = {"ours": lambda: triton_ssd.ssd_scan(x, dt, A, Bm, Cm, D, 128, None, True)}
+    if device.type == "cuda":
+        fwd = kernels.triton_kernels().chunk_scan_fwd
+        runs["mamba_ssm"] = lambda: fwd(x, dt, A, Bm, Cm, 128, D=D)
+    return {name: row(graph_time_us(fn, device, repeat), nbytes, float((fn()[0].double() - ref).abs().max()))
+            for name, fn in runs.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -238,7 +262,8 @@ def main() -> None:
            "conv_step": conv_step_rows(device, args.repeat, batches),
            "conv_seq": conv_seq_rows(device, args.repeat, 64 if args.small else 2048, conv_tiles),
            "gated_norm": gated_norm_rows(device, args.repeat, batches),
-           "norm_fp8": norm_fp8_rows(device, args.repeat, batches)}
+           "norm_fp8": norm_fp8_rows(device, args.repeat, batches),
+           "ssd_scan": ssd_scan_rows(device, args.repeat, 64 if args.small else 2048)}
     print(json.dumps(res, indent=1))
 
 

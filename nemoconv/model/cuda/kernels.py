@@ -1,7 +1,8 @@
 """One small function per sequence operation: Triton kernels on CUDA, the torch reference elsewhere.
 
 The model calls only these, so it never branches on the device itself. CUDA uses
-  - mamba-ssm's `mamba_chunk_scan_combined` (chunked SSD scan) for whole sequences and prefill,
+  - our two-launch chunked SSD scan (`triton_ssd`) for whole sequences and prefill; mamba-ssm's
+    `mamba_chunk_scan_combined` only for chunk sizes ours does not take (not a power of two from 16),
   - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), the grouped gated
     RMSNorm (bit for bit what mamba-ssm's layernorm_gated computes, optionally with out_proj's FP8 input), relu², the
     causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A), the
@@ -15,13 +16,11 @@ If mamba-ssm (or Triton) is missing, CUDA tensors fall back to the reference wit
 Setting NEMOCONV_KERNELS=reference forces the reference everywhere, attention included (to compare the two
 on one GPU). The switches are read through `nemoconv.settings` (once, not at every call).
 
-Autotuning. mamba-ssm's SSD kernels are `@triton.autotune`d: on the first call for a key (chunk size,
-head and state sizes, dtypes) every config of the kernel is compiled and timed (42 configs over the
-5 forward kernels), most of a cold `verify`'s start-up. On Hopper (sm90) the choices autotune makes for
-known Nemotron-H shapes are recorded in `sm90_autotune.json` beside this module and put into each autotuner's cache
-beforehand, so those keys compile one config and time none; any other key, and every other GPU, is
-autotuned as before. NEMOCONV_AUTOTUNE=full turns the recorded choices off; NEMOCONV_AUTOTUNE_TABLE=
-file.json adds choices of your own (the format `autotune_choices()` returns, recorded on your GPU).
+Autotuning (the fallback scan only). mamba-ssm's SSD kernels are `@triton.autotune`d: on the first call for a
+key every config is compiled and timed (42 configs over the 5 forward kernels). On sm90 the recorded choices in
+`sm90_autotune.json` go into each autotuner's cache beforehand, so those keys compile one config and time none.
+NEMOCONV_AUTOTUNE=full turns the recorded choices off; NEMOCONV_AUTOTUNE_TABLE=file.json adds choices of your own
+(the format `autotune_choices()` returns, recorded on your GPU).
 """
 
 from __future__ import annotations
@@ -322,8 +321,9 @@ def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_lo
 def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False):
     """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h] → y [b, s, h, p] (, state)."""
     if _use_triton(x):
-        # dt arrives already softplus'd and clamped, so the kernel applies neither (its defaults).
-        tk = triton_kernels()
+        if _fused().ssd_supported(x, D, chunk_size):
+            return _fused().ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state)
+        tk = triton_kernels()                  # dt arrives softplus'd and clamped: the kernel applies neither
         args = (x, dt.float().contiguous(), A.float(), B, C, chunk_size)
         init = initial_state.float().contiguous() if initial_state is not None else None
         if tk.chunk_scan_fwd is None:

@@ -10,8 +10,8 @@ The FP8 outputs (rmsnorm, gated_rmsnorm, relu2_fp8, quantize_fp8) have rows zero
 of 16: a padding row's program stores zeros and returns, so at batch 1 the 15 padding rows cost next to nothing.
 It also re-exports, from `triton_conv`, the Mamba conv (conv_silu, conv_step, each with the step sizes and A), and
 from `triton_decode` (the decode step's own kernels), expert_gemv, decode_attention, paged_decode_attention and
-ssm_step, and from `triton_gemv` skinny_linear (products of ≤ 16 rows), so that `kernels` finds every fused kernel
-in this one module.
+ssm_step, from `triton_gemv` skinny_linear (products of ≤ 16 rows), and from `triton_ssd` the prefill's SSD scan
+(ssd_scan, ssd_supported), so that `kernels` finds every fused kernel in this one module.
 All arithmetic is float32, as in `reference`; results are rounded once, to the output dtype. The
 only other differences from the torch reference are summation order and the exp/log approximations
 (a few ulp of float32).
@@ -33,6 +33,8 @@ from nemoconv.model.cuda.triton_decode import (  # noqa: F401
 from nemoconv.model.cuda.triton_gemv import fp8_of as _fp8_of
 from nemoconv.model.cuda.triton_gemv import skinny_linear, skinny_tile  # noqa: F401
 from nemoconv.model.cuda.triton_pdl import allow_next, enabled, wait_previous
+from nemoconv.model.cuda.triton_ssd import ssd_scan  # noqa: F401
+from nemoconv.model.cuda.triton_ssd import supported as ssd_supported  # noqa: F401
 
 
 def _warps(block: int) -> int:
