@@ -152,13 +152,14 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     g, n = B.shape[-2:]
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     dt, A, D = dt.float(), A.float().contiguous(), D.float().contiguous()
+    y = torch.empty(b, s, h, p, device=x.device, dtype=x.dtype)
+    if s == 0:                                    # nothing to scan: the state is what it was
+        final = initial_state.float().clone() if initial_state is not None else \
+            torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32)
+        return (y, final) if return_final_state else y
     nchunks = triton.cdiv(s, chunk_size)
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=x.dtype)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    y = torch.empty(b, s, h, p, device=x.device, dtype=x.dtype)
-    if s == 0:                                    # nothing to scan: the state is what it was
-        final = initial_state.float().clone() if initial_state is not None else final.zero_()
-        return (y, final) if return_final_state else y
     cum = torch.empty(b, h, nchunks, chunk_size, device=x.device, dtype=torch.float32)
     init = initial_state.float().contiguous() if initial_state is not None else final
     ieee = x.dtype == torch.float32
