@@ -129,7 +129,11 @@ def _outputs_kernel(X, DT, B, C, D, STATES, CUM, Y, seqlen, nchunks, heads_per_g
 # an H200 at the 8B layout, 2048 tokens (µs per layer): outputs 64 rows, 4 warps, 1 stage 116 (2 stages 136;
 # 32 rows 157; 128 rows 145-245; 8 warps 146-257); states: 16, 32 and 64 head dims a program within 6 % of
 # each other. A program per several heads of a group (B and C read once for them) was slower: its per-column
-# decays cost more.
+# decays cost more. Also no faster (same layer, whole scan against 115): states with the n dims split in 2 or 4
+# programs 116-166, with 2 or 4 heads a program (per-head decays, B read once) 120-153, 3 stages 153; outputs
+# with 2 or 4 heads a program (C·Bᵀ once, 3-D dots) 135-237; outputs launched under PDL while states runs,
+# waiting on per-chunk counts, 147. A second chunk-state product of x·decay·dt's bf16 remainder would make the
+# final state 1.0e-5 from float64 instead of 2.4e-3 (mamba-ssm 2.2e-3), for 127 µs.
 TILES = {"rows": 64, "state_dims": 32, "warps_states": 4, "warps_outputs": 4, "stages_states": 2,
          "stages_outputs": 1}
 
