@@ -66,24 +66,40 @@ def test_left_padded_logits_match_transformers_on_real_positions(hf_dir):
     assert rel_err(logits[real], reference[real]) < 1e-4
 
 
-def test_step_size_floor_matches_transformers(hf_dir):
-    """transformers 5.23 clamps softplus(dt) at time_step_min; force tiny steps so the clamp is active."""
-    def tiny_steps(tensors):
-        for name in tensors:
-            if name.endswith("dt_bias"):
-                tensors[name] = torch.full_like(tensors[name], -12.0)   # softplus ≈ 6e-6 < 1e-3
+def tiny_steps(tensors):
+    for name in tensors:
+        if name.endswith("dt_bias"):
+            tensors[name] = torch.full_like(tensors[name], -12.0)   # softplus ≈ 6e-6
 
-    ours, theirs = both_models(hf_dir("dense"), edit=tiny_steps)
+
+def step_size_parity(ours, theirs):
     assert torch.all(theirs.model.layers[0].mixer.dt_bias == -12.0)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = theirs(ids).logits
     full = ours(ids)
     assert rel_err(full, reference) < 1e-4
-    # our decode path applies the same floor, so cached decoding still reproduces the full forward
+    # our decode path applies the same clamp, so cached decoding still reproduces the full forward
     cache = ours.new_cache(1, 40)
     steps = [ours.prefill(ids[:, :10], cache)] + [ours.decode_step(ids[:, t], cache)[:, None] for t in range(10, 40)]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
+def test_step_size_limit_matches_transformers(hf_dir):
+    """config.time_step_limit = [1e-3, inf] with steps far below it: the clamp is active. Every transformers 5
+    agrees here (up to 5.24 it clamped at time_step_min, also 1e-3; from 5.25 at time_step_limit, as we do)."""
+    ours, theirs = both_models(hf_dir("dense", time_step_limit=[1e-3, float("inf")]), edit=tiny_steps)
+    assert ours.backbone.layers[0].mixer.dt_limit == (1e-3, float("inf"))
+    step_size_parity(ours, theirs)
+
+
+def test_default_step_size_limit_clamps_nothing(hf_dir):
+    """The default limit (0, inf): tiny steps stay tiny, as in NVIDIA's code, mamba-ssm and transformers ≥ 5.25."""
+    ours, theirs = both_models(hf_dir("dense"), edit=tiny_steps)
+    assert ours.backbone.layers[0].mixer.dt_limit == (0.0, float("inf"))
+    if tuple(theirs.model.layers[0].mixer.time_step_limit) != (0.0, float("inf")):
+        pytest.skip("this transformers clamps steps at time_step_min, whatever config.time_step_limit says (< 5.25)")
+    step_size_parity(ours, theirs)
 
 
 @pytest.mark.parametrize("kind, overrides", [

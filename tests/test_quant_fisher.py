@@ -85,8 +85,10 @@ def test_label_sets_are_independent_copies_in_any_chunking(tiny_dir, monkeypatch
     for n in names:
         want = one.row_sums[n]
         assert three.row_sums[n].shape == (9,)
+        # the chunks are float32 products of other batch shapes, which MKL may sum in another order: on an AVX2
+        # EPYC up to 1e-3 of the largest sum (3.6e-6 elsewhere); a set reading another set's labels is off by more
         for copy in three.row_sums[n].view(3, 3):
-            assert torch.allclose(copy, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), n
+            assert torch.allclose(copy, want, rtol=1e-3, atol=5e-3 * float(want.abs().max())), n
         assert three.kl[n] == pytest.approx(one.kl[n], rel=1e-3)
 
 
@@ -142,8 +144,8 @@ def test_fisher_analysis_is_deterministic_and_exact_method_still_measures_all(ti
     # the measured rows of the fisher run carry the exact method's numbers
     exact_kl = {r["module"]: r["kl"] for r in exact["modules"]}
     for r in a["modules"]:
-        if r["measured"]:
-            assert r["kl"] == pytest.approx(exact_kl[r["module"]], rel=1e-6)
+        if r["measured"]:       # the same sums in other float32 batch shapes: 2.7e-5 apart on an AVX2 EPYC
+            assert r["kl"] == pytest.approx(exact_kl[r["module"]], rel=2e-4)
 
 
 def test_saved_hidden_states_are_what_the_docstring_says(tiny_dir):

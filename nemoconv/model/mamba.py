@@ -58,13 +58,11 @@ class MambaMixer(nn.Module):
         self.inner = spec.mamba_intermediate                     # h·p
         self.conv_dim = spec.conv_dim                            # h·p + 2·g·n  (x, B, C)
         self.chunk_size = spec.chunk_size
-        # Step-size clamp. transformers 5.23's NemotronHMamba2Mixer sets time_step_limit to
-        # (config.time_step_min, inf) and ignores config.time_step_limit (NVIDIA's original code and
-        # mamba-ssm use (0, inf), i.e. no clamp). We match transformers for parity, and apply the same
-        # clamp in all three paths: transformers clamps only its chunked path and not its single-token
-        # decode, so without this our cached decode would drift from our own full forward whenever
-        # softplus(dt) < time_step_min.
-        self.dt_limit = (spec.time_step_min, float("inf"))
+        # Step-size clamp: config.time_step_limit ((0, inf) by default, i.e. none), as NVIDIA's original code,
+        # mamba-ssm, vLLM and transformers from 5.25 apply it (transformers 5.0-5.24 clamped at
+        # (time_step_min, inf) instead). The same clamp in all three paths (chunked, decode step, reference),
+        # so that cached decoding reproduces the full forward.
+        self.dt_limit = spec.time_step_limit
         self.in_proj = Linear(spec.hidden_size, self.inner + self.conv_dim + self.heads, bias=spec.mamba_proj_bias)
         self.conv1d = Conv1d(self.conv_dim, spec.conv_kernel, bias=spec.use_conv_bias)
         self.A_log = param(self.heads)
