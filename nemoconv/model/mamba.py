@@ -58,8 +58,8 @@ class MambaMixer(nn.Module):
         self.inner = spec.mamba_intermediate                     # h·p
         self.conv_dim = spec.conv_dim                            # h·p + 2·g·n  (x, B, C)
         self.chunk_size = spec.chunk_size
-        # Step-size clamp: config.time_step_limit ((0, inf) by default, i.e. none), as NVIDIA's original code,
-        # mamba-ssm, vLLM and transformers from 5.25 apply it (transformers 5.0-5.24 clamped at
+        # Step-size clamp: config.time_step_limit ((0, inf) by default, i.e. none), as NVIDIA's original code
+        # and mamba-ssm (no clamp by default) and transformers from 5.25 apply it (5.0-5.24 clamped at
         # (time_step_min, inf) instead). The same clamp in all three paths (chunked, decode step, reference),
         # so that cached decoding reproduces the full forward.
         self.dt_limit = spec.time_step_limit
