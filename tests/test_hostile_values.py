@@ -75,6 +75,10 @@ CONFIG_CASES = [
     ("endless-pattern", {"hybrid_override_pattern": "M-" * 50000}, ["hybrid_override_pattern", "layers"]),
     ("layer-count-mismatch", {"num_hidden_layers": 9}, ["num_hidden_layers"]),
     ("time-step-limit-short", {"time_step_limit": [0.0]}, ["time_step_limit"]),
+    # the limit clamps every step size of the model: a reversed, negative or non-numeric one is refused
+    ("time-step-limit-reversed", {"time_step_limit": [0.5, 0.1]}, ["time_step_limit", "low <= high"]),
+    ("time-step-limit-negative", {"time_step_limit": [-1.0, 1.0]}, ["time_step_limit"]),
+    ("time-step-limit-strings", {"time_step_limit": ["0", "inf"]}, ["time_step_limit[0]"]),
     ("activation-not-a-string", {"mlp_hidden_act": ["relu2"]}, ["mlp_hidden_act"]),
     ("config-not-an-object", lambda t: "[1, 2, 3]", ["config.json"]),
     # in range, but more than the stored bytes back: refused when opened, before anything is allocated
