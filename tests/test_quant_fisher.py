@@ -86,7 +86,8 @@ def test_label_sets_are_independent_copies_in_any_chunking(tiny_dir, monkeypatch
         want = one.row_sums[n]
         assert three.row_sums[n].shape == (9,)
         # the chunks are float32 products of other batch shapes, which MKL may sum in another order: on an AVX2
-        # EPYC up to 1e-3 of the largest sum (3.6e-6 elsewhere); a set reading another set's labels is off by more
+        # EPYC up to 1e-3 of the largest sum (3.6e-6 elsewhere); sets that shared or added up their sums would be
+        # off by whole multiples
         for copy in three.row_sums[n].view(3, 3):
             assert torch.allclose(copy, want, rtol=1e-3, atol=5e-3 * float(want.abs().max())), n
         assert three.kl[n] == pytest.approx(one.kl[n], rel=1e-3)
