@@ -30,6 +30,7 @@ class Settings:
     kernels: str = "auto"              # "reference": plain torch ops everywhere, on a GPU too (attention included)
     cuda_graphs: bool = True           # False (=0): decode and prefill run eagerly on CUDA
     skinny: bool = True                # False (=0): products of ≤ 16 rows on cuBLAS, not the skinny Triton kernel
+    gemm: bool = True                  # False (=0): the prefill's products on cuBLAS, not our Hopper TMA GEMM
     pdl: bool = True                   # False (=0): no programmatic dependent launch of our Triton kernels (sm90+)
     autotune: str = "table"            # "full": ignore the recorded sm90 autotune choices (time every config)
     autotune_table: str | None = None  # a JSON file of your own autotune choices (kernels.autotune_choices())
@@ -59,7 +60,7 @@ class Settings:
 
 _CHOICES = {"kernels": ("auto", "reference"), "autotune": ("table", "full"), "sdpa_masked": ("efficient", "auto")}
 # the value that flips the default
-_FLAGS = {"cuda_graphs": "0", "skinny": "0", "pdl": "0", "warmup": "0", "no_writeback": "1"}
+_FLAGS = {"cuda_graphs": "0", "skinny": "0", "gemm": "0", "pdl": "0", "warmup": "0", "no_writeback": "1"}
 
 
 def _parse(name: str, value):

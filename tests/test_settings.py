@@ -21,17 +21,17 @@ def test_an_empty_environment_gives_the_defaults():
 def test_environment_values_are_parsed_into_typed_fields():
     got = settings.Settings.from_environ({"NEMOCONV_KERNELS": "reference", "NEMOCONV_CUDA_GRAPHS": "0",
                                           "NEMOCONV_SKINNY": "0", "NEMOCONV_PDL": "0", "NEMOCONV_WARMUP": "0",
-                                          "NEMOCONV_NO_WRITEBACK": "1",
+                                          "NEMOCONV_NO_WRITEBACK": "1", "NEMOCONV_GEMM": "0",
                                           "NEMOCONV_AUTOTUNE": "full", "NEMOCONV_AUTOTUNE_TABLE": "mine.json",
                                           "NEMOCONV_SDPA_MASKED": "auto", "NEMOCONV_CALIBRATOR": "builtin"})
     assert got == settings.Settings(kernels="reference", cuda_graphs=False, skinny=False, pdl=False, warmup=False,
-                                    no_writeback=True, autotune="full", autotune_table="mine.json",
+                                    no_writeback=True, gemm=False, autotune="full", autotune_table="mine.json",
                                     sdpa_masked="auto", calibrator="builtin")
 
 
 def test_a_flag_flips_only_on_its_documented_value():
     env = {"NEMOCONV_CUDA_GRAPHS": "no", "NEMOCONV_NO_WRITEBACK": "0", "NEMOCONV_SKINNY": "false",
-           "NEMOCONV_PDL": "off"}
+           "NEMOCONV_PDL": "off", "NEMOCONV_GEMM": "no"}
     assert settings.Settings.from_environ(env) == settings.Settings()
 
 

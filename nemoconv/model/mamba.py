@@ -108,13 +108,8 @@ class MambaMixer(nn.Module):
         x, B, C = xbc.split([self.inner, g * n, g * n], dim=-1)
         result = kernels.ssd_chunk_scan(
             x.reshape(b, s, h, p), step, A, B.reshape(b, s, g, n), C.reshape(b, s, g, n), self.D,
-            self.chunk_size, initial_state=ssm_state, return_final_state=ssm_state is not None)
-        if ssm_state is not None:
-            y, final_state = result
-            ssm_state.copy_(final_state)
-        else:
-            y = result                                                         # [b, s, h, p]
-        y = y.reshape(b, s, self.inner)
+            self.chunk_size, initial_state=ssm_state, state_out=ssm_state)      # the final state into the cache
+        y = result.reshape(b, s, self.inner)
         if ctx.fused and fp8.prequantize_ok(self.out_proj, y):
             return self._norm_fp8_out(y.reshape(b * s, self.inner), z.reshape(b * s, self.inner), (b, s))
         y = self.norm(y, z)                                                    # gate, then grouped RMSNorm

@@ -25,6 +25,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Pass | None = None) -> torch.Tensor:
         if ctx is not None and ctx.fused:
             out = self._skinny(x, ctx)
+            if out is None:
+                out = self._gemm(x)
             if out is not None:
                 return out
         h = input_linear(self.up_proj, x, ctx)
@@ -36,6 +38,15 @@ class MLP(nn.Module):
             return fp8.fp8_matmul_quantized(h_q, rows, h.shape[:-1], down.weight, down.weight_scale, down.input_scale,
                                             down.bias, h.dtype)
         return self.down_proj(relu2(h))
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A prefill's rows on Hopper as our GEMM with relu² in up_proj's epilogue (no [rows, inner] relu² pass),
+        then down_proj → the MLP's output, or None where it does not apply (FP8 or biased linears, `gemm_ok`).
+        Fused pass only, as `_skinny`."""
+        up, down = self.up_proj, self.down_proj
+        if up.quantized or down.quantized or up.bias is not None or not kernels.gemm_ok(x, up.weight):
+            return None
+        return down(kernels.gemm(x, up.weight, relu2=True))
 
     def _skinny(self, x: torch.Tensor, ctx: Pass) -> torch.Tensor | None:
         """A decode step's few rows on CUDA as two skinny launches with relu² in up_proj's epilogue (instead of three

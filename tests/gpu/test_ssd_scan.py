@@ -90,6 +90,21 @@ def test_an_empty_sequence_keeps_the_state():
     assert torch.equal(final, state)
 
 
+@pytest.mark.parametrize("chunk,length", [(64, 700), (64, 0), (48, 700)], ids=["ours", "ours_empty", "mamba_ssm"])
+def test_the_final_state_written_into_the_initial_one_is_the_returned_one(chunk, length):
+    """state_out = initial_state (the cache's state, updated in place, as the model passes it): bit for bit the
+    final state returned into a new tensor, and the same outputs; a state_out of another layout is copied into."""
+    x, dt, A, B, C, D, state = inputs(3, length, 16, 64, 4, 64, torch.bfloat16, True)
+    y, final = kernels.ssd_chunk_scan(x, dt, A, B, C, D, chunk, initial_state=state.clone(), return_final_state=True)
+    cache = state.clone()
+    y2, final2 = kernels.ssd_chunk_scan(x, dt, A, B, C, D, chunk, initial_state=cache, return_final_state=True,
+                                        state_out=cache)
+    assert final2 is cache and torch.equal(cache, final) and torch.equal(y2, y)
+    strided = torch.empty(3, 16, 64, 64, 2, device=DEVICE)[..., 0]               # not contiguous
+    y3 = kernels.ssd_chunk_scan(x, dt, A, B, C, D, chunk, initial_state=state.clone(), state_out=strided)
+    assert torch.equal(strided, final) and torch.equal(y3, y)
+
+
 def test_a_chunk_size_ours_does_not_take_goes_to_mamba_ssm():
     args = inputs(1, 200, 8, 64, 2, 64, torch.bfloat16, True)
     assert not kernels._fused().ssd_supported(args[0], args[5], 48)

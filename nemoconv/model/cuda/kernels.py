@@ -3,6 +3,7 @@
 The model calls only these, so it never branches on the device itself. CUDA uses
   - our two-launch chunked SSD scan (`triton_ssd`) for whole sequences and prefill; mamba-ssm's
     `mamba_chunk_scan_combined` only for chunk sizes ours does not take (not a power of two from 16),
+  - our persistent TMA GEMM (`triton_gemm`) for the prefill's bf16/fp16 products on Hopper, cuBLAS elsewhere,
   - our own fused kernels (`triton_ops`) for RMSNorm (+ the residual add before it), the grouped gated
     RMSNorm (bit for bit what mamba-ssm's layernorm_gated computes, optionally with out_proj's FP8 input), relu², the
     causal depthwise conv (sequence and single step, the step fused with softplus(dt) and A), the
@@ -16,11 +17,7 @@ If mamba-ssm (or Triton) is missing, CUDA tensors fall back to the reference wit
 Setting NEMOCONV_KERNELS=reference forces the reference everywhere, attention included (to compare the two
 on one GPU). The switches are read through `nemoconv.settings` (once, not at every call).
 
-Autotuning (the fallback scan only). mamba-ssm's SSD kernels are `@triton.autotune`d: on the first call for a
-key every config is compiled and timed (42 configs over the 5 forward kernels). On sm90 the recorded choices in
-`sm90_autotune.json` go into each autotuner's cache beforehand, so those keys compile one config and time none.
-NEMOCONV_AUTOTUNE=full turns the recorded choices off; NEMOCONV_AUTOTUNE_TABLE=file.json adds choices of your own
-(the format `autotune_choices()` returns, recorded on your GPU).
+Autotuning of mamba-ssm's SSD kernels (the fallback scan only): `autotune`.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import importlib
 import importlib.util
 import sys
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -37,9 +33,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nemoconv import settings
-from nemoconv.errors import NemoconvError
 from nemoconv.model import reference
-from nemoconv.untrusted import load_json, want_dict, want_list, want_str
+from nemoconv.model.cuda.autotune import SM90_AUTOTUNE_FILE, autotune_choices, load_autotune_table  # noqa: F401
+from nemoconv.model.cuda.autotune import seed as seed_autotune
+from nemoconv.model.cuda.autotune import state as _autotune_state
 
 _triton = None      # SimpleNamespace of the three kernels once imported, False if unavailable
 _warned = False
@@ -55,79 +52,6 @@ def _load_submodules():
                            fused=fused, chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None))
 
 
-# Autotune choices of mamba-ssm's SSD forward kernels recorded on sm90 (see the file's "_about"): a data file
-# shipped with the package, read like any JSON nemoconv did not write.
-SM90_AUTOTUNE_FILE = Path(__file__).with_name("sm90_autotune.json")
-
-_SSD_MODULES = ("ssd_chunk_state", "ssd_state_passing", "ssd_bmm", "ssd_chunk_scan", "ssd_combined")
-
-
-def _autotuners():
-    """(kernel name, triton Autotuner) of mamba-ssm's SSD modules."""
-    from triton.runtime.autotuner import Autotuner
-
-    seen = set()
-    for mod_name in _SSD_MODULES:
-        mod = sys.modules.get("mamba_ssm.ops.triton." + mod_name)
-        for obj in list(vars(mod).values()) if mod is not None else ():
-            if isinstance(obj, Autotuner) and id(obj) not in seen:
-                seen.add(id(obj))
-                yield getattr(obj.base_fn, "__name__", "?"), obj
-
-
-def _jsonable(key) -> list:
-    return [k if isinstance(k, (bool, int, float, str)) or k is None else str(k) for k in key]
-
-
-def autotune_choices() -> dict[str, list]:
-    """What mamba-ssm's autotuners chose so far in this process: kernel → [[key, str(config)], …]."""
-    out: dict[str, list] = {}
-    for name, tuner in _autotuners():
-        for key, config in tuner.cache.items():
-            out.setdefault(name, []).append([_jsonable(key), str(config)])
-    return out
-
-
-def load_autotune_table(path, what: str, wrapped: bool) -> dict[str, list]:
-    """kernel → [[autotune key, str(triton.Config)], …] from a JSON file: ours (`wrapped`: the table under
-    "kernels") or a user's (NEMOCONV_AUTOTUNE_TABLE: what `autotune_choices()` returns)."""
-    data = want_dict(load_json(path, what), what)
-    table = want_dict(data.get("kernels"), f"{what}: kernels") if wrapped else data
-    out: dict[str, list] = {}
-    for kernel, rows in table.items():
-        for row in want_list(rows, f"{what}: {kernel}"):
-            row = want_list(row, f"{what}: a choice of {kernel}")
-            if len(row) != 2:
-                raise NemoconvError(f"{what}: a choice of {kernel} must be [key, config], got {len(row)} items")
-            out.setdefault(kernel, []).append([want_list(row[0], f"{what}: a key of {kernel}"),
-                                               want_str(row[1], f"{what}: a config of {kernel}")])
-    return out
-
-
-def _seed_autotune() -> dict:
-    """Put the recorded sm90 choices (and NEMOCONV_AUTOTUNE_TABLE's) into the autotuners' caches."""
-    mode = settings.current().autotune
-    try:
-        sm90 = mode != "full" and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-    except Exception:  # noqa: BLE001 - no usable device: nothing to seed
-        sm90 = False
-    table = load_autotune_table(SM90_AUTOTUNE_FILE, "the recorded sm90 autotune table", wrapped=True) if sm90 else {}
-    extra = settings.current().autotune_table
-    if extra and mode != "full":
-        for k, v in load_autotune_table(extra, f"NEMOCONV_AUTOTUNE_TABLE {extra}", wrapped=False).items():
-            table.setdefault(k, []).extend(v)
-    seeded = 0
-    for name, tuner in _autotuners():
-        by_str = {str(c): c for c in tuner.configs}
-        for key, config in table.get(name, ()):
-            c = by_str.get(config)
-            if c is not None and len(tuner.configs) > 1:
-                tuner.cache.setdefault(tuple(key), c)
-                seeded += 1
-    return {"mode": mode, "seeded": seeded}
-
-
-_autotune_state: dict = {}
 
 
 def _import_mamba_triton():
@@ -160,7 +84,7 @@ def triton_kernels():
             _triton_error[0] = f"{type(exc).__name__}: {exc}"
         if _triton:
             try:
-                _autotune_state.update(_seed_autotune())
+                _autotune_state.update(seed_autotune())
             except Exception as exc:  # noqa: BLE001 - a bad table only costs autotuning time
                 _autotune_state["error"] = f"{type(exc).__name__}: {exc}"
     return _triton or None
@@ -212,9 +136,12 @@ def skinny_weight_ok(weight: torch.Tensor, k: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias); a decode step's few rows through the skinny kernel on CUDA."""
+    """F.linear(x, weight, bias); on CUDA a decode step's few rows through the skinny kernel, more rows through our
+    Hopper GEMM where it applies (`gemm_ok`)."""
     if x.dtype == weight.dtype and x.dtype in _MODEL_DTYPES and skinny_ok(x, weight):
         return skinny_linear(x, weight, bias)
+    if bias is None and gemm_ok(x, weight):
+        return gemm(x, weight)
     return F.linear(x, weight, bias)
 
 
@@ -225,6 +152,19 @@ def skinny_linear(x, weight, bias=None, scales=None, relu2=False, quant_scale=No
     y = _fused().skinny_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, bias, scales=scales,
                                relu2=relu2, quant_scale=quant_scale, out_dtype=out_dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, relu2: bool = False) -> torch.Tensor:
+    """CUDA only (`gemm_ok`): x [..., k] · weightᵀ → [..., n] on our Hopper GEMM (relu2: relu² of the rounded product,
+    rounded again, as `relu2` of the product)."""
+    return _fused().gemm(x.reshape(-1, x.shape[-1]), weight, relu2=relu2).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [..., k] · weightᵀ (no bias) runs on our Hopper GEMM (`triton_gemm.gemm_ok`: sm90, bf16 or fp16,
+    aligned rows, a product big enough to fill the GPU) and NEMOCONV_GEMM is not 0."""
+    return settings.current().gemm and x.is_cuda and x.is_contiguous() and _use_triton(x) and \
+        _fused().gemm_ok(x.reshape(-1, x.shape[-1]), weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,19 +258,26 @@ def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_lo
     return (out, *_reference_step_size_and_A(dt, dt_bias, dt_limit, A_log))
 
 
-def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False):
-    """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h] → y [b, s, h, p] (, state)."""
+def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False, state_out=None):
+    """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h] → y [b, s, h, p] (, state).
+    state_out [b, h, p, n] (may be initial_state): receives the final state (our scan writes it there directly)."""
+    if _use_triton(x) and _fused().ssd_supported(x, D, chunk_size):
+        return _fused().ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state, state_out)
     if _use_triton(x):
-        if _fused().ssd_supported(x, D, chunk_size):
-            return _fused().ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state)
         tk = triton_kernels()                  # dt arrives softplus'd and clamped: the kernel applies neither
         args = (x, dt.float().contiguous(), A.float(), B, C, chunk_size)
         init = initial_state.float().contiguous() if initial_state is not None else None
         if tk.chunk_scan_fwd is None:
-            return tk.chunk_scan(*args, D=D.float(), initial_states=init, return_final_states=return_final_state)
-        out, _, _, _, _, final_state, *_ = tk.chunk_scan_fwd(*args, D=D.float(), initial_states=init)
-        return (out, final_state) if return_final_state else out
-    return reference.ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state)
+            result = tk.chunk_scan(*args, D=D.float(), initial_states=init, return_final_states=True)
+        else:
+            out, _, _, _, _, final_state, *_ = tk.chunk_scan_fwd(*args, D=D.float(), initial_states=init)
+            result = (out, final_state)
+    else:
+        result = reference.ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, True)
+    y, final_state = result
+    if state_out is not None:
+        final_state = state_out.copy_(final_state)
+    return (y, final_state) if return_final_state else y
 
 
 def ssm_step(state, x, dt, A, B, C, D):

@@ -111,7 +111,7 @@ class Runner:
         now = settings.current()
         addresses = (t.data_ptr() for m in self.modules() for table in (m._parameters, m._buffers)
                      for t in table.values() if t is not None)
-        return (now.kernels, now.skinny, *addresses)
+        return (now.kernels, now.skinny, now.gemm, *addresses)
 
     def prefill_signature(self, input_ids: torch.Tensor, fused: bool) -> tuple | None:
         """The model state a prefill's CUDA graph depends on (`decode_signature`), or None where prefills

@@ -30,6 +30,8 @@ from nemoconv.model.cuda.triton_decode import (  # noqa: F401
     paged_decode_attention,
     ssm_step,
 )
+from nemoconv.model.cuda.triton_gemm import AVAILABLE as triton_gemm_available  # noqa: F401
+from nemoconv.model.cuda.triton_gemm import gemm, gemm_ok  # noqa: F401
 from nemoconv.model.cuda.triton_gemv import fp8_of as _fp8_of
 from nemoconv.model.cuda.triton_gemv import skinny_linear, skinny_tile  # noqa: F401
 from nemoconv.model.cuda.triton_pdl import allow_next, enabled, wait_previous
