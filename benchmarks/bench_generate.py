@@ -17,7 +17,8 @@ load them). Then, each after a warm-up, timed with CUDA synchronisation, median 
                graph, by the kernel the model uses: the skinny Triton product up to 16 rows unless
                NEMOCONV_SKINNY=0; FP8 as FP8 products), per batch size and for FP8 b1, and with state also
                on cuBLAS's products; for prefill, the prompt's matrix products alone (every Linear on
-               [2048, in], one graph), and the bf16 matmul rate of `ceilings`; `percent_of_floor` gives
+               [2048, in], one graph, by the kernel the model uses: our Hopper GEMM unless NEMOCONV_GEMM=0),
+               and the bf16 matmul rate of `ceilings`; `percent_of_floor` gives
                every row as % of its floor
   gpu          the SM clock and board power over each section (nvidia-smi, sampled every 50 ms): at its
                power limit the card slows its clock under long runs of large matrix products
@@ -31,6 +32,7 @@ step (written to --profile-dir), and prints one JSON object.
 
     python benchmarks/bench_generate.py [--out result.json] [--profile-dir DIR] [--skip-hf]
     NEMOCONV_SKINNY=0 python benchmarks/bench_generate.py --skip-hf    # decode products on cuBLAS
+    NEMOCONV_GEMM=0 python benchmarks/bench_generate.py --skip-hf      # prefill products on cuBLAS
     python benchmarks/bench_generate.py --small      # tiny shapes on the CPU: a smoke run of every step
 """
 
