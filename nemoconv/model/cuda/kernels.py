@@ -52,8 +52,6 @@ def _load_submodules():
                            fused=fused, chunk_scan_fwd=getattr(ssd, "_mamba_chunk_scan_combined_fwd", None))
 
 
-
-
 def _import_mamba_triton():
     """Import the Triton kernels by submodule path, even where `import mamba_ssm` itself fails.
 
@@ -261,21 +259,24 @@ def mamba_step_inputs(xbc, dt, weight, bias, conv_state, dt_bias, dt_limit, A_lo
 def ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None, return_final_state=False, state_out=None):
     """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h] → y [b, s, h, p] (, state).
     state_out [b, h, p, n] (may be initial_state): receives the final state (our scan writes it there directly)."""
+    want = return_final_state or state_out is not None
     if _use_triton(x) and _fused().ssd_supported(x, D, chunk_size):
-        return _fused().ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state, return_final_state, state_out)
-    if _use_triton(x):
+        result = _fused().ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state, want, state_out)
+    elif _use_triton(x):
         tk = triton_kernels()                  # dt arrives softplus'd and clamped: the kernel applies neither
         args = (x, dt.float().contiguous(), A.float(), B, C, chunk_size)
         init = initial_state.float().contiguous() if initial_state is not None else None
         if tk.chunk_scan_fwd is None:
-            result = tk.chunk_scan(*args, D=D.float(), initial_states=init, return_final_states=True)
+            result = tk.chunk_scan(*args, D=D.float(), initial_states=init, return_final_states=want)
         else:
             out, _, _, _, _, final_state, *_ = tk.chunk_scan_fwd(*args, D=D.float(), initial_states=init)
-            result = (out, final_state)
+            result = (out, final_state) if want else out
     else:
-        result = reference.ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, True)
+        result = reference.ssd_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, want)
+    if not want:
+        return result
     y, final_state = result
-    if state_out is not None:
+    if state_out is not None and final_state is not state_out:
         final_state = state_out.copy_(final_state)
     return (y, final_state) if return_final_state else y
 

@@ -92,7 +92,11 @@ def fills_the_gpu(m: int, n: int, index: int) -> bool:
     """At least one full tile of rows and one output tile per SM. Fewer (a decode batch, a short prefill tail, a
     narrow product of a few hundred rows) stay on cuBLAS, which splits the reduction or picks smaller tiles there:
     at 64 rows of the 8B layout this kernel took the b64 decode step from 7.7k to 4.5k tokens/s on an H200."""
-    return m >= BM and triton.cdiv(m, BM) * triton.cdiv(n, BN) >= _programs(index)
+    return m >= BM and _tiles(m, n) >= _programs(index)
+
+
+def _tiles(m: int, n: int) -> int:
+    return triton.cdiv(m, BM) * triton.cdiv(n, BN)
 
 
 def gemm(x2: torch.Tensor, weight: torch.Tensor, relu2: bool = False) -> torch.Tensor:
@@ -102,7 +106,7 @@ def gemm(x2: torch.Tensor, weight: torch.Tensor, relu2: bool = False) -> torch.T
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y
-    programs = min(_programs(x2.get_device()), triton.cdiv(m, BM) * triton.cdiv(n, BN))
+    programs = min(_programs(x2.get_device()), _tiles(m, n))
     _gemm_kernel[(programs,)](
         TensorDescriptor.from_tensor(x2, [BM, BK]), TensorDescriptor.from_tensor(weight, [BN, BK]),
         TensorDescriptor.from_tensor(y, [BM, BN]), m, n, k, NUM_PROGRAMS=programs, BM=BM, BN=BN, BK=BK,

@@ -152,9 +152,10 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
              chunk_size: int, initial_state: torch.Tensor | None = None, return_final_state: bool = False,
              final_out: torch.Tensor | None = None):
     """x [b, s, h, p], dt [b, s, h] (final step sizes), A [h], B/C [b, s, g, n], D [h], initial_state
-    [b, h, p, n] or None → y [b, s, h, p] in x's dtype (and the final state, float32, when asked). final_out
-    (float32, contiguous [b, h, p, n]; may be initial_state itself: each program reads its slice of the initial
-    state before it writes the same slice of the final one) receives the final state, with no copy after."""
+    [b, h, p, n] or None → y [b, s, h, p] in x's dtype (and the final state, float32, when asked). A final_out
+    that is float32 and contiguous [b, h, p, n] is where the scan writes the final state (then the state returned);
+    it may be initial_state itself: each program reads its slice of the initial state before it writes the same
+    slice of the final one. Any other final_out is left alone (`kernels.ssd_chunk_scan` copies into it)."""
     b, s, h, p = x.shape
     g, n = B.shape[-2:]
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
@@ -163,8 +164,6 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     if s == 0:                                    # nothing to scan: the state is what it was
         final = initial_state.float().clone() if initial_state is not None else \
             torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32)
-        if final_out is not None:
-            final = final_out.copy_(final)
         return (y, final) if return_final_state else y
     nchunks = triton.cdiv(s, chunk_size)
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=x.dtype)
@@ -189,6 +188,4 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         *states.stride()[:4], y.stride(0), y.stride(1), y.stride(2),
         Q=chunk_size, BM=bm, BP=_block(p), BN=_block(n), IEEE=ieee, num_warps=TILES["warps_outputs"],
         num_stages=TILES["stages_outputs"])
-    if final_out is not None and not direct:
-        final = final_out.copy_(final)
     return (y, final) if return_final_state else y
